@@ -1,0 +1,293 @@
+"""Convert torchvision-layout raw IDX files into a validated, pre-normalised shard set.
+
+Per split it writes ``{split}_images_u8.npy`` uint8 ``(N,1,28,28)``,
+``{split}_images_f32.npy`` float32 ``(N,1,28,28)`` (exactly ``ToTensor()`` +
+``Normalize``) and ``{split}_labels.npy`` int64 ``(N,)``, plus ``manifest.json``.
+The set is built in a hidden sibling directory and renamed into place, under a lock, so
+readers see the old complete set or the new one, never a mix.
+"""
+
+import fcntl
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from . import __version__
+from .datasets import SPLITS, DatasetSpec, get_spec
+from .errors import FastMNISTError
+from .idx import read_images, read_labels
+from .normalize import lookup_table
+from .store import FORMAT_VERSION, MANIFEST, open_shards, read_manifest
+from .synth import SYNTHETIC_MARKER
+
+_CHUNK = 10000  # samples per write
+
+
+@dataclass
+class ConvertResult:
+    out: Path
+    manifest: dict
+    skipped: bool  # True: the set was already up to date and nothing was written
+    seconds: float
+
+
+def convert(root, out, dataset: str = "mnist", *, splits=None, mean=None, std=None,
+            force: bool = False, download: bool = False, progress: bool = True) -> ConvertResult:
+    """Convert the raw files under ``root`` (torchvision layout) into the set at ``out``.
+
+    ``splits``: names to convert (default: every split whose files are present).
+    ``mean``/``std``: normalisation (default: MNIST's 0.1307/0.3081, else the train split's).
+    Returns without writing when ``out`` already holds this conversion, unless ``force``.
+    """
+    start = time.perf_counter()
+    spec = get_spec(dataset)
+    root, out = Path(root), Path(out)
+    sources = _find_sources(root, spec, splits, download)
+    options = {"dataset": spec.name, "splits": sorted(sources), "mean": mean, "std": std}
+    fingerprint = {key: _fingerprint(path, spec) for key, path in _source_items(sources)}
+    _prepare_parent(out)
+    with _lock(out):
+        _remove_leftovers(out)
+        if not force and _up_to_date(out, fingerprint, options):
+            return ConvertResult(out, read_manifest(out), True, time.perf_counter() - start)
+        if out.exists() and not (out / MANIFEST).exists() and any(out.iterdir()):
+            raise FastMNISTError(f"{out}: refusing to replace a non-empty directory that is "
+                                 "not a fastmnist set")
+        data = {split: (read_images(p["images"]), read_labels(p["labels"], spec.num_classes))
+                for split, p in sources.items()}
+        for split, (images, labels) in data.items():
+            if len(images) != len(labels):
+                raise FastMNISTError(
+                    f"{sources[split]['images']}: {len(images)} images but "
+                    f"{sources[split]['labels']} has {len(labels)} labels"
+                )
+        norm = _normalisation(spec, data, mean, std)
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "created_by": f"fastmnist {__version__}",
+            "dataset": spec.name,
+            "synthetic": (root / spec.folder / "raw" / SYNTHETIC_MARKER).exists(),
+            "options": options,
+            "sources": fingerprint,
+            "splits": {},
+        }
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        try:
+            tmp.chmod(0o755)  # mkdtemp makes it private; the set is meant to be shared
+            total = 2 * sum(len(labels) for _, labels in data.values())
+            with tqdm(total=total, desc=f"convert {spec.name}", unit="img", unit_scale=True,
+                      disable=not progress) as bar:
+                for split, (images, labels) in data.items():
+                    manifest["splits"][split] = _write_split(tmp, split, images, labels, *norm, bar)
+            _write_manifest(tmp, manifest)
+            _swap_into_place(tmp, out)
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, OSError):
+                raise FastMNISTError(f"{e.filename or out}: cannot write: {e.strerror}") from e
+            raise
+    return ConvertResult(out, manifest, False, time.perf_counter() - start)
+
+
+def _find_sources(root: Path, spec: DatasetSpec, splits, download: bool) -> dict:
+    """{split: {"images": Path, "labels": Path}}, preferring the ``.gz`` torchvision ships."""
+    raw = root / spec.folder / "raw"
+    wanted = list(splits) if splits else list(SPLITS)
+    for split in wanted:
+        if split not in SPLITS:
+            raise FastMNISTError(f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")
+
+    def locate(split, kind):
+        for name in (spec.stem(split, kind) + ".gz", spec.stem(split, kind)):
+            if (raw / name).exists():
+                return raw / name
+        return None
+
+    found = {s: {k: locate(s, k) for k in ("images", "labels")} for s in wanted}
+    if download and not all(all(p.values()) for p in found.values()):
+        _download(root, spec)
+        found = {s: {k: locate(s, k) for k in ("images", "labels")} for s in wanted}
+    sources = {}
+    for split, paths in found.items():
+        missing = [raw / (spec.stem(split, k) + "[.gz]") for k, p in paths.items() if p is None]
+        if not missing:
+            sources[split] = paths
+        elif splits or len(missing) == 1:  # asked for explicitly, or half a split present
+            raise FastMNISTError(f"{missing[0]}: file not found (needed for the {split} split)")
+    if not sources:
+        raise FastMNISTError(
+            f"{raw}: no {spec.folder} raw files found; put torchvision's files "
+            f"({', '.join(spec.md5)}) there, run with --download, or make synthetic ones "
+            f"with `fastmnist synth --root {root}`"
+        )
+    return sources
+
+
+def _download(root: Path, spec: DatasetSpec) -> None:
+    import torchvision.datasets
+
+    try:
+        getattr(torchvision.datasets, spec.folder)(str(root), train=True, download=True)
+    except Exception as e:
+        raise FastMNISTError(
+            f"{root}: download of {spec.folder} failed ({type(e).__name__}: {e}); offline, "
+            f"copy torchvision's files ({', '.join(spec.md5)}) into "
+            f"{root / spec.folder / 'raw'} and convert without --download"
+        ) from None
+
+
+def _source_items(sources: dict):
+    for split, paths in sorted(sources.items()):
+        for kind, path in paths.items():
+            yield f"{split}-{kind}", path
+
+
+def _fingerprint(path: Path, spec: DatasetSpec) -> dict:
+    md5, sha = hashlib.md5(), hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            md5.update(block)
+            sha.update(block)
+    expected = spec.md5.get(path.name)
+    return {
+        "file": str(path),
+        "size": path.stat().st_size,
+        "md5": md5.hexdigest(),
+        "sha256": sha.hexdigest(),
+        # torchvision publishes md5s of the .gz files only; None: cannot tell
+        "canonical": None if expected is None else md5.hexdigest() == expected,
+    }
+
+
+def _prepare_parent(out: Path) -> None:
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FastMNISTError(f"{out.parent}: cannot create output directory: {e.strerror}") from e
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise FastMNISTError(f"{out.parent}: output directory is not writable")
+
+
+@contextmanager
+def _lock(out: Path):
+    """Serialise conversions into ``out`` across processes."""
+    with open(out.parent / f".{out.name}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _remove_leftovers(out: Path) -> None:
+    """Delete temporary directories a killed conversion left beside ``out``."""
+    for pattern in (f".{out.name}.tmp-*", f".{out.name}.old-*"):
+        for stale in out.parent.glob(pattern):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _up_to_date(out: Path, fingerprint: dict, options: dict) -> bool:
+    try:
+        shards = open_shards(out)
+    except FastMNISTError:
+        return False
+    m = shards.manifest
+    same_sources = {k: v["sha256"] for k, v in m.get("sources", {}).items()} == {
+        k: v["sha256"] for k, v in fingerprint.items()
+    }
+    return same_sources and m.get("options") == options
+
+
+def _normalisation(spec: DatasetSpec, data: dict, mean, std) -> tuple[float, float]:
+    if mean is not None and std is not None:
+        return float(mean), float(std)
+    if spec.mean is not None and mean is None and std is None:
+        return spec.mean, spec.std
+    if "train" not in data:
+        raise FastMNISTError(f"{spec.name}: mean/std come from the train split, which is "
+                             "not being converted; pass --mean and --std")
+    pixels = data["train"][0].astype(np.float64) / 255
+    return (float(pixels.mean()) if mean is None else float(mean),
+            float(pixels.std()) if std is None else float(std))
+
+
+def _write_split(tmp: Path, split: str, images: np.ndarray, labels: np.ndarray,
+                 mean: float, std: float, bar) -> dict:
+    lut = lookup_table(mean, std).numpy()
+    n = len(images)
+
+    def chunks(arr, fn=None):
+        for i in range(0, n, _CHUNK):
+            part = arr[i:i + _CHUNK]
+            yield part if fn is None else fn(part)
+            bar.update(len(part))
+
+    files = {
+        "images_u8": _write_npy(tmp / f"{split}_images_u8.npy", images.shape, np.uint8,
+                                chunks(images)),
+        "images_f32": _write_npy(tmp / f"{split}_images_f32.npy", images.shape, np.float32,
+                                 chunks(images, lut.take)),
+        "labels": _write_npy(tmp / f"{split}_labels.npy", labels.shape, np.int64,
+                             [labels.astype(np.int64)]),
+    }
+    return {"count": n, "image_shape": list(images.shape[1:]), "mean": mean, "std": std,
+            "num_classes": 10, "files": files}
+
+
+def _write_npy(path: Path, shape, dtype, parts) -> dict:
+    """Write an ``.npy`` from C-contiguous parts, hashing as it goes; returns its manifest entry."""
+    dtype = np.dtype(dtype)
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+                 "shape": tuple(shape)})
+    sha = hashlib.sha256(header.getvalue())
+    with open(path, "wb") as f:
+        f.write(header.getvalue())
+        for part in parts:
+            buf = memoryview(np.ascontiguousarray(part, dtype=dtype)).cast("B")
+            sha.update(buf)
+            f.write(buf)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"file": path.name, "dtype": dtype.name, "shape": list(shape),
+            "size": path.stat().st_size, "sha256": sha.hexdigest()}
+
+
+def _write_manifest(tmp: Path, manifest: dict) -> None:
+    with open(tmp / MANIFEST, "w") as f:
+        json.dump(manifest, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    """Rename ``tmp`` to ``out``; an existing ``out`` is moved aside first, then deleted."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{tmp.name.rsplit('-', 1)[-1]}"
+        os.rename(out, old)
+    os.rename(tmp, out)
+    _fsync_dir(out.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,5 @@
+"""The one exception type fastmnist raises for bad input, bad shards and bad arguments."""
+
+
+class FastMNISTError(Exception):
+    """Bad input, a damaged shard set or a bad argument; the message names the file or value."""
