@@ -92,7 +92,7 @@ def _info(args) -> int:
                          str(f["size"]), f["sha256"][:16]))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
     for split, info in m["splits"].items():
         print(f"{split}: {info['count']} samples, mean {info['mean']}, std {info['std']}")
     for key, src in m["sources"].items():

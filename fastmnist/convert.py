@@ -140,7 +140,8 @@ def _download(root: Path, spec: DatasetSpec) -> None:
         getattr(torchvision.datasets, spec.folder)(str(root), train=True, download=True)
     except Exception as e:
         raise FastMNISTError(
-            f"{root}: download of {spec.folder} failed ({type(e).__name__}: {e}); offline, "
+            f"{root}: download of {spec.folder} failed ({type(e).__name__}: {' '.join(str(e).split())}); "
+            f"offline, "
             f"copy torchvision's files ({', '.join(spec.md5)}) into "
             f"{root / spec.folder / 'raw'} and convert without --download"
         ) from None

@@ -50,23 +50,21 @@ def _read(path: Path, magic: int, ndim: int) -> tuple[np.ndarray, tuple[int, ...
         opener = gzip.open if compressed else open
         with opener(path, "rb") as f:
             header = f.read(header_len)
+            if len(header) >= 4 and (found := struct.unpack(">i", header[:4])[0]) != magic:
+                raise FastMNISTError(f"{path}: bad magic number: expected {magic}, found {found}")
             if len(header) < header_len:
                 raise FastMNISTError(
                     f"{path}: truncated header: expected {header_len} bytes, found {len(header)}"
                 )
-            found_magic, *dims = struct.unpack(f">{1 + ndim}i", header)
-            if found_magic != magic:
-                raise FastMNISTError(
-                    f"{path}: bad magic number: expected {magic}, found {found_magic}"
-                )
+            dims = struct.unpack(f">{ndim}i", header[4:])
             if any(d < 0 for d in dims):
-                raise FastMNISTError(f"{path}: negative dimension in header: {dims}")
+                raise FastMNISTError(f"{path}: negative dimension in header: {list(dims)}")
             body_len = int(np.prod(dims, dtype=np.int64))
             # The header's claim is checked against what the file can hold before reading.
             limit = file_size * _MAX_DEFLATE_RATIO if compressed else file_size - header_len
             if body_len > limit:
                 raise FastMNISTError(
-                    f"{path}: header claims {dims} = {body_len} bytes of data, "
+                    f"{path}: header claims {list(dims)} = {body_len} bytes of data, "
                     f"more than the {file_size}-byte file can hold"
                 )
             body = _read_at_most(f, body_len + 1)
@@ -76,7 +74,7 @@ def _read(path: Path, magic: int, ndim: int) -> tuple[np.ndarray, tuple[int, ...
         raise FastMNISTError(f"{path}: cannot read: {e}") from None
     if len(body) != body_len:
         raise FastMNISTError(
-            f"{path}: data length: header {dims} expects {body_len} bytes, found {len(body)}"
+            f"{path}: data length: header {list(dims)} expects {body_len} bytes, found {len(body)}"
         )
     return np.frombuffer(body, dtype=np.uint8), tuple(dims)
 

@@ -1,21 +1,30 @@
 """The exact arithmetic of ``ToTensor()`` then ``Normalize((mean,), (std,))``.
 
-Each float32 output depends only on its uint8 input, so a 256-entry table reproduces the
-torchvision result bit for bit on any device.
+Each float32 output depends only on its uint8 input, so a 256-entry table computed on
+the CPU reproduces the torchvision result bit for bit on any device. (CUDA divides by a
+scalar through its reciprocal, so running the arithmetic there can differ in the last bit.)
 """
+
+from collections.abc import Callable
 
 import torch
 
 
 def normalize_u8(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
-    """uint8 images of any shape -> float32 ``(x / 255 - mean) / std``, in torchvision's order
-    of float32 operations."""
-    x = images.to(torch.float32).div(255)
-    m = torch.as_tensor(mean, dtype=torch.float32, device=x.device)
-    s = torch.as_tensor(std, dtype=torch.float32, device=x.device)
-    return x.sub_(m).div_(s)
+    """uint8 images of any shape -> float32 ``(x / 255 - mean) / std``, computed with
+    torchvision's float32 operations in torchvision's order."""
+    x = images.to(torch.float32).div_(255)
+    return x.sub_(torch.tensor(mean, dtype=torch.float32)).div_(torch.tensor(std, dtype=torch.float32))
 
 
-def lookup_table(mean: float, std: float, device=None) -> torch.Tensor:
-    """float32 ``(256,)``: entry ``v`` is the normalised value of pixel byte ``v``."""
-    return normalize_u8(torch.arange(256, dtype=torch.uint8), mean, std).to(device)
+def lookup_table(mean: float, std: float) -> torch.Tensor:
+    """float32 ``(256,)`` on the CPU: entry ``v`` is the normalised value of pixel byte ``v``."""
+    return normalize_u8(torch.arange(256, dtype=torch.uint8), mean, std)
+
+
+def normalizer(mean: float, std: float, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function uint8 images on ``device`` -> float32 normalised, equal to the CPU result."""
+    if device.type == "cpu":
+        return lambda x: normalize_u8(x, mean, std)
+    table = lookup_table(mean, std).to(device)
+    return lambda x: table[x.long()]

@@ -54,10 +54,9 @@ def _templates() -> np.ndarray:
         for s, slant in enumerate(_SLANTS):
             dist = np.full((side, side), np.inf, np.float32)
             for name in names.split():
-                (x0, y0), (x1, y1) = _SEGMENTS[name]
                 # unit box -> pixels: 10 wide, 18 tall, centred; slant shears x by height
-                p0 = np.array([side / 2 - 5 + 10 * x0 + slant * 18 * (0.5 - y0), side / 2 - 9 + 18 * y0])
-                p1 = np.array([side / 2 - 5 + 10 * x1 + slant * 18 * (0.5 - y1), side / 2 - 9 + 18 * y1])
+                p0, p1 = (np.array([side / 2 - 5 + 10 * x + slant * 18 * (0.5 - y), side / 2 - 9 + 18 * y])
+                          for x, y in _SEGMENTS[name])
                 seg = p1 - p0
                 t = ((xx - p0[0]) * seg[0] + (yy - p0[1]) * seg[1]) / float(seg @ seg)
                 t = np.clip(t, 0.0, 1.0)
@@ -91,7 +90,8 @@ def generate(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def write_raw(root: Path, n_train: int = 60000, n_test: int = 10000, dataset: str = "mnist",
               seed: int = 0) -> list[Path]:
-    """Write gzip IDX files in torchvision's layout ``root/<Folder>/raw``; returns the paths."""
+    """Write IDX files in torchvision's layout after a download, ``root/<Folder>/raw``, each as
+    ``.gz`` and extracted; returns the paths written."""
     spec = get_spec(dataset)
     raw = Path(root) / spec.folder / "raw"
     raw.mkdir(parents=True, exist_ok=True)
@@ -102,11 +102,11 @@ def write_raw(root: Path, n_train: int = 60000, n_test: int = 10000, dataset: st
             ("images", struct.pack(">4i", IMAGES_MAGIC, n, IMAGE_SIDE, IMAGE_SIDE), images),
             ("labels", struct.pack(">2i", LABELS_MAGIC, n), labels),
         ):
-            path = raw / f"{spec.stem(split, kind)}.gz"
-            with gzip.open(path, "wb", compresslevel=1) as f:
-                f.write(header)
-                f.write(body.tobytes())
-            written.append(path)
+            path = raw / spec.stem(split, kind)
+            path.write_bytes(header + body.tobytes())
+            with gzip.open(f"{path}.gz", "wb", compresslevel=1) as f:
+                f.write(path.read_bytes())
+            written += [path, Path(f"{path}.gz")]
     marker = raw / SYNTHETIC_MARKER
     marker.write_text(json.dumps({"generator": "fastmnist.synth", "seed": seed,
                                   "train": n_train, "test": n_test}) + "\n")

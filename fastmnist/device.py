@@ -1,0 +1,57 @@
+"""Host-to-GPU transfer: pinned, reused host buffers copied on a side stream, ahead of use."""
+
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+
+import torch
+
+
+def prefetch_to_cuda(
+    index_batches: Iterable[torch.Tensor],
+    gather: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None],
+    image_like: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    depth: int,
+    finish: Callable[[torch.Tensor], torch.Tensor],
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield ``(x, y)`` on ``device`` for each batch of sample indices.
+
+    ``gather(idx, x_out, y_out)`` fills pinned host tensors (images shaped and typed like
+    ``image_like[:len(idx)]``, int64 labels); the copy and ``finish`` (e.g. normalisation,
+    run on the GPU) go on a side stream ``depth`` batches ahead of the consumer. Each of the
+    ``depth + 1`` pinned slots is reused only once its previous copy has completed.
+    """
+    stream = torch.cuda.Stream(device)
+    slots = []
+    pending = deque()
+    for i, idx in enumerate(index_batches):
+        if len(slots) <= depth:
+            slots.append((
+                torch.empty((batch_size, *image_like.shape[1:]), dtype=image_like.dtype,
+                            pin_memory=True),
+                torch.empty(batch_size, dtype=torch.int64, pin_memory=True),
+                torch.cuda.Event(),
+            ))
+        host_x, host_y, copied = slots[i % len(slots)]
+        copied.synchronize()  # this slot's previous copy is done (returns at once if none)
+        n = len(idx)
+        gather(idx, host_x[:n], host_y[:n])
+        with torch.cuda.stream(stream):
+            x = finish(host_x[:n].to(device, non_blocking=True))
+            y = host_y[:n].to(device, non_blocking=True)
+            copied.record(stream)
+        pending.append((x, y, copied))
+        if len(pending) > depth:
+            yield _hand_over(*pending.popleft(), device)
+    while pending:
+        yield _hand_over(*pending.popleft(), device)
+
+
+def _hand_over(x, y, ready, device):
+    """Make the consumer's stream wait for the copy, and keep the memory alive for it."""
+    current = torch.cuda.current_stream(device)
+    current.wait_event(ready)
+    x.record_stream(current)
+    y.record_stream(current)
+    return x, y

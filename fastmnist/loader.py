@@ -1,0 +1,168 @@
+"""``FastMNISTLoader``: a drop-in for the tutorial ``DataLoader`` over a converted shard set."""
+
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from .device import prefetch_to_cuda
+from .errors import FastMNISTError
+from .normalize import normalizer
+from .order import batch_count, epoch_order, rank_share, samples_per_rank
+from .store import open_shards
+
+_STATE_KEYS = ("seed", "num_samples", "batch_size", "shuffle", "drop_last", "rank", "world_size")
+
+
+class FastMNISTLoader(IterableDataset):
+    """Batches ``(x, y)`` of a split: x float32 ``[B, 1, 28, 28]`` normalised exactly like
+    ``ToTensor()`` + ``Normalize((mean,), (std,))`` (uint8 if ``normalize=False``), y int64
+    ``[B]``. Iterate it directly, or wrap it in ``DataLoader(loader, batch_size=None,
+    num_workers=k)``; either way the batches and their order are the same.
+
+    Order: a fresh permutation per epoch from ``(seed, epoch)``; each ``iter()`` starts the
+    next epoch unless ``set_epoch`` chose one. Ranks split each epoch as
+    ``DistributedSampler`` does (padding by repetition, or dropping the tail with
+    ``drop_last``), so every rank gets ``len(loader)`` batches.
+
+    ``source``: which shard to read, "float32" (pre-normalised; the default on the CPU) or
+    "uint8" (normalised on ``device``; the default on CUDA: 4x fewer bytes to copy).
+    ``resident``: copy the whole split onto ``device`` once and gather there.
+    ``pin_memory``: put host batches in pinned memory (default: when CUDA is available).
+    """
+
+    def __init__(self, path, split: str = "train", batch_size: int = 64, shuffle: bool = True,
+                 seed: int = 0, drop_last: bool = False, *, rank: int | None = None,
+                 world_size: int | None = None, device="cpu", source: str | None = None,
+                 normalize: bool = True, resident: bool = False, pin_memory: bool | None = None,
+                 prefetch: int = 2, verify: bool = False):
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise FastMNISTError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise FastMNISTError(f"device={device!r} asked for, but CUDA is not available here")
+        if pin_memory is None:
+            pin_memory = torch.cuda.is_available()
+        elif pin_memory and not torch.cuda.is_available():
+            raise FastMNISTError("pin_memory=True needs CUDA, which is not available here")
+        if source is None:
+            source = "uint8" if self.device.type == "cuda" or not normalize else "float32"
+        if source not in ("float32", "uint8") or (source == "float32" and not normalize):
+            raise FastMNISTError(f"source must be 'float32' or 'uint8' (uint8 when "
+                                 f"normalize=False), got {source!r}")
+        if prefetch < 1:
+            raise FastMNISTError(f"prefetch must be at least 1, got {prefetch!r}")
+        rank, world_size = _distributed(rank, world_size)
+        self.split = open_shards(path, verify=verify).split(split)
+        self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
+        self.rank, self.world_size = rank, world_size
+        self.source, self.normalize, self.resident = source, normalize, resident
+        self.pin_memory, self.prefetch = pin_memory, prefetch
+        self._next_epoch, self._resume_at = 0, 0
+        self._epoch, self._position = 0, None  # of the iteration in progress
+        self._data = None  # see _tensors(); mapped on first use in each process
+
+    def __len__(self) -> int:
+        """Batches this rank yields per epoch."""
+        per_rank = samples_per_rank(self.split.count, self.world_size, self.drop_last)
+        return batch_count(per_rank, self.batch_size, self.drop_last)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next ``iter()`` run ``epoch`` (as ``DistributedSampler.set_epoch``)."""
+        self._next_epoch = epoch
+
+    def state_dict(self) -> dict:
+        """Where this loader stands: the epoch and the batches already yielded in it."""
+        if self._position is not None and self._position < len(self):
+            epoch, done = self._epoch, self._position
+        else:
+            epoch, done = self._next_epoch, 0
+        return {"epoch": epoch, "batches_done": done, "seed": self.seed,
+                "num_samples": self.split.count, "batch_size": self.batch_size,
+                "shuffle": self.shuffle, "drop_last": self.drop_last, "rank": self.rank,
+                "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Make the next ``iter()`` continue where ``state`` stood. With DataLoader workers,
+        load it before creating the DataLoader iterator."""
+        mine = self.state_dict()
+        for key in _STATE_KEYS:
+            if key in state and state[key] != mine[key]:
+                raise FastMNISTError(f"state_dict was saved with {key}={state[key]!r}, "
+                                     f"this loader has {key}={mine[key]!r}")
+        if not 0 <= state["batches_done"] <= len(self):
+            raise FastMNISTError(f"batches_done={state['batches_done']} is outside 0..{len(self)}")
+        self._next_epoch, self._resume_at = state["epoch"], state["batches_done"]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        epoch, start = self._next_epoch, self._resume_at
+        self._next_epoch, self._resume_at = epoch + 1, 0
+        self._epoch, self._position = epoch, start
+        images, labels, normalise = self._tensors()
+        order = epoch_order(self.split.count, self.seed, epoch, self.shuffle)
+        order = rank_share(order, self.rank, self.world_size, self.drop_last).to(images.device)
+        # DataLoader workers take batches round-robin, as the DataLoader collects them.
+        worker = get_worker_info()
+        first, step = (start, 1) if worker is None else (start + worker.id, worker.num_workers)
+        bs = self.batch_size
+        index_batches = (order[b * bs:(b + 1) * bs] for b in range(first, len(self), step))
+
+        def gather(idx, x_out=None, y_out=None):
+            return (torch.index_select(images, 0, idx, out=x_out),
+                    torch.index_select(labels, 0, idx, out=y_out))
+
+        def finish(x):
+            return normalise(x) if normalise is not None else x
+
+        if self.device.type == "cuda" and not self.resident:
+            batches = prefetch_to_cuda(index_batches, gather, images, bs, self.device,
+                                       self.prefetch, finish)
+        else:
+            pin = self.pin_memory and self.device.type == "cpu"
+            batches = ((finish(x), y) for x, y in (
+                gather(idx, *_pinned_like(images, labels, len(idx)) if pin else ())
+                for idx in index_batches))
+        for batch in batches:
+            self._position += 1
+            yield batch
+
+    def _tensors(self):
+        """(images, labels, normalise): images and labels mapped from the shards (on ``device``
+        when resident); normalise maps uint8 batches on ``device`` to float32, or is None."""
+        if self._data is None:
+            array = "images_u8" if self.source == "uint8" else "images_f32"
+            # copy-on-write mappings: writable for torch, and never written back
+            images = torch.from_numpy(self.split.array(array, mode="c"))
+            labels = torch.from_numpy(self.split.array("labels", mode="c"))
+            if self.resident:
+                images = images.to(self.device, copy=True)
+                labels = labels.to(self.device, copy=True)
+            normalise = None
+            if self.source == "uint8" and self.normalize:
+                normalise = normalizer(self.split.mean, self.split.std, self.device)
+            self._data = images, labels, normalise
+        return self._data
+
+    def __getstate__(self):
+        # Workers map the files themselves and share the page cache; never pickle arrays.
+        return {**self.__dict__, "_data": None}
+
+
+def _pinned_like(images, labels, n):
+    return (torch.empty((n, *images.shape[1:]), dtype=images.dtype, pin_memory=True),
+            torch.empty(n, dtype=labels.dtype, pin_memory=True))
+
+
+def _distributed(rank, world_size) -> tuple[int, int]:
+    """(rank, world_size) from the arguments, else the initialised process group, else (0, 1)."""
+    dist = torch.distributed
+    initialised = dist.is_available() and dist.is_initialized()
+    if world_size is None:
+        world_size = dist.get_world_size() if initialised else 1
+    if rank is None:
+        rank = dist.get_rank() if initialised else 0
+    if not isinstance(world_size, int) or world_size < 1:
+        raise FastMNISTError(f"world_size must be a positive integer, got {world_size!r}")
+    if not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise FastMNISTError(f"rank {rank!r} is out of range for world_size {world_size}")
+    return rank, world_size

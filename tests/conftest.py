@@ -1,0 +1,108 @@
+"""Shared fixtures: the real MNIST test split, generated sets, and IDX writing helpers."""
+
+import gzip
+import os
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fastmnist import convert
+from fastmnist.synth import write_raw
+
+REAL_ROOT = Path(os.environ.get(
+    "FASTMNIST_REAL_DATA", Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist-t10k"))
+
+
+def write_idx(path: Path, array: np.ndarray, gz: bool | None = None) -> Path:
+    """Write a uint8 array ``(N,)`` or ``(N, 28, 28)`` as an IDX file (gzip if name ends .gz)."""
+    array = np.asarray(array, dtype=np.uint8)
+    magic = 2049 if array.ndim == 1 else 2051
+    data = struct.pack(f">{1 + array.ndim}i", magic, *array.shape) + array.tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if gz if gz is not None else path.suffix == ".gz":
+        data = gzip.compress(data, compresslevel=1)
+    path.write_bytes(data)
+    return path
+
+
+def write_split(root: Path, split: str, images: np.ndarray, labels: np.ndarray, folder="MNIST"):
+    """Write one split's two raw files, uncompressed, under ``root/<folder>/raw``."""
+    prefix = "train" if split == "train" else "t10k"
+    raw = root / folder / "raw"
+    return (write_idx(raw / f"{prefix}-images-idx3-ubyte", images),
+            write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels))
+
+
+def indexed_images(n: int) -> np.ndarray:
+    """uint8 ``(n, 28, 28)`` whose first two pixels encode the sample index (for exactly-once)."""
+    images = np.zeros((n, 28, 28), np.uint8)
+    images[:, 0, 0] = np.arange(n) % 256
+    images[:, 0, 1] = np.arange(n) // 256
+    return images
+
+
+def decode_indices(x) -> list[int]:
+    """Sample indices from a uint8 batch of ``indexed_images``."""
+    return (x[:, 0, 0, 0].long() + 256 * x[:, 0, 0, 1].long()).tolist()
+
+
+@pytest.fixture(scope="session")
+def real_root() -> Path:
+    """The real MNIST test split (torchvision layout); required in CI, else skipped."""
+    if not (REAL_ROOT / "MNIST" / "raw" / "t10k-images-idx3-ubyte.gz").exists():
+        message = f"real MNIST test split not found at {REAL_ROOT}"
+        if os.environ.get("CI"):
+            pytest.fail(message + " (required when CI is set)")
+        pytest.skip(message)
+    return REAL_ROOT
+
+
+@pytest.fixture(scope="session")
+def torchvision_test_root(real_root, tmp_path_factory) -> Path:
+    """The real test split laid out so ``torchvision.datasets.MNIST(train=False)`` opens it:
+    extracted t10k files plus empty train placeholders (torchvision checks all four exist)."""
+    root = tmp_path_factory.mktemp("tv")
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        with gzip.open(real_root / "MNIST" / "raw" / f"{name}.gz") as src, open(raw / name, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    write_split(root, "train", np.zeros((0, 28, 28)), np.zeros(0))
+    return root
+
+
+@pytest.fixture(scope="session")
+def real_shards(real_root, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("real") / "shards"
+    convert(real_root, out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory) -> Path:
+    """Generated 60,000/10,000 raw files in torchvision's layout."""
+    root = tmp_path_factory.mktemp("synth")
+    write_raw(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def synth_shards(synth_root, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synth_out") / "shards"
+    convert(synth_root, out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def indexed_shards(tmp_path_factory) -> Path:
+    """A set whose images encode their index: train 1003 samples (prime, so no world size
+    or batch size divides it), test 10."""
+    root = tmp_path_factory.mktemp("indexed")
+    write_split(root, "train", indexed_images(1003), np.arange(1003) % 10)
+    write_split(root, "test", indexed_images(10), np.arange(10) % 10)
+    out = root / "shards"
+    convert(root, out, progress=False)
+    return out

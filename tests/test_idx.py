@@ -1,0 +1,111 @@
+"""The IDX reader: real files read right, every malformed input gets a clear FastMNISTError."""
+
+import gzip
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from fastmnist import FastMNISTError
+from fastmnist.datasets import DATASETS
+from fastmnist.idx import read_images, read_labels
+
+from .conftest import write_idx
+
+
+def test_md5_table_is_torchvisions():
+    for spec in DATASETS.values():
+        cls = getattr(torchvision.datasets, spec.folder)
+        assert dict(cls.resources) == spec.md5
+
+
+def test_reads_real_files_like_torchvision(torchvision_test_root, real_root):
+    from torchvision.datasets.mnist import read_image_file, read_label_file
+
+    raw = torchvision_test_root / "MNIST" / "raw"
+    images = read_images(real_root / "MNIST" / "raw" / "t10k-images-idx3-ubyte.gz")
+    labels = read_labels(real_root / "MNIST" / "raw" / "t10k-labels-idx1-ubyte.gz")
+    assert images.shape == (10000, 1, 28, 28) and images.dtype == np.uint8
+    assert torch.equal(torch.from_numpy(images[:, 0]), read_image_file(str(raw / "t10k-images-idx3-ubyte")))
+    assert torch.equal(torch.from_numpy(labels).long(), read_label_file(str(raw / "t10k-labels-idx1-ubyte")))
+    # the extracted file reads the same as the .gz
+    assert np.array_equal(read_images(raw / "t10k-images-idx3-ubyte"), images)
+
+
+def _images(n=3):
+    return np.full((n, 28, 28), 7, np.uint8)
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_wrong_magic(tmp_path, gz):
+    path = write_idx(tmp_path / ("x.gz" if gz else "x"), np.zeros(5))  # a label file
+    with pytest.raises(FastMNISTError, match=r"x(\.gz)?: bad magic number: expected 2051, found 2049"):
+        read_images(path)
+
+
+@pytest.mark.parametrize("name, message", [
+    # a plain file's size is known up front: caught before reading
+    ("img", r"img: header claims \[3, 28, 28\] = 2352 bytes of data, more than the 2358-byte file"),
+    ("img.gz", r"img\.gz: data length: header \[3, 28, 28\] expects 2352 bytes, found 2342"),
+])
+def test_truncated_body(tmp_path, name, message):
+    path = write_idx(tmp_path / "full", _images(), gz=False)
+    data = path.read_bytes()[:-10]
+    (tmp_path / name).write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    with pytest.raises(FastMNISTError, match=message):
+        read_images(tmp_path / name)
+
+
+def test_truncated_header(tmp_path):
+    path = tmp_path / "img"
+    path.write_bytes(b"\x00\x00\x08\x03\x00")
+    with pytest.raises(FastMNISTError, match="img: truncated header: expected 16 bytes, found 5"):
+        read_images(path)
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_header_claims_more_than_file_holds(tmp_path, gz):
+    path = write_idx(tmp_path / ("img.gz" if gz else "img"), _images(), gz=False)
+    data = bytearray(path.read_bytes())
+    data[4:8] = (1_000_000_000).to_bytes(4, "big")  # a billion images
+    path.write_bytes(gzip.compress(bytes(data)) if gz else bytes(data))
+    with pytest.raises(FastMNISTError, match=r"img(\.gz)?: header claims \[1000000000, 28, 28\] "
+                       r"= 784000000000 bytes of data, more than the \d+-byte file can hold"):
+        read_images(path)
+
+
+def test_wrong_image_size(tmp_path):
+    path = tmp_path / "img"
+    path.write_bytes(b"\x00\x00\x08\x03" + (2).to_bytes(4, "big") + (32).to_bytes(4, "big") * 2
+                     + bytes(2 * 32 * 32))
+    with pytest.raises(FastMNISTError, match="img: image size: expected 28x28, found 32x32"):
+        read_images(path)
+
+
+def test_label_out_of_range(tmp_path):
+    path = write_idx(tmp_path / "lab", np.array([1, 2, 10, 3]))
+    with pytest.raises(FastMNISTError, match="lab: label 2: expected a class in 0..9, found 10"):
+        read_labels(path)
+
+
+def test_corrupt_gzip(tmp_path):
+    path = write_idx(tmp_path / "img.gz", _images())
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    data[len(data) // 2 + 1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(FastMNISTError, match=r"img\.gz: "):
+        read_images(path)
+
+
+def test_not_gzip_at_all(tmp_path):
+    path = tmp_path / "img.gz"
+    path.write_bytes(b"this is not gzip data at all")
+    with pytest.raises(FastMNISTError, match=r"img\.gz: cannot read: .*gzip"):
+        read_images(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FastMNISTError, match="nope: file not found"):
+        read_images(tmp_path / "nope")
