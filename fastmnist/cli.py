@@ -39,7 +39,29 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--test", type=int, default=10000, help="test samples (default 10000)")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_synth)
+
+    b = sub.add_parser("bench", help="compare FastMNISTLoader with the usual pipelines")
+    add_bench_args(b)
+    b.add_argument("--shards", type=Path, required=True, help="converted set (train split used)")
+    b.add_argument("--raw", type=Path, required=True, help="the raw root it was converted from")
+    b.set_defaults(func=_bench)
+
+    d = sub.add_parser("demo", help="the main job: get data, convert, then benchmark")
+    add_bench_args(d)
+    d.add_argument("--data", type=Path, default=Path("data"), help="raw root (default data/)")
+    d.add_argument("--shards", type=Path, default=Path("shards/mnist"))
+    d.set_defaults(func=_demo)
     return p
+
+
+def add_bench_args(b: argparse.ArgumentParser) -> None:
+    b.add_argument("--out", type=Path, default=Path("results"),
+                   help="where bench.json, bench.md and bench.png go (default results/)")
+    b.add_argument("--batch-sizes", default="64,256,1024", help="comma-separated")
+    b.add_argument("--rounds", type=int, default=5, help="epochs timed per fast pipeline")
+    b.add_argument("--seed-rounds", type=int, default=3, help="epochs timed per seed pipeline")
+    b.add_argument("--memory-epochs", type=int, default=20,
+                   help="epochs over which FastMNISTLoader's resident memory is tracked")
 
 
 def add_convert_args(c: argparse.ArgumentParser) -> None:
@@ -119,6 +141,38 @@ def _synth(args) -> int:
     print(f"wrote SYNTHETIC {args.dataset} raw files ({args.train} train, {args.test} test) "
           f"under {paths[0].parent}; these are generated digits, not real data")
     return 0
+
+
+def _bench(args) -> int:
+    from .report import extract_for_torchvision, run_report
+
+    extract_for_torchvision(args.raw)
+    result = run_report(args.raw, args.shards, args.out,
+                        [int(b) for b in args.batch_sizes.split(",")], args.rounds,
+                        args.seed_rounds, args.memory_epochs)
+    from .report import markdown
+
+    print(markdown(result))
+    print(f"wrote {args.out / 'bench.json'}, {args.out / 'bench.md'}, {args.out / 'bench.png'}")
+    return 0
+
+
+def _demo(args) -> int:
+    from .convert import convert
+    from .synth import write_raw
+
+    if not list(args.data.glob("MNIST/raw/*")):
+        try:
+            convert(args.data, args.shards, download=True, progress=False)
+        except FastMNISTError as e:
+            print(f"\n{'!' * 78}\n! {e}\n! No MNIST files and no network: generating SYNTHETIC "
+                  f"MNIST-format data in {args.data}.\n! Every figure below is measured on "
+                  f"generated digits, not on MNIST.\n{'!' * 78}\n", file=sys.stderr)
+            write_raw(args.data)
+    _convert(argparse.Namespace(root=args.data, out=args.shards, dataset="mnist", split=None,
+                                mean=None, std=None, force=False, download=False, quiet=False))
+    args.raw = args.data
+    return _bench(args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,148 @@
+"""``fastmnist bench``: measure every pipeline in one run, print the table, write JSON,
+Markdown and a PNG chart whose numbers are the table's."""
+
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import __version__
+from .bench import FLOOR, SEED, measure, pipelines, rss_bytes, run_epoch
+from .convert import convert
+from .loader import FastMNISTLoader
+from .store import open_shards
+
+SEED_PIPELINES = ("seed pipeline",)  # slow: measured with fewer rounds
+
+
+def run_report(raw_root: Path, shards: Path, out_dir: Path, batch_sizes=(64, 256, 1024),
+               rounds: int = 5, seed_rounds: int = 3, memory_epochs: int = 20,
+               progress: bool = True) -> dict:
+    """Measure, then write ``bench.json``, ``bench.md`` and ``bench.png`` into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plan = [(bs, name, factory) for bs in batch_sizes
+            for name, factory in pipelines(raw_root, shards, bs).items()]
+    rows = []
+    for bs, name, factory in tqdm(plan, desc="bench", unit="pipeline", disable=not progress):
+        n = seed_rounds if name.startswith(SEED_PIPELINES) else rounds
+        rows.append({"batch_size": bs, "pipeline": name, **measure(factory, n)})
+    for bs in batch_sizes:
+        group = {r["pipeline"]: r for r in rows if r["batch_size"] == bs}
+        for r in group.values():
+            r["x_seed"] = r["samples_per_s"] / group[SEED]["samples_per_s"]
+            r["of_floor"] = r["samples_per_s"] / group[FLOOR]["samples_per_s"]
+    result = {
+        "machine": machine(),
+        "fastmnist": __version__,
+        "shards": str(shards),
+        "synthetic": open_shards(shards).synthetic,
+        "rows": rows,
+        "conversion": _conversion(raw_root, rows),
+        "memory": _memory_over_epochs(shards, memory_epochs),
+    }
+    (out_dir / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out_dir / "bench.md").write_text(markdown(result))
+    chart(result, out_dir / "bench.png")
+    return result
+
+
+def machine() -> str:
+    cuda = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return (f"{platform.machine()}, {len(os.sched_getaffinity(0))} CPU cores, {cuda}, "
+            f"Python {platform.python_version()}, torch {torch.__version__}")
+
+
+def _conversion(raw_root: Path, rows: list) -> dict:
+    """Time a full conversion (read, validate, normalise, write, hash) against a seed epoch."""
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        convert(raw_root, Path(tmp) / "shards", progress=False)
+        seconds = time.perf_counter() - t
+    seed = next(r for r in rows if r["pipeline"] == SEED)
+    return {"seconds": seconds, "seed_epoch_s": seed["median_s"],
+            "fraction_of_seed_epoch": seconds / seed["median_s"]}
+
+
+def _memory_over_epochs(shards: Path, epochs: int) -> dict:
+    """Resident memory after each of ``epochs`` epochs of the default loader."""
+    loader = FastMNISTLoader(shards)
+    after = []
+    for _ in range(epochs):
+        run_epoch(lambda: loader)
+        after.append(rss_bytes() / 1e6)
+    return {"epochs": epochs, "rss_mb_after_each": after,
+            "growth_after_first_mb": after[-1] - after[0]}
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        f"Machine: {result['machine']}. Data: {'SYNTHETIC ' if result['synthetic'] else ''}"
+        "MNIST-format train split, one full shuffled epoch per round, float32 out; "
+        "samples/s is the median over rounds.",
+        "",
+        "| batch | pipeline | samples/s | x seed (workers=0) | of floor | first batch ms "
+        "| peak extra MB | rounds |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        lines.append(f"| {r['batch_size']} | {r['pipeline']} | {r['samples_per_s']:,.0f} | "
+                     f"{r['x_seed']:.1f} | {r['of_floor']:.2f} | {r['first_batch_ms']:.1f} | "
+                     f"{r['peak_extra_mb']:.0f} | {r['rounds']} |")
+    c, m = result["conversion"], result["memory"]
+    lines += [
+        "",
+        f"Conversion (read, validate, normalise, write, hash): {c['seconds']:.2f} s = "
+        f"{c['fraction_of_seed_epoch']:.3f} of one seed-pipeline epoch ({c['seed_epoch_s']:.2f} s).",
+        f"Resident memory over {m['epochs']} epochs of FastMNISTLoader: "
+        f"{m['rss_mb_after_each'][0]:.0f} MB after the first, {m['rss_mb_after_each'][-1]:.0f} MB "
+        f"after the last ({m['growth_after_first_mb']:+.1f} MB).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def chart(result: dict, path: Path) -> None:
+    """Horizontal bars of samples/s (log scale), one group per batch size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    names = list(dict.fromkeys(r["pipeline"] for r in rows))
+    sizes = list(dict.fromkeys(r["batch_size"] for r in rows))
+    fig, ax = plt.subplots(figsize=(10, 0.5 + 0.45 * len(names) * len(sizes)))
+    height = 0.8 / len(sizes)
+    for k, bs in enumerate(sizes):
+        by_name = {r["pipeline"]: r for r in rows if r["batch_size"] == bs}
+        ys = [i + k * height for i in range(len(names))]
+        vals = [by_name[n]["samples_per_s"] for n in names]
+        bars = ax.barh(ys, vals, height=height, label=f"batch {bs}")
+        for bar, n in zip(bars, names, strict=True):
+            ax.text(bar.get_width() * 1.05, bar.get_y() + bar.get_height() / 2,
+                    f"{by_name[n]['x_seed']:.0f}x", va="center", fontsize=7)
+    ax.set_yticks([i + height * (len(sizes) - 1) / 2 for i in range(len(names))], names)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlim(right=max(r["samples_per_s"] for r in rows) * 4)  # room for the labels
+    ax.set_xlabel("samples/s (log scale; label: x seed pipeline, workers=0)")
+    ax.set_title(f"One shuffled 60k epoch, float32 out\n{result['machine']}", fontsize=9)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def extract_for_torchvision(raw_root: Path) -> None:
+    """Extract any ``.gz`` raw file whose extracted twin is missing (torchvision reads those)."""
+    from torchvision.datasets.utils import extract_archive
+
+    for gz in raw_root.glob("*/raw/*.gz"):
+        if not gz.with_suffix("").exists():
+            extract_archive(str(gz), str(gz.parent))
+

@@ -1,0 +1,280 @@
+"""FastMNISTLoader: the seed pipeline's exact tensors, exactly once across ranks and workers,
+deterministic, resumable, with clear errors."""
+
+import json
+import math
+import os
+import pickle
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torch.utils.data import DataLoader
+from torchvision import transforms
+
+from fastmnist import FastMNISTError, FastMNISTLoader, convert
+from fastmnist.order import epoch_order, rank_share
+
+from .conftest import decode_indices
+
+REPO = Path(__file__).resolve().parents[1]
+N = 1003  # train size of indexed_shards
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available here")
+
+
+def seed_pipeline(root, batch_size=64):
+    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
+    ds = torchvision.datasets.MNIST(root, train=False, transform=tf)
+    return DataLoader(ds, batch_size=batch_size, shuffle=False)
+
+
+@pytest.mark.parametrize("source", ["float32", "uint8"])
+def test_bit_exact_with_the_seed_pipeline_on_real_data(real_shards, torchvision_test_root, source):
+    reference = seed_pipeline(torchvision_test_root)
+    loader = FastMNISTLoader(real_shards, split="test", batch_size=64, shuffle=False, source=source)
+    assert len(loader) == len(reference) == 157
+    count = 0
+    for (x, y), (rx, ry) in zip(loader, reference, strict=True):
+        assert x.dtype == torch.float32 and y.dtype == torch.int64
+        assert torch.equal(x, rx) and torch.equal(y, ry)
+        count += len(y)
+    assert count == 10000
+
+
+def test_drop_in_shapes_and_len(indexed_shards):
+    loader = FastMNISTLoader(indexed_shards, batch_size=64)
+    batches = list(loader)
+    assert len(loader) == len(batches) == math.ceil(N / 64)
+    assert [len(y) for _, y in batches] == [64] * 15 + [N - 15 * 64]
+    x, y = batches[0]
+    assert x.shape == (64, 1, 28, 28) and x.dtype == torch.float32 and y.shape == (64,)
+    dropped = FastMNISTLoader(indexed_shards, batch_size=64, drop_last=True)
+    assert len(dropped) == len(list(dropped)) == N // 64
+
+
+def _epoch(loader_or_dl):
+    return [decode_indices(x) for x, _ in loader_or_dl]
+
+
+def _run_rank(path, rank, world_size, workers, drop_last=False, batch_size=50, epoch=0):
+    loader = FastMNISTLoader(path, batch_size=batch_size, seed=11, drop_last=drop_last, rank=rank,
+                             world_size=world_size, normalize=False)
+    loader.set_epoch(epoch)
+    if workers:
+        return len(loader), _epoch(DataLoader(loader, batch_size=None, num_workers=workers))
+    return len(loader), _epoch(loader)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+@pytest.mark.parametrize("workers", [0, 1, 2])
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_exactly_once_across_ranks_and_workers(indexed_shards, world_size, workers, drop_last):
+    order = epoch_order(N, 11, 0, True).tolist()
+    per_rank = N // world_size if drop_last else math.ceil(N / world_size)
+    results = [_run_rank(indexed_shards, r, world_size, workers, drop_last) for r in range(world_size)]
+    counts = {len(batches) for _, batches in results}
+    assert counts == {results[0][0]}, "every rank yields len(loader) batches"
+    assert results[0][0] == (per_rank // 50 if drop_last else math.ceil(per_rank / 50))
+    seen = Counter(i for _, batches in results for batch in batches for i in batch)
+    if drop_last:
+        # DistributedSampler's rule, then whole batches only
+        kept = [i for r, (_, b) in enumerate(results) for batch in b for i in batch]
+        assert len(kept) == world_size * (per_rank // 50 * 50) and max(seen.values()) == 1
+        assert set(kept) <= set(order[: per_rank * world_size])
+    else:
+        pad = per_rank * world_size - N  # repeats of the epoch's first samples
+        assert seen == Counter(order + order[:pad])
+    # with workers, the batches and their order are those of the single-process loader
+    if workers:
+        single = [_run_rank(indexed_shards, r, world_size, 0, drop_last) for r in range(world_size)]
+        assert results == single
+
+
+def test_rank_share_matches_distributed_sampler():
+    from torch.utils.data.distributed import DistributedSampler
+
+    for n, world, drop in [(1003, 3, False), (1003, 3, True), (10, 4, False), (2, 3, False)]:
+        order = torch.arange(n)  # shuffle=False sampler order
+        for r in range(world):
+            sampler = DistributedSampler(range(n), num_replicas=world, rank=r, shuffle=False,
+                                         drop_last=drop)
+            assert rank_share(order, r, world, drop).tolist() == list(sampler)
+
+
+def test_real_gloo_group_under_torchrun(indexed_shards, tmp_path):
+    out = tmp_path / "ranks.json"
+    torchrun = Path(sys.executable).parent / "torchrun"
+    proc = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc-per-node=2", str(REPO / "tests" / "ddp_job.py"),
+         str(indexed_shards), "64", str(out)],
+        capture_output=True, text=True, cwd=REPO, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = json.loads(out.read_text())
+    assert [r["rank"] for r in ranks] == [0, 1] and {r["world_size"] for r in ranks} == {2}
+    assert len(ranks[0]["batches"]) == len(ranks[1]["batches"]) == ranks[0]["len"] == 8
+    order = epoch_order(N, 7, 0, True).tolist()
+    seen = Counter(i for r in ranks for b in r["batches"] for i in b)
+    assert seen == Counter(order + order[:1])  # 1003 over 2 ranks: one sample repeated
+    assert {i for b in ranks[0]["batches"] for i in b}.isdisjoint(
+        {i for b in ranks[1]["batches"] for i in b} - {order[0]})
+
+
+def _order_in_subprocess(path, seed, epoch) -> list[int]:
+    code = ("import json; from fastmnist import FastMNISTLoader;"
+            "from tests.conftest import decode_indices;"
+            f"l = FastMNISTLoader({str(path)!r}, batch_size=100, seed={seed}, normalize=False);"
+            f"l.set_epoch({epoch}); print(json.dumps([i for x, _ in l for i in decode_indices(x)]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    return json.loads(out.stdout)
+
+
+def test_order_is_a_pure_function_of_seed_and_epoch(indexed_shards):
+    def here(seed, epoch):
+        loader = FastMNISTLoader(indexed_shards, batch_size=100, seed=seed, normalize=False)
+        loader.set_epoch(epoch)
+        return [i for batch in _epoch(loader) for i in batch]
+
+    e0 = here(5, 0)
+    assert sorted(e0) == list(range(N)) and e0 != list(range(N))
+    assert _order_in_subprocess(indexed_shards, 5, 0) == e0
+    assert here(5, 1) != e0 and sorted(here(5, 1)) == list(range(N))
+    assert here(6, 0) != e0
+    # iterating again moves to the next epoch, as DataLoader(shuffle=True) reshuffles
+    loader = FastMNISTLoader(indexed_shards, batch_size=100, seed=5, normalize=False)
+    assert [i for b in _epoch(loader) for i in b] == e0
+    assert [i for b in _epoch(loader) for i in b] == here(5, 1)
+    unshuffled = FastMNISTLoader(indexed_shards, batch_size=100, shuffle=False, normalize=False)
+    assert [i for b in _epoch(unshuffled) for i in b] == list(range(N))
+
+
+RESUME = """
+import json, sys, torch
+from fastmnist import FastMNISTLoader
+state = json.loads(sys.argv[2])
+loader = FastMNISTLoader(sys.argv[1], batch_size=64, seed=3, shuffle=True)
+loader.load_state_dict(state)
+rest = list(loader)
+body = torch.stack([x for x, _ in rest[:-1]])
+torch.save([body, rest[-1][0], torch.cat([y for _, y in rest])], sys.argv[3])
+"""
+
+
+def test_resume_in_a_fresh_process_continues_the_epoch(synth_shards, tmp_path):
+    full = FastMNISTLoader(synth_shards, batch_size=64, seed=3)
+    full.set_epoch(2)
+    reference = list(full)
+    loader = FastMNISTLoader(synth_shards, batch_size=64, seed=3)
+    loader.set_epoch(2)
+    it = iter(loader)
+    head = [next(it) for _ in range(300)]
+    state = loader.state_dict()
+    assert state["epoch"] == 2 and state["batches_done"] == 300
+    out = tmp_path / "rest.pt"
+    subprocess.run([sys.executable, "-c", RESUME, str(synth_shards), json.dumps(state), str(out)],
+                   cwd=REPO, check=True)
+    body, last, labels = torch.load(out)
+    xs = torch.cat([torch.stack([x for x, _ in head]).flatten(0, 1), body.flatten(0, 1), last])
+    ys = torch.cat([torch.cat([y for _, y in head]), labels])
+    assert torch.equal(xs, torch.cat([x for x, _ in reference]))
+    assert torch.equal(ys, torch.cat([y for _, y in reference]))
+
+
+def test_resume_with_dataloader_workers(indexed_shards):
+    reference = _epoch(FastMNISTLoader(indexed_shards, batch_size=30, seed=1, normalize=False))
+    loader = FastMNISTLoader(indexed_shards, batch_size=30, seed=1, normalize=False)
+    loader.load_state_dict({"epoch": 0, "batches_done": 13})
+    assert _epoch(DataLoader(loader, batch_size=None, num_workers=2)) == reference[13:]
+
+
+def test_state_after_a_full_epoch_points_at_the_next(indexed_shards):
+    loader = FastMNISTLoader(indexed_shards, batch_size=500)
+    assert loader.state_dict()["epoch"] == 0 and loader.state_dict()["batches_done"] == 0
+    list(loader)
+    assert (loader.state_dict()["epoch"], loader.state_dict()["batches_done"]) == (1, 0)
+    other = FastMNISTLoader(indexed_shards, batch_size=100)
+    with pytest.raises(FastMNISTError, match="saved with batch_size=500, this loader has batch_size=100"):
+        other.load_state_dict(loader.state_dict())
+
+
+def test_pickles_without_data(synth_shards):
+    loader = FastMNISTLoader(synth_shards)
+    next(iter(loader))
+    assert len(pickle.dumps(loader)) < 20000
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"batch_size": 0}, "batch_size must be a positive integer, got 0"),
+    ({"batch_size": -3}, "batch_size must be a positive integer"),
+    ({"split": "validation"}, "no split 'validation'; this set has train, test"),
+    ({"rank": 2, "world_size": 2}, "rank 2 is out of range for world_size 2"),
+    ({"world_size": 0}, "world_size must be a positive integer"),
+    ({"source": "float16"}, "source must be 'float32' or 'uint8'"),
+])
+def test_bad_arguments(indexed_shards, kwargs, message):
+    with pytest.raises(FastMNISTError, match=message):
+        FastMNISTLoader(indexed_shards, **kwargs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on machines without CUDA")
+def test_cuda_without_cuda_is_a_clear_error(indexed_shards):
+    with pytest.raises(FastMNISTError, match="device='cuda' asked for, but CUDA is not available"):
+        FastMNISTLoader(indexed_shards, device="cuda")
+    with pytest.raises(FastMNISTError, match="pin_memory=True needs CUDA"):
+        FastMNISTLoader(indexed_shards, pin_memory=True)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: p.write_bytes(p.read_bytes()[:-1]), "size .* manifest says .* \\(truncated or replaced\\)"),
+    (lambda p: p.unlink(), "missing shard file listed in the manifest"),
+])
+def test_missing_or_truncated_shard(tmp_path, indexed_shards, damage, message):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(indexed_shards, copy)
+    damage(copy / "train_images_f32.npy")
+    with pytest.raises(FastMNISTError, match=f"train_images_f32.npy: {message}"):
+        FastMNISTLoader(copy)
+
+
+def test_resident_cpu_and_unnormalised_modes(indexed_shards):
+    base = _epoch(FastMNISTLoader(indexed_shards, batch_size=64, normalize=False))
+    assert _epoch(FastMNISTLoader(indexed_shards, batch_size=64, normalize=False, resident=True)) == base
+    f32 = list(FastMNISTLoader(indexed_shards, batch_size=64, shuffle=False))
+    u8 = list(FastMNISTLoader(indexed_shards, batch_size=64, shuffle=False, source="uint8"))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(f32, u8, strict=True))
+
+
+@needs_cuda
+@pytest.mark.parametrize("mode", [{"resident": False}, {"resident": True},
+                                  {"resident": False, "source": "float32"}])
+def test_cuda_paths_equal_the_cpu_result(real_shards, mode):
+    cpu = list(FastMNISTLoader(real_shards, split="test", batch_size=256, seed=4))
+    gpu = list(FastMNISTLoader(real_shards, split="test", batch_size=256, seed=4, device="cuda", **mode))
+    assert len(cpu) == len(gpu)
+    for (x, y), (gx, gy) in zip(cpu, gpu, strict=True):
+        assert gx.is_cuda and gy.is_cuda and gx.dtype == torch.float32
+        assert torch.equal(gx.cpu(), x) and torch.equal(gy.cpu(), y)
+
+
+@needs_cuda
+def test_cpu_batches_are_pinned_when_cuda_is_present(indexed_shards):
+    x, y = next(iter(FastMNISTLoader(indexed_shards)))
+    assert x.is_pinned() and y.is_pinned()
+
+
+def test_converted_set_of_other_split_sizes(tmp_path):
+    from fastmnist.synth import write_raw
+
+    write_raw(tmp_path, 7, 3)
+    convert(tmp_path, tmp_path / "s", progress=False)
+    assert [len(y) for _, y in FastMNISTLoader(tmp_path / "s", batch_size=4)] == [4, 3]
+    assert np.array_equal(
+        np.sort(np.concatenate([y.numpy() for _, y in FastMNISTLoader(tmp_path / "s", split="test")])),
+        np.sort(np.load(tmp_path / "s" / "test_labels.npy")))
