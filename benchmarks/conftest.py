@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from fastmnist import convert
+from fastmnist.bench import pipelines
 from fastmnist.report import extract_for_torchvision
 from fastmnist.synth import write_raw
 
@@ -25,6 +26,12 @@ def bench_data(tmp_path_factory) -> tuple[Path, Path]:
         shards = tmp_path_factory.mktemp("bench_shards") / "mnist"
         convert(root, shards, progress=False)
     return root, Path(shards)
+
+
+@pytest.fixture(scope="session")
+def bench_pipelines(bench_data) -> dict:
+    """Name -> factory(batch_size), built once (the in-RAM baselines copy the data)."""
+    return pipelines(*bench_data)
 
 
 @pytest.fixture(scope="session")

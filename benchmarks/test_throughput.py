@@ -11,7 +11,7 @@ import statistics
 import pytest
 import torch
 
-from fastmnist.bench import SEED, pipelines, run_epoch
+from fastmnist.bench import SEED, run_epoch
 from fastmnist.store import open_shards
 
 NAMES = [SEED, "seed pipeline, workers=2", "TensorDataset + DataLoader", "index_select floor",
@@ -22,10 +22,10 @@ if torch.cuda.is_available():
 
 @pytest.mark.parametrize("batch_size", [64, 256, 1024])
 @pytest.mark.parametrize("name", NAMES)
-def test_epoch(benchmark, bench_data, seed_rates, name, batch_size):
-    factory = pipelines(*bench_data, batch_size)[name]
+def test_epoch(benchmark, bench_data, bench_pipelines, seed_rates, name, batch_size):
+    factory = bench_pipelines[name]
     rounds = 2 if name.startswith("seed pipeline") else 5
-    samples = benchmark.pedantic(run_epoch, args=(factory,), rounds=rounds, iterations=1,
+    samples = benchmark.pedantic(run_epoch, args=(factory, batch_size), rounds=rounds, iterations=1,
                                  warmup_rounds=0 if name.startswith("seed") else 1)
     assert samples == open_shards(bench_data[1]).split("train").count  # one full epoch
     rate = samples / statistics.median(benchmark.stats.stats.data)

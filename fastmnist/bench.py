@@ -1,6 +1,6 @@
 """Throughput of FastMNISTLoader against the usual pipelines, over one full epoch per round.
 
-Each pipeline is a factory ``() -> iterable of (x, y)`` for one shuffled epoch of float32
+Each pipeline is a factory ``(batch_size) -> iterable of (x, y)``: one shuffled epoch of float32
 ``[B,1,28,28]`` images and int64 ``[B]`` labels; :func:`measure` times it. Used by
 ``fastmnist bench`` (the report) and by ``benchmarks/`` (pytest-benchmark).
 """
@@ -21,9 +21,10 @@ SEED = "seed pipeline, workers=0"  # the reference every ratio is taken against
 FLOOR = "index_select floor"
 
 
-def pipelines(raw_root: Path, shards: Path, batch_size: int, cuda: bool | None = None
-              ) -> dict[str, Callable[[], Iterable]]:
-    """Name -> factory of one epoch, for the train split of ``shards`` (raw files under ``raw_root``)."""
+def pipelines(raw_root: Path, shards: Path, cuda: bool | None = None
+              ) -> dict[str, Callable[[int], Iterable]]:
+    """Name -> ``factory(batch_size)`` of one epoch over the train split of ``shards``
+    (converted from the raw files under ``raw_root``)."""
     import torchvision
     from torch.utils.data import DataLoader, TensorDataset
     from torchvision import transforms
@@ -34,34 +35,32 @@ def pipelines(raw_root: Path, shards: Path, batch_size: int, cuda: bool | None =
     ram_x = torch.from_numpy(split.array("images_f32", mode="c")).clone()  # in-RAM copies
     ram_y = torch.from_numpy(split.array("labels", mode="c")).clone()
 
-    def seed(workers):
-        return lambda: DataLoader(torchvision.datasets.MNIST(str(raw_root), train=True, transform=tf),
-                                  batch_size=batch_size, shuffle=True, num_workers=workers)
+    def seed(workers, bs, pin=False):
+        return DataLoader(torchvision.datasets.MNIST(str(raw_root), train=True, transform=tf),
+                          batch_size=bs, shuffle=True, num_workers=workers, pin_memory=pin)
 
-    def floor():
+    def floor(bs):
         order = torch.randperm(len(ram_y))
-        for i in range(0, len(order), batch_size):
-            idx = order[i:i + batch_size]
+        for i in range(0, len(order), bs):
+            idx = order[i:i + bs]
             yield ram_x.index_select(0, idx), ram_y.index_select(0, idx)
 
     found = {
-        SEED: seed(0),
-        "seed pipeline, workers=2": seed(2),
-        "TensorDataset + DataLoader": lambda: DataLoader(TensorDataset(ram_x, ram_y),
-                                                         batch_size=batch_size, shuffle=True),
+        SEED: lambda bs: seed(0, bs),
+        "seed pipeline, workers=2": lambda bs: seed(2, bs),
+        "TensorDataset + DataLoader": lambda bs: DataLoader(TensorDataset(ram_x, ram_y),
+                                                            batch_size=bs, shuffle=True),
         FLOOR: floor,
-        "fastmnist float32": lambda: FastMNISTLoader(shards, batch_size=batch_size),
-        "fastmnist uint8": lambda: FastMNISTLoader(shards, batch_size=batch_size, source="uint8"),
+        "fastmnist float32": lambda bs: FastMNISTLoader(shards, batch_size=bs),
+        "fastmnist uint8": lambda bs: FastMNISTLoader(shards, batch_size=bs, source="uint8"),
     }
     if torch.cuda.is_available() if cuda is None else cuda:
-        found["fastmnist cuda pinned"] = lambda: _synced(FastMNISTLoader(
-            shards, batch_size=batch_size, device="cuda"))
-        found["fastmnist cuda resident"] = lambda: _synced(FastMNISTLoader(
-            shards, batch_size=batch_size, device="cuda", resident=True))
-        found["seed pipeline to cuda, workers=2"] = lambda: _synced(
-            (x.cuda(non_blocking=True), y.cuda(non_blocking=True)) for x, y in DataLoader(
-                torchvision.datasets.MNIST(str(raw_root), train=True, transform=tf),
-                batch_size=batch_size, shuffle=True, num_workers=2, pin_memory=True))
+        found["fastmnist cuda pinned"] = lambda bs: _synced(FastMNISTLoader(
+            shards, batch_size=bs, device="cuda"))
+        found["fastmnist cuda resident"] = lambda bs: _synced(FastMNISTLoader(
+            shards, batch_size=bs, device="cuda", resident=True))
+        found["seed pipeline to cuda, workers=2"] = lambda bs: _synced(
+            (x.cuda(non_blocking=True), y.cuda(non_blocking=True)) for x, y in seed(2, bs, pin=True))
     return found
 
 
@@ -71,16 +70,16 @@ def _synced(batches):
     torch.cuda.synchronize()
 
 
-def run_epoch(factory: Callable[[], Iterable]) -> int:
+def run_epoch(factory: Callable[[int], Iterable], batch_size: int) -> int:
     """Build the pipeline, consume one epoch, return the number of samples seen."""
-    return sum(len(y) for _, y in factory())
+    return sum(len(y) for _, y in factory(batch_size))
 
 
-def measure(factory: Callable[[], Iterable], rounds: int) -> dict:
+def measure(factory: Callable[[int], Iterable], batch_size: int, rounds: int) -> dict:
     """Median samples/s over ``rounds`` full epochs (after one warm-up to first batch), the
     time from construction to the first batch, and the peak extra resident memory."""
     start = time.perf_counter()
-    first_iter = iter(factory())
+    first_iter = iter(factory(batch_size))
     next(first_iter)
     first_batch_s = time.perf_counter() - start
     del first_iter
@@ -88,7 +87,7 @@ def measure(factory: Callable[[], Iterable], rounds: int) -> dict:
     with _PeakRSS() as rss:
         for _ in range(rounds):
             t = time.perf_counter()
-            samples = run_epoch(factory)
+            samples = run_epoch(factory, batch_size)
             seconds.append(time.perf_counter() - t)
     median = statistics.median(seconds)
     return {"samples": samples, "rounds": rounds, "seconds": seconds, "median_s": median,

@@ -62,6 +62,11 @@ def add_bench_args(b: argparse.ArgumentParser) -> None:
     b.add_argument("--seed-rounds", type=int, default=3, help="epochs timed per seed pipeline")
     b.add_argument("--memory-epochs", type=int, default=20,
                    help="epochs over which FastMNISTLoader's resident memory is tracked")
+    b.add_argument("--check", type=Path, metavar="REFERENCE",
+                   help="fail if a fastmnist ratio falls below this reference by more than the tolerance")
+    b.add_argument("--tolerance", type=float, help="fraction, overrides the reference's")
+    b.add_argument("--write-reference", type=Path, metavar="REFERENCE",
+                   help="save this run's ratios as the gate's reference")
 
 
 def add_convert_args(c: argparse.ArgumentParser) -> None:
@@ -144,16 +149,27 @@ def _synth(args) -> int:
 
 
 def _bench(args) -> int:
-    from .report import extract_for_torchvision, run_report
+    import json
+
+    from .report import check, extract_for_torchvision, markdown, reference_from, run_report
 
     extract_for_torchvision(args.raw)
     result = run_report(args.raw, args.shards, args.out,
                         [int(b) for b in args.batch_sizes.split(",")], args.rounds,
                         args.seed_rounds, args.memory_epochs)
-    from .report import markdown
-
     print(markdown(result))
     print(f"wrote {args.out / 'bench.json'}, {args.out / 'bench.md'}, {args.out / 'bench.png'}")
+    if args.write_reference:
+        reference = reference_from(result, args.tolerance or 0.5)
+        args.write_reference.write_text(json.dumps(reference, indent=2) + "\n")
+        print(f"wrote the gate's reference {args.write_reference}")
+    if args.check:
+        failures = check(result, json.loads(args.check.read_text()), args.tolerance)
+        for f in failures:
+            print(f"REGRESSION {f}", file=sys.stderr)
+        if failures:
+            return 1
+        print(f"gate: every fastmnist ratio is within tolerance of {args.check}")
     return 0
 
 

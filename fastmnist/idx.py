@@ -42,6 +42,18 @@ def read_labels(path: Path, num_classes: int = 10) -> np.ndarray:
     return data
 
 
+def write_idx(path: Path, array: np.ndarray) -> Path:
+    """Write uint8 labels ``(N,)`` or images ``(N, 28, 28)`` as an IDX file, gzip-compressed
+    (reproducibly: no timestamp) when the name ends in ``.gz``."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    magic = LABELS_MAGIC if array.ndim == 1 else IMAGES_MAGIC
+    data = struct.pack(f">{1 + array.ndim}i", magic, *array.shape) + array.tobytes()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(data, 1, mtime=0) if path.suffix == ".gz" else data)
+    return path
+
+
 def _read(path: Path, magic: int, ndim: int) -> tuple[np.ndarray, tuple[int, ...]]:
     header_len = 4 + 4 * ndim
     try:

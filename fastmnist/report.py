@@ -25,12 +25,12 @@ def run_report(raw_root: Path, shards: Path, out_dir: Path, batch_sizes=(64, 256
                progress: bool = True) -> dict:
     """Measure, then write ``bench.json``, ``bench.md`` and ``bench.png`` into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    plan = [(bs, name, factory) for bs in batch_sizes
-            for name, factory in pipelines(raw_root, shards, bs).items()]
+    found = pipelines(raw_root, shards)
+    plan = [(bs, name, factory) for bs in batch_sizes for name, factory in found.items()]
     rows = []
     for bs, name, factory in tqdm(plan, desc="bench", unit="pipeline", disable=not progress):
         n = seed_rounds if name.startswith(SEED_PIPELINES) else rounds
-        rows.append({"batch_size": bs, "pipeline": name, **measure(factory, n)})
+        rows.append({"batch_size": bs, "pipeline": name, **measure(factory, bs, n)})
     for bs in batch_sizes:
         group = {r["pipeline"]: r for r in rows if r["batch_size"] == bs}
         for r in group.values():
@@ -49,6 +49,32 @@ def run_report(raw_root: Path, shards: Path, out_dir: Path, batch_sizes=(64, 256
     (out_dir / "bench.md").write_text(markdown(result))
     chart(result, out_dir / "bench.png")
     return result
+
+
+GATED = ("x_seed", "of_floor")  # the ratios the regression gate compares
+
+
+def reference_from(result: dict, tolerance: float) -> dict:
+    """The gate's reference: this run's ratios for every fastmnist pipeline."""
+    ratios = {}
+    for r in result["rows"]:
+        if r["pipeline"].startswith("fastmnist"):
+            ratios.setdefault(str(r["batch_size"]), {})[r["pipeline"]] = {k: r[k] for k in GATED}
+    return {"machine": result["machine"], "tolerance": tolerance, "ratios": ratios}
+
+
+def check(result: dict, reference: dict, tolerance: float | None = None) -> list[str]:
+    """One message per ratio that fell more than ``tolerance`` (a fraction; default the
+    reference's) below the reference; pipelines or batch sizes not measured are skipped."""
+    tolerance = reference["tolerance"] if tolerance is None else tolerance
+    failures = []
+    for r in result["rows"]:
+        expected = reference["ratios"].get(str(r["batch_size"]), {}).get(r["pipeline"], {})
+        for key, ref in expected.items():
+            if r[key] < ref * (1 - tolerance):
+                failures.append(f"batch {r['batch_size']} {r['pipeline']}: {key} {r[key]:.2f} is "
+                                f"more than {tolerance:.0%} below the reference {ref:.2f}")
+    return failures
 
 
 def machine() -> str:
@@ -73,7 +99,7 @@ def _memory_over_epochs(shards: Path, epochs: int) -> dict:
     loader = FastMNISTLoader(shards)
     after = []
     for _ in range(epochs):
-        run_epoch(lambda: loader)
+        run_epoch(lambda _: loader, loader.batch_size)
         after.append(rss_bytes() / 1e6)
     return {"epochs": epochs, "rss_mb_after_each": after,
             "growth_after_first_mb": after[-1] - after[0]}

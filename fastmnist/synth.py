@@ -5,15 +5,13 @@ thicknesses, shifted by a few pixels and scaled in brightness: learnable, but no
 A marker file in the raw folder makes every set converted from them say ``synthetic``.
 """
 
-import gzip
 import json
-import struct
 from pathlib import Path
 
 import numpy as np
 
 from .datasets import get_spec
-from .idx import IMAGE_SIDE, IMAGES_MAGIC, LABELS_MAGIC
+from .idx import IMAGE_SIDE, write_idx
 
 SYNTHETIC_MARKER = "fastmnist-synthetic.json"
 
@@ -98,15 +96,9 @@ def write_raw(root: Path, n_train: int = 60000, n_test: int = 10000, dataset: st
     written = []
     for split, n, split_seed in (("train", n_train, seed), ("test", n_test, seed + 1)):
         images, labels = generate(n, split_seed)
-        for kind, header, body in (
-            ("images", struct.pack(">4i", IMAGES_MAGIC, n, IMAGE_SIDE, IMAGE_SIDE), images),
-            ("labels", struct.pack(">2i", LABELS_MAGIC, n), labels),
-        ):
-            path = raw / spec.stem(split, kind)
-            path.write_bytes(header + body.tobytes())
-            with gzip.open(f"{path}.gz", "wb", compresslevel=1) as f:
-                f.write(path.read_bytes())
-            written += [path, Path(f"{path}.gz")]
+        for kind, array in (("images", images), ("labels", labels)):
+            for name in (spec.stem(split, kind), spec.stem(split, kind) + ".gz"):
+                written.append(write_idx(raw / name, array))
     marker = raw / SYNTHETIC_MARKER
     marker.write_text(json.dumps({"generator": "fastmnist.synth", "seed": seed,
                                   "train": n_train, "test": n_test}) + "\n")

@@ -3,29 +3,17 @@
 import gzip
 import os
 import shutil
-import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from fastmnist import convert
+from fastmnist.idx import write_idx
 from fastmnist.synth import write_raw
 
 REAL_ROOT = Path(os.environ.get(
     "FASTMNIST_REAL_DATA", Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist-t10k"))
-
-
-def write_idx(path: Path, array: np.ndarray, gz: bool | None = None) -> Path:
-    """Write a uint8 array ``(N,)`` or ``(N, 28, 28)`` as an IDX file (gzip if name ends .gz)."""
-    array = np.asarray(array, dtype=np.uint8)
-    magic = 2049 if array.ndim == 1 else 2051
-    data = struct.pack(f">{1 + array.ndim}i", magic, *array.shape) + array.tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if gz if gz is not None else path.suffix == ".gz":
-        data = gzip.compress(data, compresslevel=1)
-    path.write_bytes(data)
-    return path
 
 
 def write_split(root: Path, split: str, images: np.ndarray, labels: np.ndarray, folder="MNIST"):

@@ -9,9 +9,7 @@ import torchvision
 
 from fastmnist import FastMNISTError
 from fastmnist.datasets import DATASETS
-from fastmnist.idx import read_images, read_labels
-
-from .conftest import write_idx
+from fastmnist.idx import read_images, read_labels, write_idx
 
 
 def test_md5_table_is_torchvisions():
@@ -50,7 +48,7 @@ def test_wrong_magic(tmp_path, gz):
     ("img.gz", r"img\.gz: data length: header \[3, 28, 28\] expects 2352 bytes, found 2342"),
 ])
 def test_truncated_body(tmp_path, name, message):
-    path = write_idx(tmp_path / "full", _images(), gz=False)
+    path = write_idx(tmp_path / "full", _images())
     data = path.read_bytes()[:-10]
     (tmp_path / name).write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
     with pytest.raises(FastMNISTError, match=message):
@@ -66,8 +64,8 @@ def test_truncated_header(tmp_path):
 
 @pytest.mark.parametrize("gz", [False, True])
 def test_header_claims_more_than_file_holds(tmp_path, gz):
-    path = write_idx(tmp_path / ("img.gz" if gz else "img"), _images(), gz=False)
-    data = bytearray(path.read_bytes())
+    path = tmp_path / ("img.gz" if gz else "img")
+    data = bytearray(write_idx(tmp_path / "full", _images()).read_bytes())
     data[4:8] = (1_000_000_000).to_bytes(4, "big")  # a billion images
     path.write_bytes(gzip.compress(bytes(data)) if gz else bytes(data))
     with pytest.raises(FastMNISTError, match=r"img(\.gz)?: header claims \[1000000000, 28, 28\] "

@@ -1,0 +1,52 @@
+"""The benchmark report (short mode, as CI runs it): files written and consistent, every
+pipeline completes a full epoch, and the fastmnist ratios pass the regression gate."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fastmnist.bench import FLOOR, SEED
+from fastmnist.report import check, reference_from, run_report
+
+REFERENCE = Path(__file__).resolve().parents[1] / "benchmarks" / "reference.json"
+
+
+@pytest.fixture(scope="module")
+def quick_report(synth_root, synth_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    result = run_report(synth_root, synth_shards, out, batch_sizes=(64,), rounds=2, seed_rounds=1,
+                        memory_epochs=3, progress=False)
+    return out, result
+
+
+def test_report_files_agree_with_the_run(quick_report):
+    out, result = quick_report
+    assert json.loads((out / "bench.json").read_text()) == result
+    names = [r["pipeline"] for r in result["rows"]]
+    assert {SEED, FLOOR, "TensorDataset + DataLoader", "fastmnist float32", "fastmnist uint8"} <= set(names)
+    assert all(r["samples"] == 60000 for r in result["rows"])
+    seed = next(r for r in result["rows"] if r["pipeline"] == SEED)
+    assert seed["x_seed"] == 1.0
+    markdown = (out / "bench.md").read_text()
+    for r in result["rows"]:
+        assert f"| 64 | {r['pipeline']} | {r['samples_per_s']:,.0f} | {r['x_seed']:.1f} |" in markdown
+    assert f"{result['conversion']['seconds']:.2f} s" in markdown
+    png = (out / "bench.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
+    assert len(result["memory"]["rss_mb_after_each"]) == 3
+
+
+def test_regression_gate_passes_against_the_committed_reference(quick_report):
+    _, result = quick_report
+    assert check(result, json.loads(REFERENCE.read_text())) == []
+
+
+def test_gate_flags_a_ratio_below_tolerance(quick_report):
+    _, result = quick_report
+    reference = reference_from(result, tolerance=0.5)
+    assert check(result, reference) == []
+    reference["ratios"]["64"]["fastmnist float32"]["x_seed"] = result["rows"][0]["x_seed"] * 1e6
+    failures = check(result, reference)
+    assert len(failures) == 1 and "batch 64 fastmnist float32: x_seed" in failures[0]
+    assert "more than 50% below the reference" in failures[0]
