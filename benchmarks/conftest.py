@@ -24,7 +24,7 @@ def bench_data(tmp_path_factory) -> tuple[Path, Path]:
     extract_for_torchvision(root)
     if shards is None:
         shards = tmp_path_factory.mktemp("bench_shards") / "mnist"
-        convert(root, shards, progress=False)
+        convert(root, shards, format="both", progress=False)
     return root, Path(shards)
 
 

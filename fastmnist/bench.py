@@ -1,14 +1,21 @@
 """Throughput of FastMNISTLoader against the usual pipelines, over one full epoch per round.
 
-Each pipeline is a factory ``(batch_size) -> iterable of (x, y)``: one shuffled epoch of float32
+Each pipeline is a factory ``(batch_size) -> iterable``, each pass over which is one
+shuffled epoch of ``(x, y)`` batches: float32
 ``[B,1,28,28]`` images and int64 ``[B]`` labels; :func:`measure` times it. Used by
 ``fastmnist bench`` (the report) and by ``benchmarks/`` (pytest-benchmark).
 """
 
+import atexit
+import functools
 import os
+import socket
 import statistics
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -50,18 +57,69 @@ def pipelines(raw_root: Path, shards: Path, cuda: bool | None = None
         "seed pipeline, workers=2": lambda bs: seed(2, bs),
         "TensorDataset + DataLoader": lambda bs: DataLoader(TensorDataset(ram_x, ram_y),
                                                             batch_size=bs, shuffle=True),
-        FLOOR: floor,
+        FLOOR: lambda bs: _Epochs(floor, bs),
         "fastmnist float32": lambda bs: FastMNISTLoader(shards, batch_size=bs),
         "fastmnist uint8": lambda bs: FastMNISTLoader(shards, batch_size=bs, source="uint8"),
     }
+    if "wds" in split.formats:
+        shard_urls = [str(shards / s["file"]) for s in split.info["wds"]["shards"]]
+        found["stock webdataset"] = lambda bs: _Epochs(_stock_webdataset, shard_urls, bs, mean, std)
+        found["fastmnist wds local"] = lambda bs: FastMNISTLoader(shards, batch_size=bs,
+                                                                  format="wds")
+        found["fastmnist wds over HTTP"] = lambda bs: FastMNISTLoader(
+            _served(shards), batch_size=bs)
     if torch.cuda.is_available() if cuda is None else cuda:
-        found["fastmnist cuda pinned"] = lambda bs: _synced(FastMNISTLoader(
+        found["fastmnist cuda pinned"] = lambda bs: _Epochs(_synced, FastMNISTLoader(
             shards, batch_size=bs, device="cuda"))
-        found["fastmnist cuda resident"] = lambda bs: _synced(FastMNISTLoader(
+        found["fastmnist cuda resident"] = lambda bs: _Epochs(_synced, FastMNISTLoader(
             shards, batch_size=bs, device="cuda", resident=True))
-        found["seed pipeline to cuda, workers=2"] = lambda bs: _synced(
-            (x.cuda(non_blocking=True), y.cuda(non_blocking=True)) for x, y in seed(2, bs, pin=True))
+        found["seed pipeline to cuda, workers=2"] = lambda bs: _Epochs(_synced, _to_cuda(
+            seed(2, bs, pin=True)))
     return found
+
+
+def _stock_webdataset(urls: list[str], batch_size: int, mean: float, std: float):
+    """webdataset's usual pipeline over the same shards, normalised to float32 per batch."""
+    import webdataset
+
+    from .normalize import normalize_u8
+
+    dataset = (webdataset.WebDataset(urls, shardshuffle=len(urls)).shuffle(1000).decode()
+               .to_tuple("npy", "cls").batched(batch_size))
+    for images, labels in dataset:
+        yield (normalize_u8(torch.from_numpy(images)[:, None], mean, std),
+               torch.as_tensor(labels, dtype=torch.int64))
+
+
+@functools.cache
+def _served(directory: Path) -> str:
+    """The URL of ``directory`` served by ``python -m http.server`` on 127.0.0.1, started
+    once in a subprocess and stopped when this process exits."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind",
+                               "127.0.0.1", "--directory", str(directory)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    atexit.register(server.terminate)
+    url = f"http://127.0.0.1:{port}/"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(url + "manifest.json", timeout=1).close()
+            return url
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"the HTTP server for {directory} did not start")
+
+
+class _Epochs:
+    """Re-iterable: each ``iter()`` is a fresh epoch from ``make(*args)``, a generator."""
+
+    def __init__(self, make, *args):
+        self.make, self.args = make, args
+
+    def __iter__(self):
+        return iter(self.make(*self.args))
 
 
 def _synced(batches):
@@ -70,24 +128,33 @@ def _synced(batches):
     torch.cuda.synchronize()
 
 
-def run_epoch(factory: Callable[[int], Iterable], batch_size: int) -> int:
-    """Build the pipeline, consume one epoch, return the number of samples seen."""
-    return sum(len(y) for _, y in factory(batch_size))
+class _to_cuda:
+    """The seed pipeline moved to the GPU as its users do: pinned, ``non_blocking``."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __iter__(self):
+        return ((x.cuda(non_blocking=True), y.cuda(non_blocking=True)) for x, y in self.loader)
+
+
+def run_epoch(pipeline: Iterable) -> int:
+    """Consume one epoch of ``pipeline``; the number of samples seen."""
+    return sum(len(y) for _, y in pipeline)
 
 
 def measure(factory: Callable[[int], Iterable], batch_size: int, rounds: int) -> dict:
-    """Median samples/s over ``rounds`` full epochs (after one warm-up to first batch), the
-    time from construction to the first batch, and the peak extra resident memory."""
+    """Time from construction to the first batch, then the median samples/s over ``rounds``
+    full epochs of the pipeline built once, and its peak extra resident memory."""
     start = time.perf_counter()
-    first_iter = iter(factory(batch_size))
-    next(first_iter)
+    pipeline = factory(batch_size)
+    next(iter(pipeline))
     first_batch_s = time.perf_counter() - start
-    del first_iter
     seconds, samples = [], 0
     with _PeakRSS() as rss:
         for _ in range(rounds):
             t = time.perf_counter()
-            samples = run_epoch(factory, batch_size)
+            samples = run_epoch(pipeline)
             seconds.append(time.perf_counter() - t)
     median = statistics.median(seconds)
     return {"samples": samples, "rounds": rounds, "seconds": seconds, "median_s": median,

@@ -59,7 +59,8 @@ def add_bench_args(b: argparse.ArgumentParser) -> None:
                    help="where bench.json, bench.md and bench.png go (default results/)")
     b.add_argument("--batch-sizes", default="64,256,1024", help="comma-separated")
     b.add_argument("--rounds", type=int, default=5, help="epochs timed per fast pipeline")
-    b.add_argument("--seed-rounds", type=int, default=3, help="epochs timed per seed pipeline")
+    b.add_argument("--seed-rounds", type=int, default=3,
+                   help="epochs timed per slow pipeline (seed, stock webdataset)")
     b.add_argument("--memory-epochs", type=int, default=20,
                    help="epochs over which FastMNISTLoader's resident memory is tracked")
     b.add_argument("--check", type=Path, metavar="REFERENCE",
@@ -79,6 +80,9 @@ def add_convert_args(c: argparse.ArgumentParser) -> None:
                    help="split to convert (repeatable; default: all present)")
     c.add_argument("--mean", type=float, help="normalisation mean (default: dataset's)")
     c.add_argument("--std", type=float, help="normalisation std (default: dataset's)")
+    c.add_argument("--format", default="npy", choices=["npy", "wds", "both"],
+                   help="memory-mapped .npy arrays (default), WebDataset tar shards, or both")
+    c.add_argument("--shard-size", type=int, default=10000, help="samples per tar shard")
     c.add_argument("--download", action="store_true",
                    help="fetch missing raw files with torchvision's downloader")
     c.add_argument("--force", action="store_true", help="rebuild even if up to date")
@@ -89,14 +93,16 @@ def _convert(args) -> int:
     from .convert import convert
 
     r = convert(args.root, args.out, args.dataset, splits=args.split, mean=args.mean,
-                std=args.std, force=args.force, download=args.download, progress=not args.quiet)
+                std=args.std, format=args.format, shard_size=args.shard_size, force=args.force,
+                download=args.download, progress=not args.quiet)
     if not args.quiet:
         kind = " (SYNTHETIC data)" if r.manifest.get("synthetic") else ""
         counts = ", ".join(f"{k} {v['count']}" for k, v in r.manifest["splits"].items())
         if r.skipped:
             print(f"{r.out}: up to date{kind} ({counts}); nothing written, --force rebuilds")
         else:
-            files = [f for s in r.manifest["splits"].values() for f in s["files"].values()]
+            files = [f for s in r.manifest["splits"].values()
+                     for f in [*s["files"].values(), *s.get("wds", {}).get("shards", [])]]
             mb = sum(f["size"] for f in files) / 1e6
             print(f"wrote {r.out}{kind}: {counts}; {len(files)} files, {mb:.1f} MB "
                   f"in {r.seconds:.2f}s")
@@ -117,6 +123,9 @@ def _info(args) -> int:
         for f in info["files"].values():
             rows.append((split, f["file"], f["dtype"], "x".join(map(str, f["shape"])),
                          str(f["size"]), f["sha256"][:16]))
+        for f in info.get("wds", {}).get("shards", []):
+            rows.append((split, f["file"], "tar", f"{f['count']} samples", str(f["size"]),
+                         f["sha256"][:16]))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
@@ -186,7 +195,8 @@ def _demo(args) -> int:
                   f"generated digits, not on MNIST.\n{'!' * 78}\n", file=sys.stderr)
             write_raw(args.data)
     _convert(argparse.Namespace(root=args.data, out=args.shards, dataset="mnist", split=None,
-                                mean=None, std=None, force=False, download=False, quiet=False))
+                                mean=None, std=None, format="both", shard_size=10000,
+                                force=False, download=False, quiet=False))
     args.raw = args.data
     return _bench(args)
 

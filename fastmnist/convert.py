@@ -29,8 +29,10 @@ from .idx import read_images, read_labels
 from .normalize import lookup_table
 from .store import FORMAT_VERSION, MANIFEST, open_shards, read_manifest
 from .synth import SYNTHETIC_MARKER
+from .wds import write_shards
 
 _CHUNK = 10000  # samples per write
+FORMATS = ("npy", "wds", "both")
 
 
 @dataclass
@@ -42,18 +44,26 @@ class ConvertResult:
 
 
 def convert(root, out, dataset: str = "mnist", *, splits=None, mean=None, std=None,
-            force: bool = False, download: bool = False, progress: bool = True) -> ConvertResult:
+            format: str = "npy", shard_size: int = 10000, force: bool = False,
+            download: bool = False, progress: bool = True) -> ConvertResult:
     """Convert the raw files under ``root`` (torchvision layout) into the set at ``out``.
 
     ``splits``: names to convert (default: every split whose files are present).
     ``mean``/``std``: normalisation (default: MNIST's 0.1307/0.3081, else the train split's).
+    ``format``: "npy" (memory-mapped arrays), "wds" (WebDataset tar shards of ``shard_size``
+    samples) or "both".
     Returns without writing when ``out`` already holds this conversion, unless ``force``.
     """
     start = time.perf_counter()
     spec = get_spec(dataset)
+    if format not in FORMATS:
+        raise FastMNISTError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    if shard_size < 1:
+        raise FastMNISTError(f"shard_size must be positive, got {shard_size}")
     root, out = Path(root), Path(out)
     sources = _find_sources(root, spec, splits, download)
-    options = {"dataset": spec.name, "splits": sorted(sources), "mean": mean, "std": std}
+    options = {"dataset": spec.name, "splits": sorted(sources), "mean": mean, "std": std,
+               "format": format, "shard_size": shard_size if format != "npy" else None}
     fingerprint = {key: _fingerprint(path, spec) for key, path in _source_items(sources)}
     _prepare_parent(out)
     with _lock(out):
@@ -84,11 +94,20 @@ def convert(root, out, dataset: str = "mnist", *, splits=None, mean=None, std=No
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         try:
             tmp.chmod(0o755)  # mkdtemp makes it private; the set is meant to be shared
-            total = 2 * sum(len(labels) for _, labels in data.values())
+            passes = {"npy": 2, "wds": 1, "both": 3}[format]
+            total = passes * sum(len(labels) for _, labels in data.values())
             with tqdm(total=total, desc=f"convert {spec.name}", unit="img", unit_scale=True,
                       disable=not progress) as bar:
                 for split, (images, labels) in data.items():
-                    manifest["splits"][split] = _write_split(tmp, split, images, labels, *norm, bar)
+                    info = {"count": len(labels), "image_shape": list(images.shape[1:]),
+                            "mean": norm[0], "std": norm[1], "num_classes": spec.num_classes,
+                            "files": {}}
+                    if format in ("npy", "both"):
+                        info["files"] = _write_arrays(tmp, split, images, labels, *norm, bar)
+                    if format in ("wds", "both"):
+                        info["wds"] = {"shard_size": shard_size, "shards": write_shards(
+                            tmp, split, images, labels, shard_size, bar)}
+                    manifest["splits"][split] = info
             _write_manifest(tmp, manifest)
             _swap_into_place(tmp, out)
         except BaseException as e:
@@ -222,8 +241,9 @@ def _normalisation(spec: DatasetSpec, data: dict, mean, std) -> tuple[float, flo
             float(pixels.std()) if std is None else float(std))
 
 
-def _write_split(tmp: Path, split: str, images: np.ndarray, labels: np.ndarray,
-                 mean: float, std: float, bar) -> dict:
+def _write_arrays(tmp: Path, split: str, images: np.ndarray, labels: np.ndarray,
+                  mean: float, std: float, bar) -> dict:
+    """The split's three ``.npy`` files; returns their manifest entries."""
     lut = lookup_table(mean, std).numpy()
     n = len(images)
 
@@ -233,7 +253,7 @@ def _write_split(tmp: Path, split: str, images: np.ndarray, labels: np.ndarray,
             yield part if fn is None else fn(part)
             bar.update(len(part))
 
-    files = {
+    return {
         "images_u8": _write_npy(tmp / f"{split}_images_u8.npy", images.shape, np.uint8,
                                 chunks(images)),
         "images_f32": _write_npy(tmp / f"{split}_images_f32.npy", images.shape, np.float32,
@@ -241,8 +261,6 @@ def _write_split(tmp: Path, split: str, images: np.ndarray, labels: np.ndarray,
         "labels": _write_npy(tmp / f"{split}_labels.npy", labels.shape, np.int64,
                              [labels.astype(np.int64)]),
     }
-    return {"count": n, "image_shape": list(images.shape[1:]), "mean": mean, "std": std,
-            "num_classes": 10, "files": files}
 
 
 def _write_npy(path: Path, shape, dtype, parts) -> dict:

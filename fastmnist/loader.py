@@ -2,14 +2,16 @@
 
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .device import prefetch_to_cuda
 from .errors import FastMNISTError
-from .normalize import normalizer
-from .order import batch_count, epoch_order, rank_share, samples_per_rank
-from .store import open_shards
+from .normalize import normalize_u8, normalizer
+from .order import batch_count, epoch_order, rank_share, samples_per_rank, shard_order
+from .store import MANIFEST, Split, open_shards, parse_manifest
+from .wds import ShardCache, decode_shard, expand_urls, fetch, is_url
 
 _STATE_KEYS = ("seed", "num_samples", "batch_size", "shuffle", "drop_last", "rank", "world_size")
 
@@ -25,7 +27,14 @@ class FastMNISTLoader(IterableDataset):
     ``DistributedSampler`` does (padding by repetition, or dropping the tail with
     ``drop_last``), so every rank gets ``len(loader)`` batches.
 
-    ``source``: which shard to read, "float32" (pre-normalised; the default on the CPU) or
+    ``path``: a converted set's directory, or WebDataset shards by URL (``http(s)://``,
+    ``file://``, ``pipe:``): the set's URL ending in "/", or shard URLs (a list or a brace
+    pattern) with the set's ``manifest.json`` beside them.
+    ``format``: "npy" or "wds" (tar shards); default npy where the set has it. Local tar
+    shards are validated and decoded once, on first use, then read like the arrays, in the
+    same order. Shards from URLs stream a shard at a time (``prefetch`` fetched ahead) in
+    a different order: shards shuffled, then samples shuffled within each shard.
+    ``source``: which data to read, "float32" (pre-normalised; the default on the CPU) or
     "uint8" (normalised on ``device``; the default on CUDA: 4x fewer bytes to copy).
     ``resident``: copy the whole split onto ``device`` once and gather there.
     ``pin_memory``: put host batches in pinned memory (default: when CUDA is available).
@@ -35,7 +44,7 @@ class FastMNISTLoader(IterableDataset):
                  seed: int = 0, drop_last: bool = False, *, rank: int | None = None,
                  world_size: int | None = None, device="cpu", source: str | None = None,
                  normalize: bool = True, resident: bool = False, pin_memory: bool | None = None,
-                 prefetch: int = 2, verify: bool = False):
+                 prefetch: int = 2, verify: bool = False, format: str | None = None):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise FastMNISTError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.device = torch.device(device)
@@ -53,14 +62,28 @@ class FastMNISTLoader(IterableDataset):
         if prefetch < 1:
             raise FastMNISTError(f"prefetch must be at least 1, got {prefetch!r}")
         rank, world_size = _distributed(rank, world_size)
-        self.split = open_shards(path, verify=verify).split(split)
+        self.streaming = is_url(path)
+        if self.streaming:
+            if resident:
+                raise FastMNISTError("resident=True needs a local set, not shard URLs")
+            self.split, self._shards = _remote_split(path, split)
+            self.format = "wds"
+        else:
+            self.split = open_shards(path, verify=verify).split(split)
+            self.format = format or self.split.formats[0]
+            if self.format not in self.split.formats:
+                raise FastMNISTError(f"{path}: split {split!r} has no {self.format!r} data "
+                                     f"(it has {', '.join(self.split.formats)})")
+            self._shards = [{**s, "url": str(self.split.root / s["file"])}
+                            for s in self.split.info.get("wds", {}).get("shards", [])]
+        self.verify = verify
         self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
         self.rank, self.world_size = rank, world_size
         self.source, self.normalize, self.resident = source, normalize, resident
         self.pin_memory, self.prefetch = pin_memory, prefetch
         self._next_epoch, self._resume_at = 0, 0
         self._epoch, self._position = 0, None  # of the iteration in progress
-        self._data = None  # see _tensors(); mapped on first use in each process
+        self._data = None  # see _source(); made on first use in each process
 
     def __len__(self) -> int:
         """Batches this rank yields per epoch."""
@@ -98,18 +121,18 @@ class FastMNISTLoader(IterableDataset):
         epoch, start = self._next_epoch, self._resume_at
         self._next_epoch, self._resume_at = epoch + 1, 0
         self._epoch, self._position = epoch, start
-        images, labels, normalise = self._tensors()
-        order = epoch_order(self.split.count, self.seed, epoch, self.shuffle)
+        gather, images, normalise, cache = self._source()
+        if cache is not None:
+            order = shard_order([s["count"] for s in self._shards], self.seed, epoch, self.shuffle)
+            cache.start_epoch(order)
+        else:
+            order = epoch_order(self.split.count, self.seed, epoch, self.shuffle)
         order = rank_share(order, self.rank, self.world_size, self.drop_last).to(images.device)
         # DataLoader workers take batches round-robin, as the DataLoader collects them.
         worker = get_worker_info()
         first, step = (start, 1) if worker is None else (start + worker.id, worker.num_workers)
         bs = self.batch_size
         index_batches = (order[b * bs:(b + 1) * bs] for b in range(first, len(self), step))
-
-        def gather(idx, x_out=None, y_out=None):
-            return (torch.index_select(images, 0, idx, out=x_out),
-                    torch.index_select(labels, 0, idx, out=y_out))
 
         def finish(x):
             return normalise(x) if normalise is not None else x
@@ -120,37 +143,93 @@ class FastMNISTLoader(IterableDataset):
         else:
             pin = self.pin_memory and self.device.type == "cpu"
             batches = ((finish(x), y) for x, y in (
-                gather(idx, *_pinned_like(images, labels, len(idx)) if pin else ())
+                gather(idx, *_pinned_like(images, len(idx)) if pin else ())
                 for idx in index_batches))
         for batch in batches:
             self._position += 1
             yield batch
 
-    def _tensors(self):
-        """(images, labels, normalise): images and labels mapped from the shards (on ``device``
-        when resident); normalise maps uint8 batches on ``device`` to float32, or is None."""
+    def _source(self):
+        """(gather, images, normalise, cache), made once per process: ``gather(idx,
+        x_out=None, y_out=None)`` returns the images and int64 labels of samples ``idx``;
+        ``images`` is shaped and typed like them, on the device gathering runs on;
+        ``normalise`` maps uint8 batches on ``device`` to float32, or is None; ``cache`` is
+        the ShardCache of streamed shards, or None."""
         if self._data is None:
-            array = "images_u8" if self.source == "uint8" else "images_f32"
-            # copy-on-write mappings: writable for torch, and never written back
-            images = torch.from_numpy(self.split.array(array, mode="c"))
-            labels = torch.from_numpy(self.split.array("labels", mode="c"))
-            if self.resident:
-                images = images.to(self.device, copy=True)
-                labels = labels.to(self.device, copy=True)
             normalise = None
             if self.source == "uint8" and self.normalize:
                 normalise = normalizer(self.split.mean, self.split.std, self.device)
-            self._data = images, labels, normalise
+            if self.streaming:
+                cache = ShardCache(self._shards, self._decode, self.prefetch, self.verify)
+                example = self._decode(torch.empty((0, 1, 28, 28), dtype=torch.uint8))
+                self._data = cache.gather, example, normalise, cache
+            else:
+                images, labels = self._arrays()
+                if self.resident:
+                    images = images.to(self.device, copy=True)
+                    labels = labels.to(self.device, copy=True)
+
+                def gather(idx, x_out=None, y_out=None):
+                    return (torch.index_select(images, 0, idx, out=x_out),
+                            torch.index_select(labels, 0, idx, out=y_out))
+
+                self._data = gather, images, normalise, None
         return self._data
+
+    def _arrays(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole split: images ``(N,1,28,28)`` of ``source`` dtype, int64 labels ``(N,)``;
+        memory-mapped from the arrays, or decoded once from local tar shards."""
+        if self.format == "npy":
+            array = "images_u8" if self.source == "uint8" else "images_f32"
+            # copy-on-write mappings: writable for torch, and never written back
+            return (torch.from_numpy(self.split.array(array, mode="c")),
+                    torch.from_numpy(self.split.array("labels", mode="c")))
+        parts = [decode_shard(fetch(s["url"], s["size"]), s["count"], s["url"])
+                 for s in self._shards]
+        images = torch.from_numpy(np.concatenate([p[0] for p in parts]))
+        return self._decode(images), torch.from_numpy(np.concatenate([p[1] for p in parts]))
+
+    def _decode(self, images_u8: torch.Tensor) -> torch.Tensor:
+        """Tar shards hold uint8 images: with the float32 source, normalise them once, as
+        they are decoded (for streamed shards, in the fetching thread)."""
+        if self.source == "float32":
+            return normalize_u8(images_u8, self.split.mean, self.split.std)
+        return images_u8
 
     def __getstate__(self):
         # Workers map the files themselves and share the page cache; never pickle arrays.
         return {**self.__dict__, "_data": None}
 
 
-def _pinned_like(images, labels, n):
+def _remote_split(path, split: str) -> tuple[Split, list[dict]]:
+    """The split's metadata and shard list (url, first, count, sha256) from shard URLs, or
+    from a set URL ending in "/", with the set's manifest fetched from beside them."""
+    urls = expand_urls(path)
+    whole_set = len(urls) == 1 and urls[0].endswith("/")
+    base = urls[0] if whole_set else urls[0].rsplit("/", 1)[0] + "/"
+    manifest = parse_manifest(fetch(base + MANIFEST), base + MANIFEST)
+    if split not in manifest["splits"]:
+        raise FastMNISTError(f"{base}{MANIFEST}: no split {split!r}")
+    info = manifest["splits"][split]
+    listed = info.get("wds", {}).get("shards")
+    if not listed:
+        raise FastMNISTError(f"{base}{MANIFEST}: split {split!r} has no tar shards")
+    given = {u.rsplit("/", 1)[-1]: u for u in urls}
+    if not whole_set:
+        names = {s["file"] for s in listed}
+        for name, url in given.items():
+            if name not in names:
+                raise FastMNISTError(f"{url}: not a {split} shard of {base}{MANIFEST}")
+        for name in sorted(names - set(given)):
+            raise FastMNISTError(f"{base}{name}: {split} shard missing from the listing "
+                                 f"(every shard is needed for an exact epoch)")
+    shards = [{**s, "url": base + s["file"] if whole_set else given[s["file"]]} for s in listed]
+    return Split(None, split, info), shards
+
+
+def _pinned_like(images, n):
     return (torch.empty((n, *images.shape[1:]), dtype=images.dtype, pin_memory=True),
-            torch.empty(n, dtype=labels.dtype, pin_memory=True))
+            torch.empty(n, dtype=torch.int64, pin_memory=True))
 
 
 def _distributed(rank, world_size) -> tuple[int, int]:

@@ -10,12 +10,21 @@ import numpy as np
 import torch
 
 
-def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
-    """int64 ``(n,)``: a permutation drawn from ``(seed, epoch)``, or ``0..n-1`` unshuffled."""
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool, *stream: int) -> torch.Tensor:
+    """int64 ``(n,)``: a permutation drawn from ``(seed, epoch, *stream)``, or ``0..n-1``
+    unshuffled."""
     if not shuffle:
         return torch.arange(n)
-    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch])))
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch, *stream])))
     return torch.from_numpy(rng.permutation(n))
+
+
+def shard_order(counts: list[int], seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
+    """int64 ``(sum(counts),)``: the shards in a shuffled order, each shard's samples shuffled
+    within it, so a reader needs only one shard at a time (the order for streamed shards)."""
+    firsts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    return torch.cat([firsts[s] + epoch_order(counts[s], seed, epoch, shuffle, 1, s)
+                      for s in epoch_order(len(counts), seed, epoch, shuffle, 0).tolist()])
 
 
 def rank_share(order: torch.Tensor, rank: int, world_size: int, drop_last: bool) -> torch.Tensor:

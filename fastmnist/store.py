@@ -31,15 +31,24 @@ def read_manifest(root: Path) -> dict:
     """The parsed manifest of the set at ``root``; errors name the file and the problem."""
     path = Path(root) / MANIFEST
     try:
-        manifest = json.loads(path.read_text())
+        text = path.read_text()
     except FileNotFoundError:
         raise FastMNISTError(f"{path}: no manifest: not a converted fastmnist set") from None
-    except (OSError, ValueError) as e:
+    except OSError as e:
         raise FastMNISTError(f"{path}: unreadable manifest: {e}") from None
+    return parse_manifest(text, path)
+
+
+def parse_manifest(text, where) -> dict:
+    """A manifest from its JSON text; ``where`` (a path or URL) names it in errors."""
+    try:
+        manifest = json.loads(text)
+    except ValueError as e:
+        raise FastMNISTError(f"{where}: unreadable manifest: {e}") from None
     version = manifest.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise FastMNISTError(
-            f"{path}: format_version {version!r} is newer than this fastmnist reads "
+            f"{where}: format_version {version!r} is newer than this fastmnist reads "
             f"({FORMAT_VERSION}); upgrade fastmnist or re-convert"
         )
     return manifest
@@ -64,6 +73,12 @@ class Split:
     @property
     def std(self) -> float:
         return self.info["std"]
+
+    @property
+    def formats(self) -> list[str]:
+        """"npy" when the arrays are present, "wds" when tar shards are."""
+        return [f for f, present in (("npy", self.info["files"]), ("wds", self.info.get("wds")))
+                if present]
 
     def path(self, array: str) -> Path:
         return self.root / self.info["files"][array]["file"]
@@ -138,5 +153,5 @@ def verify_shards(root) -> list[str]:
 
 def _files(root: Path, manifest: dict):
     for split in manifest["splits"].values():
-        for meta in split["files"].values():
+        for meta in [*split["files"].values(), *split.get("wds", {}).get("shards", [])]:
             yield root / meta["file"], meta

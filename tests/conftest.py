@@ -80,7 +80,7 @@ def synth_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def synth_shards(synth_root, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth_out") / "shards"
-    convert(synth_root, out, progress=False)
+    convert(synth_root, out, format="both", progress=False)
     return out
 
 

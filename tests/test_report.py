@@ -24,7 +24,8 @@ def test_report_files_agree_with_the_run(quick_report):
     out, result = quick_report
     assert json.loads((out / "bench.json").read_text()) == result
     names = [r["pipeline"] for r in result["rows"]]
-    assert {SEED, FLOOR, "TensorDataset + DataLoader", "fastmnist float32", "fastmnist uint8"} <= set(names)
+    assert {SEED, FLOOR, "TensorDataset + DataLoader", "fastmnist float32", "fastmnist uint8",
+            "stock webdataset", "fastmnist wds local", "fastmnist wds over HTTP"} <= set(names)
     assert all(r["samples"] == 60000 for r in result["rows"])
     seed = next(r for r in result["rows"] if r["pipeline"] == SEED)
     assert seed["x_seed"] == 1.0

@@ -1,0 +1,214 @@
+"""WebDataset tar shards in a fixed layout: written with ``webdataset.TarWriter``, read back
+by validating each shard once and slicing it, with no per-sample parsing.
+
+Each sample is two tar members, in TarWriter's sorted order: ``{key}.cls`` (the label as
+text) and ``{key}.npy`` (the uint8 ``(28, 28)`` image saved by ``np.save``). Keys are the
+sample's 8-digit index in its split and the modification times are 0, so every member has
+the same size and every sample starts ``STRIDE`` bytes after the previous one.
+"""
+
+import hashlib
+import io
+import subprocess
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import FastMNISTError
+
+BLOCK = 512
+_NPY_HEADER = len(np.lib.format.magic(1, 0)) + 2 + 118  # np.save pads the v1 header to 128
+NPY_SIZE = _NPY_HEADER + 28 * 28
+STRIDE = 2 * BLOCK + (1 + -(-NPY_SIZE // BLOCK)) * BLOCK  # cls: header + 1 block; npy: header + 2
+_CLS_DATA, _NPY_HDR, _IMAGE = BLOCK, 2 * BLOCK, 3 * BLOCK + _NPY_HEADER
+
+
+def write_shards(directory: Path, split: str, images: np.ndarray, labels: np.ndarray,
+                 shard_size: int, progress=None) -> list[dict]:
+    """Write ``{split}-000000.tar``, ... of ``shard_size`` samples each from uint8 images
+    ``(N,1,28,28)`` and labels ``(N,)``; returns one manifest entry per shard."""
+    import webdataset
+
+    from .store import sha256_file
+
+    shards = []
+    for number, start in enumerate(range(0, len(labels), shard_size)):
+        path = directory / f"{split}-{number:06d}.tar"
+        stop = min(start + shard_size, len(labels))
+        with open(path, "wb") as f, webdataset.TarWriter(f, mtime=0) as writer:
+            for i in range(start, stop):
+                writer.write({"__key__": f"{i:08d}", "npy": images[i, 0], "cls": int(labels[i])})
+            if progress is not None:
+                progress.update(stop - start)
+        shards.append({"file": path.name, "first": start, "count": stop - start,
+                       "size": path.stat().st_size, "sha256": sha256_file(path)})
+    return shards
+
+
+def decode_shard(data, count: int, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Validate a shard's bytes against the layout and return its uint8 images
+    ``(count,1,28,28)`` and int64 labels ``(count,)``; errors name the shard."""
+    a = np.frombuffer(data, np.uint8)
+    need = count * STRIDE + 2 * BLOCK
+    if len(a) < need:
+        raise FastMNISTError(f"{name}: truncated: {len(a)} bytes, {count} samples need {need}")
+    rows = a[: count * STRIDE].reshape(count, STRIDE)
+    for offset, suffix in ((0, b".cls"), (_NPY_HDR, b".npy")):
+        _check_headers(rows[:, offset:offset + BLOCK], suffix, name)
+    expected_npy = _npy_header()
+    if not (rows[:, 3 * BLOCK:_IMAGE] == expected_npy).all():
+        raise FastMNISTError(f"{name}: an image entry is not a uint8 28x28 .npy (corrupted)")
+    digits = rows[:, _CLS_DATA]
+    if ((digits < 48) | (digits > 57)).any() or rows[:, _CLS_DATA + 1].any():
+        raise FastMNISTError(f"{name}: a .cls entry is not a single digit (corrupted)")
+    if a[count * STRIDE: need].any():
+        raise FastMNISTError(f"{name}: more samples than the manifest's {count}, or a bad end")
+    images = np.ascontiguousarray(rows[:, _IMAGE:_IMAGE + 784]).reshape(count, 1, 28, 28)
+    return images, (digits - 48).astype(np.int64)
+
+
+def _check_headers(headers: np.ndarray, suffix: bytes, name: str) -> None:
+    """Every member header must equal the first but for its key digits and checksum, and
+    every checksum must be right; byte comparisons only, no per-sample parsing."""
+    first = headers[0]
+    if bytes(first[8:12]) != suffix or bytes(first[12:16]) != bytes(4):
+        raise FastMNISTError(f"{name}: sample 0: not a fastmnist {suffix[1:].decode()} member "
+                             "where the layout expects one (not converted by fastmnist?)")
+    key = headers[:, :8]
+    same = (headers[:, 8:148] == first[8:148]).all(1) & (headers[:, 156:] == first[156:]).all(1)
+    same &= ((key >= 48) & (key <= 57)).all(1)
+    if not same.all():
+        raise FastMNISTError(f"{name}: sample {int(np.argmin(same))}: unexpected tar member "
+                             "header (corrupted, or not in fastmnist's layout)")
+    fixed = int(first[8:148].sum(dtype=np.int64) + first[156:].sum(dtype=np.int64)) + 8 * 32
+    stored = (headers[:, 148:154].astype(np.int64) - 48) @ (8 ** np.arange(5, -1, -1))
+    wrong = stored != fixed + key.sum(1, dtype=np.int64)
+    if wrong.any():
+        raise FastMNISTError(f"{name}: sample {int(np.argmax(wrong))}: tar header checksum "
+                             "mismatch (corrupted)")
+
+
+def _npy_header() -> np.ndarray:
+    buf = io.BytesIO()
+    np.save(buf, np.zeros((28, 28), np.uint8))
+    return np.frombuffer(buf.getvalue()[:_NPY_HEADER], np.uint8)
+
+
+def is_url(source) -> bool:
+    return isinstance(source, (list, tuple)) or (
+        isinstance(source, str) and source.startswith(("http://", "https://", "file://", "pipe:")))
+
+
+def expand_urls(source) -> list[str]:
+    """A URL, a brace pattern (``train-{000000..000005}.tar``) or a list -> a list of URLs."""
+    from braceexpand import braceexpand
+
+    sources = [source] if isinstance(source, str) else list(source)
+    return [url for s in sources for url in braceexpand(s)]
+
+
+def fetch(url: str, size: int | None = None):
+    """The whole object at ``url``: a path, ``file://``, ``http(s)://`` or ``pipe:COMMAND``.
+    With its ``size`` known, it is read straight into one buffer (a short read is an error)."""
+    try:
+        if url.startswith("pipe:"):
+            done = subprocess.run(url[5:], shell=True, capture_output=True, check=False)
+            if done.returncode != 0:
+                raise FastMNISTError(f"{url}: command exited {done.returncode}: "
+                                     f"{done.stderr.decode(errors='replace').strip()[-300:]}")
+            return done.stdout
+        remote = url.startswith(("http://", "https://", "file://"))
+        with urllib.request.urlopen(url, timeout=60) if remote else open(url, "rb") as f:
+            if size is None:
+                return f.read()
+            buf = bytearray(size)
+            view, got = memoryview(buf), 0
+            while got < size and (n := f.readinto(view[got:])):
+                got += n
+            if got < size:
+                raise FastMNISTError(f"{url}: truncated: {got} bytes, the manifest says {size}")
+            return buf
+    except urllib.error.HTTPError as e:
+        raise FastMNISTError(f"{url}: HTTP error {e.code} {e.reason}") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise FastMNISTError(f"{url}: cannot read: {getattr(e, 'reason', e)}") from None
+
+
+class ShardCache:
+    """Gathers samples of streamed shards, fetching each shard whole (validated once) and
+    keeping only the shards in use plus ``prefetch`` fetched ahead in a background thread.
+
+    ``shards``: dicts with ``url``, ``first``, ``count`` and ``sha256`` (checked when
+    ``verify``); ``decode(images_u8)`` turns a shard's uint8 ``(n,1,28,28)`` images into
+    what batches carry.
+    """
+
+    def __init__(self, shards: list[dict], decode, prefetch: int, verify: bool):
+        self.shards, self.decode, self.prefetch, self.verify = shards, decode, prefetch, verify
+        self.firsts = torch.tensor([s["first"] for s in shards])
+        self.loaded = {}  # shard number -> (images, labels)
+        self.pending = {}  # shard number -> Future
+        self.plan = []  # shard numbers in the order the epoch visits them
+        self.pool = None
+
+    def start_epoch(self, order: torch.Tensor) -> None:
+        """Learn the visiting order of shards from the epoch's sample order."""
+        firsts_in_order = torch.unique_consecutive(self.shard_of(order))
+        self.plan = firsts_in_order.tolist()
+
+    def shard_of(self, idx: torch.Tensor) -> torch.Tensor:
+        return torch.searchsorted(self.firsts, idx, right=True) - 1
+
+    def gather(self, idx: torch.Tensor, x_out=None, y_out=None):
+        """Images and int64 labels of global sample indices ``idx``."""
+        which = self.shard_of(idx)
+        lo, hi = int(which.min()), int(which.max())
+        needed = [lo] if lo == hi else torch.unique(which).tolist()
+        parts = {s: self._get(s) for s in needed}
+        self._evict_and_prefetch(needed)
+        if lo == hi:  # the usual case: one shard, one gather
+            images, labels = parts[lo]
+            local = idx - self.shards[lo]["first"]
+            return (torch.index_select(images, 0, local, out=x_out),
+                    torch.index_select(labels, 0, local, out=y_out))
+        images = parts[lo][0]
+        x = x_out if x_out is not None else images.new_empty((len(idx), *images.shape[1:]))
+        y = y_out if y_out is not None else torch.empty(len(idx), dtype=torch.int64)
+        for s, (images, labels) in parts.items():
+            rows = (which == s).nonzero().squeeze(1)
+            local = idx.index_select(0, rows) - self.shards[s]["first"]
+            x.index_copy_(0, rows, images.index_select(0, local))
+            y.index_copy_(0, rows, labels.index_select(0, local))
+        return x, y
+
+    def _get(self, s: int):
+        if s not in self.loaded:
+            future = self.pending.pop(s, None)
+            self.loaded[s] = future.result() if future is not None else self._load(s)
+        return self.loaded[s]
+
+    def _load(self, s: int):
+        shard = self.shards[s]
+        data = fetch(shard["url"], shard["size"])
+        if self.verify and hashlib.sha256(data).hexdigest() != shard["sha256"]:
+            raise FastMNISTError(f"{shard['url']}: sha256 differs from the manifest (corrupted)")
+        images, labels = decode_shard(data, shard["count"], shard["url"])
+        return self.decode(torch.from_numpy(images)), torch.from_numpy(labels)
+
+    def _evict_and_prefetch(self, in_use: list[int]) -> None:
+        positions = [self.plan.index(s) for s in in_use if s in self.plan]
+        here = max(positions, default=0)
+        for s in list(self.loaded):
+            if s not in in_use:
+                del self.loaded[s]
+        ahead = [s for s in self.plan[here + 1: here + 1 + self.prefetch]
+                 if s not in self.loaded and s not in self.pending]
+        if ahead and self.pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.pool = ThreadPoolExecutor(1, thread_name_prefix="fastmnist-fetch")
+        for s in ahead:
+            self.pending[s] = self.pool.submit(self._load, s)

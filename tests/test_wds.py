@@ -1,0 +1,195 @@
+"""WebDataset shards: stock webdataset reads them, FastMNISTLoader reads them (locally, over
+file://, pipe: and a real HTTP server on 127.0.0.1) exactly once, and damage is named."""
+
+import functools
+import http.server
+import shutil
+import threading
+
+import numpy as np
+import pytest
+import torch
+import webdataset
+from torch.utils.data import DataLoader
+
+from fastmnist import FastMNISTError, FastMNISTLoader, convert, open_shards
+from fastmnist.order import shard_order
+
+from .conftest import decode_indices, indexed_images, write_split
+
+N = 1003
+
+
+@pytest.fixture(scope="module")
+def real_both(real_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("real_wds") / "shards"
+    convert(real_root, out, format="both", shard_size=3000, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def indexed_wds(tmp_path_factory):
+    """Images that encode their index; train 1003 samples in tar shards of 200 (6 shards)."""
+    root = tmp_path_factory.mktemp("indexed_wds")
+    write_split(root, "train", indexed_images(N), np.arange(N) % 10)
+    write_split(root, "test", indexed_images(10), np.arange(10) % 10)
+    convert(root, root / "shards", format="wds", shard_size=200, progress=False)
+    return root / "shards"
+
+
+@pytest.fixture()
+def http_server(indexed_wds):
+    """Serve a copy of the set from a real HTTP server on 127.0.0.1; yields (base URL, dir)."""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        served = Path(tmp) / "set"
+        shutil.copytree(indexed_wds, served)
+        handler = functools.partial(_QuietHandler, directory=str(served))
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield f"http://127.0.0.1:{server.server_address[1]}/", served
+        finally:
+            server.shutdown()
+            server.server_close()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def test_stock_webdataset_reads_the_same_samples_as_the_arrays(real_both):
+    split = open_shards(real_both).split("test")
+    shards = [str(real_both / s["file"]) for s in split.info["wds"]["shards"]]
+    assert [s["count"] for s in split.info["wds"]["shards"]] == [3000, 3000, 3000, 1000]
+    samples = list(webdataset.WebDataset(shards, shardshuffle=False).decode().to_tuple("npy", "cls"))
+    images = torch.from_numpy(np.stack([im for im, _ in samples]))
+    labels = torch.tensor([c for _, c in samples])
+    assert torch.equal(images, torch.from_numpy(np.array(split.array("images_u8")))[:, 0])
+    assert torch.equal(labels, torch.from_numpy(np.array(split.array("labels"))))
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_local_tar_shards_yield_the_arrays_batches(real_both, shuffle):
+    npy = list(FastMNISTLoader(real_both, split="test", batch_size=100, shuffle=shuffle, seed=2))
+    wds = list(FastMNISTLoader(real_both, split="test", batch_size=100, shuffle=shuffle, seed=2,
+                               format="wds"))
+    assert len(npy) == len(wds) == 100
+    for (x, y), (wx, wy) in zip(npy, wds, strict=True):
+        assert torch.equal(x, wx) and torch.equal(y, wy)
+
+
+def test_wds_only_set_is_chosen_automatically(indexed_wds):
+    loader = FastMNISTLoader(indexed_wds, normalize=False, shuffle=False, batch_size=N)
+    assert loader.format == "wds"
+    assert decode_indices(next(iter(loader))[0]) == list(range(N))
+    with pytest.raises(FastMNISTError, match="split 'train' has no 'npy' data \\(it has wds\\)"):
+        FastMNISTLoader(indexed_wds, format="npy")
+
+
+def _indices(loader):
+    return [decode_indices(x) for x, _ in loader]
+
+
+def test_http_stream_is_one_exact_epoch(http_server, indexed_wds):
+    base, _ = http_server
+    streamed = _indices(FastMNISTLoader(base, batch_size=64, seed=3, normalize=False))
+    flat = [i for b in streamed for i in b]
+    assert sorted(flat) == list(range(N))
+    assert flat == shard_order([200] * 5 + [3], 3, 0, True).tolist()
+    # normalised images equal the local read of the same samples
+    local = FastMNISTLoader(indexed_wds, batch_size=N, shuffle=False)
+    ref_x, ref_y = next(iter(local))
+    for (x, y), idx in zip(FastMNISTLoader(base, batch_size=64, seed=3), streamed, strict=True):
+        assert torch.equal(x, ref_x[idx]) and torch.equal(y, ref_y[idx])
+    pattern = base + "train-{000000..000005}.tar"
+    assert _indices(FastMNISTLoader(pattern, batch_size=64, seed=3, normalize=False)) == streamed
+
+
+def test_file_and_pipe_urls(indexed_wds):
+    by_file = _indices(FastMNISTLoader(f"file://{indexed_wds}/", batch_size=50, normalize=False))
+    pipe = f"pipe:cat {indexed_wds}/train-{{000000..000005}}.tar"
+    assert _indices(FastMNISTLoader(pipe, batch_size=50, normalize=False)) == by_file
+    assert sorted(i for b in by_file for i in b) == list(range(N))
+
+
+@pytest.mark.parametrize("world_size, workers", [(1, 2), (2, 0), (3, 2)])
+def test_streamed_exactly_once_across_ranks_and_workers(indexed_wds, world_size, workers):
+    url = f"file://{indexed_wds}/"
+    order = shard_order([200] * 5 + [3], 5, 0, True).tolist()
+    per_rank = -(-N // world_size)
+    seen, counts = [], set()
+    for rank in range(world_size):
+        loader = FastMNISTLoader(url, batch_size=40, seed=5, rank=rank, world_size=world_size,
+                                 normalize=False, prefetch=1)
+        source = DataLoader(loader, batch_size=None, num_workers=workers) if workers else loader
+        batches = _indices(source)
+        counts.add((len(batches), len(loader)))
+        seen += [i for b in batches for i in b]
+    assert counts == {(-(-per_rank // 40),) * 2}
+    pad = per_rank * world_size - N
+    assert sorted(seen) == sorted(order + order[:pad])
+
+
+def test_streamed_resume_continues_the_epoch(indexed_wds):
+    url = f"file://{indexed_wds}/"
+    reference = _indices(FastMNISTLoader(url, batch_size=30, seed=9, normalize=False))
+    loader = FastMNISTLoader(url, batch_size=30, seed=9, normalize=False)
+    it = iter(loader)
+    head = [decode_indices(next(it)[0]) for _ in range(11)]
+    fresh = FastMNISTLoader(url, batch_size=30, seed=9, normalize=False)
+    fresh.load_state_dict(loader.state_dict())
+    assert head + _indices(fresh) == reference
+
+
+def _damaged_copy(indexed_wds, tmp_path, damage):
+    copy = tmp_path / "copy"
+    shutil.copytree(indexed_wds, copy)
+    damage(copy / "train-000002.tar")
+    return copy
+
+
+def _flip(offset):
+    def damage(path):
+        data = bytearray(path.read_bytes())
+        data[offset] ^= 0x10
+        path.write_bytes(bytes(data))
+    return damage
+
+
+@pytest.mark.parametrize("damage, local_error, stream_error", [
+    (lambda p: p.write_bytes(p.read_bytes()[:100_000]), "size 100000 bytes, manifest says",
+     "truncated: 100000 bytes, the manifest says"),
+    (lambda p: p.unlink(), "missing shard file listed in the manifest", "cannot read"),
+    (_flip(2560 * 7 + 100), None, "sample 7: unexpected tar member header"),  # a header byte
+    (_flip(2560 * 7 + 1700), None, None),  # an image byte: only the checksum can tell
+])
+def test_damaged_shards_are_named(indexed_wds, tmp_path, damage, local_error, stream_error):
+    copy = _damaged_copy(indexed_wds, tmp_path, damage)
+    name = "train-000002.tar"
+    if local_error:
+        with pytest.raises(FastMNISTError, match=f"{name}: {local_error}"):
+            FastMNISTLoader(copy)
+    else:
+        with pytest.raises(FastMNISTError, match=f"{name}: sha256 differs"):
+            FastMNISTLoader(copy, verify=True)
+    loader = FastMNISTLoader(f"file://{copy}/", verify=stream_error is None, normalize=False)
+    with pytest.raises(FastMNISTError, match=f"{name}: {stream_error or 'sha256 differs'}"):
+        list(loader)
+
+
+def test_http_errors_and_incomplete_listings_are_named(http_server):
+    base, served = http_server
+    (served / "train-000004.tar").unlink()
+    with pytest.raises(FastMNISTError, match="train-000004.tar: HTTP error 404"):
+        list(FastMNISTLoader(base, normalize=False))
+    with pytest.raises(FastMNISTError, match="train-000005.tar: train shard missing from the listing"):
+        FastMNISTLoader(base + "train-{000000..000004}.tar")
+    with pytest.raises(FastMNISTError, match="test-000000.tar: not a train shard"):
+        FastMNISTLoader([base + "train-000000.tar", base + "test-000000.tar"])
+    with pytest.raises(FastMNISTError, match="manifest.json: HTTP error 404"):
+        FastMNISTLoader(base + "nowhere/")
