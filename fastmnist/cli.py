@@ -188,7 +188,7 @@ def _demo(args) -> int:
 
     if not list(args.data.glob("MNIST/raw/*")):
         try:
-            convert(args.data, args.shards, download=True, progress=False)
+            convert(args.data, args.shards, format="both", download=True, progress=False)
         except FastMNISTError as e:
             print(f"\n{'!' * 78}\n! {e}\n! No MNIST files and no network: generating SYNTHETIC "
                   f"MNIST-format data in {args.data}.\n! Every figure below is measured on "

@@ -64,8 +64,9 @@ class FastMNISTLoader(IterableDataset):
         rank, world_size = _distributed(rank, world_size)
         self.streaming = is_url(path)
         if self.streaming:
-            if resident:
-                raise FastMNISTError("resident=True needs a local set, not shard URLs")
+            if resident or format not in (None, "wds"):
+                raise FastMNISTError("shard URLs stream tar shards: format='wds' only, and "
+                                     "resident=True needs a local set")
             self.split, self._shards = _remote_split(path, split)
             self.format = "wds"
         else:
@@ -98,8 +99,8 @@ class FastMNISTLoader(IterableDataset):
         """Where this loader stands: the epoch and the batches already yielded in it."""
         if self._position is not None and self._position < len(self):
             epoch, done = self._epoch, self._position
-        else:
-            epoch, done = self._next_epoch, 0
+        else:  # between epochs, or loaded and not yet resumed
+            epoch, done = self._next_epoch, self._resume_at
         return {"epoch": epoch, "batches_done": done, "seed": self.seed,
                 "num_samples": self.split.count, "batch_size": self.batch_size,
                 "shuffle": self.shuffle, "drop_last": self.drop_last, "rank": self.rank,

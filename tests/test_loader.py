@@ -192,6 +192,21 @@ def test_resume_with_dataloader_workers(indexed_shards):
     assert _epoch(DataLoader(loader, batch_size=None, num_workers=2)) == reference[13:]
 
 
+def test_state_survives_a_save_before_resuming(indexed_shards):
+    loader = FastMNISTLoader(indexed_shards, batch_size=100, normalize=False)
+    loader.load_state_dict({"epoch": 3, "batches_done": 4})
+    again = FastMNISTLoader(indexed_shards, batch_size=100, normalize=False)
+    again.load_state_dict(loader.state_dict())  # saved again before iterating: nothing lost
+    assert (again.state_dict()["epoch"], again.state_dict()["batches_done"]) == (3, 4)
+    assert _epoch(again) == _epoch(_at_epoch(indexed_shards, 3))[4:]
+
+
+def _at_epoch(path, epoch):
+    loader = FastMNISTLoader(path, batch_size=100, normalize=False)
+    loader.set_epoch(epoch)
+    return loader
+
+
 def test_state_after_a_full_epoch_points_at_the_next(indexed_shards):
     loader = FastMNISTLoader(indexed_shards, batch_size=500)
     assert loader.state_dict()["epoch"] == 0 and loader.state_dict()["batches_done"] == 0
