@@ -2,7 +2,8 @@
 
 Per split it writes ``{split}_images_u8.npy`` uint8 ``(N,1,28,28)``,
 ``{split}_images_f32.npy`` float32 ``(N,1,28,28)`` (exactly ``ToTensor()`` +
-``Normalize``) and ``{split}_labels.npy`` int64 ``(N,)``, plus ``manifest.json``.
+``Normalize``) and ``{split}_labels.npy`` int64 ``(N,)``, and/or WebDataset tar shards
+(``wds.py``), plus ``manifest.json``.
 The set is built in a hidden sibling directory and renamed into place, under a lock, so
 readers see the old complete set or the new one, never a mix.
 """
