@@ -169,7 +169,7 @@ def _bench(args) -> int:
     print(markdown(result))
     print(f"wrote {args.out / 'bench.json'}, {args.out / 'bench.md'}, {args.out / 'bench.png'}")
     if args.write_reference:
-        reference = reference_from(result, args.tolerance or 0.5)
+        reference = reference_from(result, args.tolerance or 0.6)
         args.write_reference.write_text(json.dumps(reference, indent=2) + "\n")
         print(f"wrote the gate's reference {args.write_reference}")
     if args.check:

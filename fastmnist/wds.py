@@ -50,36 +50,47 @@ def write_shards(directory: Path, split: str, images: np.ndarray, labels: np.nda
 
 def decode_shard(data, count: int, name: str) -> tuple[np.ndarray, np.ndarray]:
     """Validate a shard's bytes against the layout and return its uint8 images
-    ``(count,1,28,28)`` and int64 labels ``(count,)``; errors name the shard."""
+    ``(count,1,28,28)`` (a strided view into ``data``) and int64 labels ``(count,)``;
+    errors name the shard."""
     a = np.frombuffer(data, np.uint8)
     need = count * STRIDE + 2 * BLOCK
     if len(a) < need:
         raise FastMNISTError(f"{name}: truncated: {len(a)} bytes, {count} samples need {need}")
     rows = a[: count * STRIDE].reshape(count, STRIDE)
+    words = np.frombuffer(data, np.uint64, count * STRIDE // 8).reshape(count, STRIDE // 8)
     for offset, suffix in ((0, b".cls"), (_NPY_HDR, b".npy")):
-        _check_headers(rows[:, offset:offset + BLOCK], suffix, name)
-    expected_npy = _npy_header()
-    if not (rows[:, 3 * BLOCK:_IMAGE] == expected_npy).all():
+        _check_headers(rows[:, offset:offset + BLOCK], words[:, offset // 8:(offset + BLOCK) // 8],
+                       suffix, name)
+    npy_words = words[:, 3 * BLOCK // 8:_IMAGE // 8]
+    if not (npy_words == _npy_header().view(np.uint64)).all():
         raise FastMNISTError(f"{name}: an image entry is not a uint8 28x28 .npy (corrupted)")
     digits = rows[:, _CLS_DATA]
     if ((digits < 48) | (digits > 57)).any() or rows[:, _CLS_DATA + 1].any():
         raise FastMNISTError(f"{name}: a .cls entry is not a single digit (corrupted)")
     if a[count * STRIDE: need].any():
         raise FastMNISTError(f"{name}: more samples than the manifest's {count}, or a bad end")
-    images = np.ascontiguousarray(rows[:, _IMAGE:_IMAGE + 784]).reshape(count, 1, 28, 28)
+    images = rows[:, _IMAGE:_IMAGE + 784].reshape(count, 1, 28, 28)
     return images, (digits - 48).astype(np.int64)
 
 
-def _check_headers(headers: np.ndarray, suffix: bytes, name: str) -> None:
+# Header bytes 148..155 hold the checksum: compare words 18 and 19 of a header around them.
+_WORD18, _WORD19 = np.uint64(0x00000000FFFFFFFF), np.uint64(0xFFFFFFFF00000000)
+
+
+def _check_headers(headers: np.ndarray, words: np.ndarray, suffix: bytes, name: str) -> None:
     """Every member header must equal the first but for its key digits and checksum, and
-    every checksum must be right; byte comparisons only, no per-sample parsing."""
+    every checksum must be right: whole-word comparisons, no per-sample parsing.
+    ``headers``: uint8 ``(n, 512)``; ``words``: the same bytes as uint64 ``(n, 64)``."""
     first = headers[0]
     if bytes(first[8:12]) != suffix or bytes(first[12:16]) != bytes(4):
         raise FastMNISTError(f"{name}: sample 0: not a fastmnist {suffix[1:].decode()} member "
                              "where the layout expects one (not converted by fastmnist?)")
     key = headers[:, :8]
-    same = (headers[:, 8:148] == first[8:148]).all(1) & (headers[:, 156:] == first[156:]).all(1)
-    same &= ((key >= 48) & (key <= 57)).all(1)
+    w0 = words[0]
+    same = ((words[:, 1:18] == w0[1:18]).all(1) & (words[:, 20:] == w0[20:]).all(1)
+            & ((words[:, 18] & _WORD18) == (w0[18] & _WORD18))
+            & ((words[:, 19] & _WORD19) == (w0[19] & _WORD19))
+            & ((key >= 48) & (key <= 57)).all(1))
     if not same.all():
         raise FastMNISTError(f"{name}: sample {int(np.argmin(same))}: unexpected tar member "
                              "header (corrupted, or not in fastmnist's layout)")
@@ -119,7 +130,7 @@ def fetch(url: str, size: int | None = None):
             if done.returncode != 0:
                 raise FastMNISTError(f"{url}: command exited {done.returncode}: "
                                      f"{done.stderr.decode(errors='replace').strip()[-300:]}")
-            return done.stdout
+            return bytearray(done.stdout)  # writable, like the other sources
         remote = url.startswith(("http://", "https://", "file://"))
         with urllib.request.urlopen(url, timeout=60) if remote else open(url, "rb") as f:
             if size is None:

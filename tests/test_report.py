@@ -15,7 +15,7 @@ REFERENCE = Path(__file__).resolve().parents[1] / "benchmarks" / "reference.json
 @pytest.fixture(scope="module")
 def quick_report(synth_root, synth_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
-    result = run_report(synth_root, synth_shards, out, batch_sizes=(64,), rounds=2, seed_rounds=1,
+    result = run_report(synth_root, synth_shards, out, batch_sizes=(64,), rounds=5, seed_rounds=1,
                         memory_epochs=3, progress=False)
     return out, result
 
