@@ -19,8 +19,17 @@ import torch
 
 from .errors import FastMNISTError
 
+
+def _npy_prefix() -> np.ndarray:
+    """The bytes ``np.save`` writes before a uint8 ``(28, 28)`` image: its .npy header."""
+    buf = io.BytesIO()
+    np.save(buf, np.zeros((28, 28), np.uint8))
+    return np.frombuffer(buf.getvalue()[:-28 * 28], np.uint8)
+
+
 BLOCK = 512
-_NPY_HEADER = len(np.lib.format.magic(1, 0)) + 2 + 118  # np.save pads the v1 header to 128
+_NPY_PREFIX = _npy_prefix()
+_NPY_HEADER = len(_NPY_PREFIX)  # 128: np.save pads its header to a multiple of 64
 NPY_SIZE = _NPY_HEADER + 28 * 28
 STRIDE = 2 * BLOCK + (1 + -(-NPY_SIZE // BLOCK)) * BLOCK  # cls: header + 1 block; npy: header + 2
 _CLS_DATA, _NPY_HDR, _IMAGE = BLOCK, 2 * BLOCK, 3 * BLOCK + _NPY_HEADER
@@ -62,7 +71,7 @@ def decode_shard(data, count: int, name: str) -> tuple[np.ndarray, np.ndarray]:
         _check_headers(rows[:, offset:offset + BLOCK], words[:, offset // 8:(offset + BLOCK) // 8],
                        suffix, name)
     npy_words = words[:, 3 * BLOCK // 8:_IMAGE // 8]
-    if not (npy_words == _npy_header().view(np.uint64)).all():
+    if not (npy_words == _NPY_PREFIX.view(np.uint64)).all():
         raise FastMNISTError(f"{name}: an image entry is not a uint8 28x28 .npy (corrupted)")
     digits = rows[:, _CLS_DATA]
     if ((digits < 48) | (digits > 57)).any() or rows[:, _CLS_DATA + 1].any():
@@ -100,12 +109,6 @@ def _check_headers(headers: np.ndarray, words: np.ndarray, suffix: bytes, name: 
     if wrong.any():
         raise FastMNISTError(f"{name}: sample {int(np.argmax(wrong))}: tar header checksum "
                              "mismatch (corrupted)")
-
-
-def _npy_header() -> np.ndarray:
-    buf = io.BytesIO()
-    np.save(buf, np.zeros((28, 28), np.uint8))
-    return np.frombuffer(buf.getvalue()[:_NPY_HEADER], np.uint8)
 
 
 def is_url(source) -> bool:
@@ -167,8 +170,7 @@ class ShardCache:
 
     def start_epoch(self, order: torch.Tensor) -> None:
         """Learn the visiting order of shards from the epoch's sample order."""
-        firsts_in_order = torch.unique_consecutive(self.shard_of(order))
-        self.plan = firsts_in_order.tolist()
+        self.plan = torch.unique_consecutive(self.shard_of(order)).tolist()
 
     def shard_of(self, idx: torch.Tensor) -> torch.Tensor:
         return torch.searchsorted(self.firsts, idx, right=True) - 1
