@@ -153,7 +153,7 @@ def fetch(url: str, size: int | None = None):
 
 class ShardCache:
     """Gathers samples of streamed shards, fetching each shard whole (validated once) and
-    keeping only the shards in use plus ``prefetch`` fetched ahead in a background thread.
+    keeping only the shards in use plus ``prefetch`` fetched ahead, each in its own thread.
 
     ``shards``: dicts with ``url``, ``first``, ``count`` and ``sha256`` (checked when
     ``verify``); ``decode(images_u8)`` turns a shard's uint8 ``(n,1,28,28)`` images into
@@ -222,6 +222,6 @@ class ShardCache:
         if ahead and self.pool is None:
             from concurrent.futures import ThreadPoolExecutor
 
-            self.pool = ThreadPoolExecutor(1, thread_name_prefix="fastmnist-fetch")
+            self.pool = ThreadPoolExecutor(self.prefetch, thread_name_prefix="fastmnist-fetch")
         for s in ahead:
             self.pending[s] = self.pool.submit(self._load, s)
