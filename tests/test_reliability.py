@@ -107,18 +107,18 @@ def _poll(condition, timeout=60.0):
     return None
 
 
-def _tmp_with(parent: Path, name: str, partial: bool):
+def _partly_written(parent: Path, name: str):
+    """``name`` in a conversion's temporary directory, begun but not finished, or None."""
     for tmp in parent.glob(".shards.tmp-*"):
         f = tmp / name
-        if f.exists() and (not partial or 0 < f.stat().st_size < 188_160_128):
+        if f.exists() and 0 < f.stat().st_size < 188_160_128:
             return f
     return None
 
 
 KILL_POINTS = {  # observed from outside, killed at that moment
     "early (importing, hashing the inputs)": lambda parent: time.sleep(0.5) or True,
-    "mid-write of the float32 array": lambda parent: _tmp_with(parent, "train_images_f32.npy", True),
-    "after the labels, before the manifest": lambda parent: _tmp_with(parent, "test_labels.npy", False),
+    "mid-write of the float32 array": lambda parent: _partly_written(parent, "train_images_f32.npy"),
 }
 
 # Too brief to hit from outside: the process kills itself there (fault injection).
@@ -127,6 +127,12 @@ import importlib, os, signal, sys
 from fastmnist.cli import main
 convert = importlib.import_module("fastmnist.convert")  # the module, not the function
 point, renames, real_rename, real_swap = sys.argv[1], [], os.rename, convert._swap_into_place
+real_manifest = convert._write_manifest
+
+def manifest(tmp, data):
+    if point == "arrays written, before the manifest":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_manifest(tmp, data)
 
 def swap(tmp, out):
     if point == "manifest written, before the rename":
@@ -139,10 +145,10 @@ def rename(src, dst):
         os.kill(os.getpid(), signal.SIGKILL)
     return real_rename(src, dst)
 
-convert._swap_into_place, os.rename = swap, rename
+convert._write_manifest, convert._swap_into_place, os.rename = manifest, swap, rename
 main(["convert", "--quiet", "--force", *sys.argv[2:]])
 """
-SELF_KILL_POINTS = ["manifest written, before the rename",
+SELF_KILL_POINTS = ["arrays written, before the manifest", "manifest written, before the rename",
                     "between moving the old set aside and renaming the new one"]
 
 
@@ -167,12 +173,12 @@ def test_sigkill_leaves_the_previous_set_or_nothing(synth_root, tmp_path, previo
         proc.wait()
         assert hit and hit != "exited", f"the conversion ended before: {point}"
         outcomes[point] = _outcome(out)
-    for point in SELF_KILL_POINTS if previous else SELF_KILL_POINTS[:1]:  # no old set: 1 rename
+    for point in SELF_KILL_POINTS if previous else SELF_KILL_POINTS[:2]:  # no old set: 1 rename
         done = subprocess.run([sys.executable, "-c", SELF_KILL, point, *args], cwd=REPO)
         assert done.returncode == -signal.SIGKILL
         outcomes[point] = _outcome(out)
     if previous:  # only the instant between the two renames leaves nothing in place
-        assert outcomes == {**dict.fromkeys(outcomes, "previous"), SELF_KILL_POINTS[1]: "nothing"}
+        assert outcomes == {**dict.fromkeys(outcomes, "previous"), SELF_KILL_POINTS[2]: "nothing"}
     else:
         assert set(outcomes.values()) == {"nothing"}
     assert not convert(synth_root, out, force=True, progress=False).skipped
