@@ -10,11 +10,13 @@ from collections.abc import Callable
 import torch
 
 
-def normalize_u8(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+def normalize_u8(images: torch.Tensor, mean, std) -> torch.Tensor:
     """uint8 images of any shape -> float32 ``(x / 255 - mean) / std``, computed with
-    torchvision's float32 operations in torchvision's order."""
+    torchvision's float32 operations in torchvision's order. ``mean``/``std``: floats or
+    float32 scalar tensors (made once by a caller that normalises many batches)."""
     x = images.to(torch.float32).div_(255)
-    return x.sub_(torch.tensor(mean, dtype=torch.float32)).div_(torch.tensor(std, dtype=torch.float32))
+    return x.sub_(torch.as_tensor(mean, dtype=torch.float32)).div_(
+        torch.as_tensor(std, dtype=torch.float32))
 
 
 def lookup_table(mean: float, std: float) -> torch.Tensor:
@@ -26,6 +28,6 @@ def normalizer(mean: float, std: float, device: torch.device) -> Callable[[torch
     """A function uint8 images on ``device`` -> float32 normalised, equal to the CPU result."""
     if device.type == "cpu":
         m, s = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
-        return lambda x: x.to(torch.float32).div_(255).sub_(m).div_(s)  # as normalize_u8
+        return lambda x: normalize_u8(x, m, s)
     table = lookup_table(mean, std).to(device)
     return lambda x: table[x.long()]
