@@ -125,24 +125,29 @@ class FastMNISTLoader(IterableDataset):
         gather, images, normalise, cache = self._source()
         if cache is not None:
             order = shard_order([s["count"] for s in self._shards], self.seed, epoch, self.shuffle)
-            cache.start_epoch(order)
         else:
             order = epoch_order(self.split.count, self.seed, epoch, self.shuffle)
         order = rank_share(order, self.rank, self.world_size, self.drop_last).to(images.device)
         # DataLoader workers take batches round-robin, as the DataLoader collects them.
         worker = get_worker_info()
         first, step = (start, 1) if worker is None else (start + worker.id, worker.num_workers)
-        bs = self.batch_size
-        index_batches = (order[b * bs:(b + 1) * bs] for b in range(first, len(self), step))
-
-        def finish(x):
-            return normalise(x) if normalise is not None else x
+        bs, numbers = self.batch_size, range(first, len(self), step)
+        if cache is not None:
+            index_batches = cache.index_batches(order, numbers, bs)
+        else:
+            index_batches = (order[b * bs:(b + 1) * bs] for b in numbers)
 
         if self.device.type == "cuda" and not self.resident:
             batches = prefetch_to_cuda(index_batches, gather, images, bs, self.device,
-                                       self.prefetch, finish)
+                                       self.prefetch, normalise or (lambda x: x))
         else:
             pin = self.pin_memory and self.device.type == "cpu"
+
+            def finish(x):  # normalising makes a new tensor: pin that one
+                if normalise is None:
+                    return x
+                return normalise(x).pin_memory() if pin else normalise(x)
+
             batches = ((finish(x), y) for x, y in (
                 gather(idx, *_pinned_like(images, len(idx)) if pin else ())
                 for idx in index_batches))
@@ -157,14 +162,17 @@ class FastMNISTLoader(IterableDataset):
         ``normalise`` maps uint8 batches on ``device`` to float32, or is None; ``cache`` is
         the ShardCache of streamed shards, or None."""
         if self._data is None:
-            normalise = None
-            if self.source == "uint8" and self.normalize:
-                normalise = normalizer(self.split.mean, self.split.std, self.device)
-            if self.streaming:
-                cache = ShardCache(self._shards, self._decode, self.prefetch, self.verify)
-                example = self._decode(torch.empty((0, 1, 28, 28), dtype=torch.uint8))
+            mean, std = self.split.mean, self.split.std
+            if self.streaming:  # tar shards hold uint8; on the CPU, normalised while gathered
+                on_cpu = self.normalize and self.device.type == "cpu"
+                normalise = normalizer(mean, std, self.device) if self.normalize and not on_cpu else None
+                cache = ShardCache(self._shards, self.prefetch, self.verify, (mean, std) if on_cpu else None)
+                example = torch.empty((0, 1, 28, 28), dtype=torch.float32 if on_cpu else torch.uint8)
                 self._data = cache.gather, example, normalise, cache
             else:
+                normalise = None
+                if self.source == "uint8" and self.normalize:
+                    normalise = normalizer(mean, std, self.device)
                 images, labels = self._arrays()
                 if self.resident:
                     images = images.to(self.device, copy=True)
@@ -188,14 +196,9 @@ class FastMNISTLoader(IterableDataset):
         parts = [decode_shard(fetch(s["url"], s["size"]), s["count"], s["url"])
                  for s in self._shards]
         images = torch.from_numpy(np.concatenate([p[0] for p in parts]))
-        return self._decode(images), torch.from_numpy(np.concatenate([p[1] for p in parts]))
-
-    def _decode(self, images_u8: torch.Tensor) -> torch.Tensor:
-        """Tar shards hold uint8 images: with the float32 source, normalise them once, as
-        they are decoded (for streamed shards, in the fetching thread)."""
-        if self.source == "float32":
-            return normalize_u8(images_u8, self.split.mean, self.split.std)
-        return images_u8
+        if self.source == "float32":  # tar shards hold uint8 images: normalise them once
+            images = normalize_u8(images, self.split.mean, self.split.std)
+        return images, torch.from_numpy(np.concatenate([p[1] for p in parts]))
 
     def __getstate__(self):
         # Workers map the files themselves and share the page cache; never pickle arrays.

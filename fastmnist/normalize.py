@@ -7,6 +7,7 @@ scalar through its reciprocal, so running the arithmetic there can differ in the
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 
@@ -17,6 +18,15 @@ def normalize_u8(images: torch.Tensor, mean, std) -> torch.Tensor:
     x = images.to(torch.float32).div_(255)
     return x.sub_(torch.as_tensor(mean, dtype=torch.float32)).div_(
         torch.as_tensor(std, dtype=torch.float32))
+
+
+def normalize_u8_numpy(images: np.ndarray, mean: float, std: float, out: np.ndarray) -> np.ndarray:
+    """``normalize_u8`` in numpy, into float32 ``out`` shaped like uint8 ``images``: the same
+    float32 operations, so the same bits, and single-threaded (torch's intra-op threads
+    stall while other threads of the process hold the cores)."""
+    np.divide(images, np.float32(255), out=out, dtype=np.float32)
+    np.subtract(out, np.float32(mean), out=out)
+    return np.divide(out, np.float32(std), out=out)
 
 
 def lookup_table(mean: float, std: float) -> torch.Tensor:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .errors import FastMNISTError
+from .normalize import normalize_u8_numpy
 
 
 def _npy_prefix() -> np.ndarray:
@@ -59,8 +60,8 @@ def write_shards(directory: Path, split: str, images: np.ndarray, labels: np.nda
 
 def decode_shard(data, count: int, name: str) -> tuple[np.ndarray, np.ndarray]:
     """Validate a shard's bytes against the layout and return its uint8 images
-    ``(count,1,28,28)`` (a strided view into ``data``) and int64 labels ``(count,)``;
-    errors name the shard."""
+    ``(count,1,28,28)`` and int64 labels ``(count,)``, both contiguous copies (so ``data``
+    can be freed); errors name the shard."""
     a = np.frombuffer(data, np.uint8)
     need = count * STRIDE + 2 * BLOCK
     if len(a) < need:
@@ -78,7 +79,7 @@ def decode_shard(data, count: int, name: str) -> tuple[np.ndarray, np.ndarray]:
         raise FastMNISTError(f"{name}: a .cls entry is not a single digit (corrupted)")
     if a[count * STRIDE: need].any():
         raise FastMNISTError(f"{name}: more samples than the manifest's {count}, or a bad end")
-    images = rows[:, _IMAGE:_IMAGE + 784].reshape(count, 1, 28, 28)
+    images = np.ascontiguousarray(rows[:, _IMAGE:_IMAGE + 784]).reshape(count, 1, 28, 28)
     return images, (digits - 48).astype(np.int64)
 
 
@@ -125,20 +126,21 @@ def expand_urls(source) -> list[str]:
 
 
 def fetch(url: str, size: int | None = None):
-    """The whole object at ``url``: a path, ``file://``, ``http(s)://`` or ``pipe:COMMAND``.
-    With its ``size`` known, it is read straight into one buffer (a short read is an error)."""
+    """The whole object at ``url`` (a path, ``file://``, ``http(s)://`` or ``pipe:COMMAND``)
+    as bytes; with its ``size`` known, read straight into one uint8 array (a short read is an
+    error)."""
     try:
         if url.startswith("pipe:"):
             done = subprocess.run(url[5:], shell=True, capture_output=True, check=False)
             if done.returncode != 0:
                 raise FastMNISTError(f"{url}: command exited {done.returncode}: "
                                      f"{done.stderr.decode(errors='replace').strip()[-300:]}")
-            return bytearray(done.stdout)  # writable, like the other sources
+            return done.stdout
         remote = url.startswith(("http://", "https://", "file://"))
         with urllib.request.urlopen(url, timeout=60) if remote else open(url, "rb") as f:
             if size is None:
                 return f.read()
-            buf = bytearray(size)
+            buf = np.empty(size, np.uint8)  # unlike bytearray, not zeroed while holding the GIL
             view, got = memoryview(buf), 0
             while got < size and (n := f.readinto(view[got:])):
                 got += n
@@ -152,76 +154,83 @@ def fetch(url: str, size: int | None = None):
 
 
 class ShardCache:
-    """Gathers samples of streamed shards, fetching each shard whole (validated once) and
-    keeping only the shards in use plus ``prefetch`` fetched ahead, each in its own thread.
+    """Streamed shards, fetched whole (each in its own thread) and validated once, keeping
+    only the shards in use plus the next ``prefetch`` of the visiting order.
 
-    ``shards``: dicts with ``url``, ``first``, ``count`` and ``sha256`` (checked when
-    ``verify``); ``decode(images_u8)`` turns a shard's uint8 ``(n,1,28,28)`` images into
-    what batches carry.
+    ``shards``: dicts with ``url``, ``first``, ``count``, ``size`` and ``sha256`` (checked
+    when ``verify``). ``normalize``: ``(mean, std)`` to gather float32 normalised images, or
+    None to gather uint8. Gathering runs in numpy, single-threaded: torch's intra-op threads
+    stall whenever a fetching thread holds a core.
     """
 
-    def __init__(self, shards: list[dict], decode, prefetch: int, verify: bool):
-        self.shards, self.decode, self.prefetch, self.verify = shards, decode, prefetch, verify
-        self.firsts = torch.tensor([s["first"] for s in shards])
-        self.loaded = {}  # shard number -> (images, labels)
-        self.pending = {}  # shard number -> Future
-        self.plan = []  # shard numbers in the order the epoch visits them
+    def __init__(self, shards: list[dict], prefetch: int, verify: bool,
+                 normalize: tuple[float, float] | None):
+        self.shards, self.prefetch, self.verify, self.normalize = shards, prefetch, verify, normalize
+        self.firsts = np.array([s["first"] for s in shards])
+        self.loaded = {}  # shard number -> (images, labels): uint8 (n,1,28,28), int64 (n,)
+        self.pending = {}  # shard number -> Future of (images, labels)
         self.pool = None
 
-    def start_epoch(self, order: torch.Tensor) -> None:
-        """Learn the visiting order of shards from the epoch's sample order."""
-        self.plan = torch.unique_consecutive(self.shard_of(order)).tolist()
-
-    def shard_of(self, idx: torch.Tensor) -> torch.Tensor:
-        return torch.searchsorted(self.firsts, idx, right=True) - 1
+    def index_batches(self, order: torch.Tensor, batches, batch_size: int):
+        """Yield ``order[b * batch_size:(b + 1) * batch_size]`` for each ``b`` of ``batches``
+        (ascending), each once the shards it needs are loaded, with the next ``prefetch``
+        shards that ``order`` visits being fetched."""
+        which = np.searchsorted(self.firsts, order.numpy(), side="right") - 1
+        starts = np.flatnonzero(np.diff(which, prepend=-1))  # order visits shard which[i]
+        plan = which[starts].tolist()                        # from position starts[i] on
+        for b in batches:
+            start, stop = b * batch_size, min((b + 1) * batch_size, len(order))
+            p, q = np.searchsorted(starts, [start, stop - 1], side="right") - 1
+            self._keep(plan[p:q + 1], plan[q + 1:q + 1 + self.prefetch])
+            yield order[start:stop]
 
     def gather(self, idx: torch.Tensor, x_out=None, y_out=None):
-        """Images and int64 labels of global sample indices ``idx``."""
-        which = self.shard_of(idx)
-        lo, hi = int(which.min()), int(which.max())
-        needed = [lo] if lo == hi else torch.unique(which).tolist()
-        parts = {s: self._get(s) for s in needed}
-        self._evict_and_prefetch(needed)
-        if lo == hi:  # the usual case: one shard, one gather
-            images, labels = parts[lo]
-            local = idx - self.shards[lo]["first"]
-            return (torch.index_select(images, 0, local, out=x_out),
-                    torch.index_select(labels, 0, local, out=y_out))
-        images = parts[lo][0]
-        x = x_out if x_out is not None else images.new_empty((len(idx), *images.shape[1:]))
-        y = y_out if y_out is not None else torch.empty(len(idx), dtype=torch.int64)
-        for s, (images, labels) in parts.items():
-            rows = (which == s).nonzero().squeeze(1)
-            local = idx.index_select(0, rows) - self.shards[s]["first"]
-            x.index_copy_(0, rows, images.index_select(0, local))
-            y.index_copy_(0, rows, labels.index_select(0, local))
-        return x, y
+        """Images (float32 if ``normalize``, else uint8) and int64 labels of global sample
+        indices ``idx``, from shards that ``index_batches`` loaded."""
+        idx = idx.numpy()
+        shape, dtype = (len(idx), 1, 28, 28), np.uint8 if self.normalize is None else np.float32
+        x = x_out.numpy() if x_out is not None else np.empty(shape, dtype)
+        y = y_out.numpy() if y_out is not None else np.empty(len(idx), np.int64)
+        which = np.searchsorted(self.firsts, idx, side="right") - 1
+        lo, hi = which.min(), which.max()
+        for s in [lo] if lo == hi else np.unique(which).tolist():
+            images, labels = self.loaded[s]
+            rows = slice(None) if lo == hi else np.flatnonzero(which == s)
+            local = idx[rows] - self.firsts[s]
+            if self.normalize is None:
+                x[rows] = images.take(local, 0)
+            elif lo == hi:
+                normalize_u8_numpy(images.take(local, 0), *self.normalize, out=x)
+            else:
+                x[rows] = normalize_u8_numpy(images.take(local, 0), *self.normalize,
+                                             out=np.empty((len(local), 1, 28, 28), np.float32))
+            y[rows] = labels.take(local)
+        return torch.from_numpy(x), torch.from_numpy(y)
 
-    def _get(self, s: int):
-        if s not in self.loaded:
-            future = self.pending.pop(s, None)
-            self.loaded[s] = future.result() if future is not None else self._load(s)
-        return self.loaded[s]
+    def _keep(self, in_use: list[int], ahead: list[int]) -> None:
+        """Start fetching ``ahead``, drop every other shard not in ``in_use``, then make sure
+        those are loaded (waiting for them)."""
+        for s in ahead:
+            if s not in self.loaded and s not in self.pending:
+                if self.pool is None:
+                    from concurrent.futures import ThreadPoolExecutor
+
+                    self.pool = ThreadPoolExecutor(self.prefetch, thread_name_prefix="fastmnist-fetch")
+                self.pending[s] = self.pool.submit(self._load, s)
+        for s in list(self.loaded):
+            if s not in in_use:
+                del self.loaded[s]
+        for s in list(self.pending):  # left by an epoch that was not run to its end
+            if s not in in_use and s not in ahead:
+                del self.pending[s]
+        for s in in_use:
+            if s not in self.loaded:
+                future = self.pending.pop(s, None)
+                self.loaded[s] = future.result() if future is not None else self._load(s)
 
     def _load(self, s: int):
         shard = self.shards[s]
         data = fetch(shard["url"], shard["size"])
         if self.verify and hashlib.sha256(data).hexdigest() != shard["sha256"]:
             raise FastMNISTError(f"{shard['url']}: sha256 differs from the manifest (corrupted)")
-        images, labels = decode_shard(data, shard["count"], shard["url"])
-        return self.decode(torch.from_numpy(images)), torch.from_numpy(labels)
-
-    def _evict_and_prefetch(self, in_use: list[int]) -> None:
-        positions = [self.plan.index(s) for s in in_use if s in self.plan]
-        here = max(positions, default=0)
-        for s in list(self.loaded):
-            if s not in in_use:
-                del self.loaded[s]
-        ahead = [s for s in self.plan[here + 1: here + 1 + self.prefetch]
-                 if s not in self.loaded and s not in self.pending]
-        if ahead and self.pool is None:
-            from concurrent.futures import ThreadPoolExecutor
-
-            self.pool = ThreadPoolExecutor(self.prefetch, thread_name_prefix="fastmnist-fetch")
-        for s in ahead:
-            self.pending[s] = self.pool.submit(self._load, s)
+        return decode_shard(data, shard["count"], shard["url"])

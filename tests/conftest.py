@@ -37,6 +37,17 @@ def decode_indices(x) -> list[int]:
     return (x[:, 0, 0, 0].long() + 256 * x[:, 0, 0, 1].long()).tolist()
 
 
+def seed_pipeline(root, batch_size=64):
+    """The tutorial pipeline over the test split under ``root``, unshuffled: the reference."""
+    import torchvision
+    from torch.utils.data import DataLoader
+    from torchvision import transforms
+
+    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
+    ds = torchvision.datasets.MNIST(root, train=False, transform=tf)
+    return DataLoader(ds, batch_size=batch_size, shuffle=False)
+
+
 @pytest.fixture(scope="session")
 def real_root() -> Path:
     """The real MNIST test split (torchvision layout); required in CI, else skipped."""

@@ -13,24 +13,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torchvision
 from torch.utils.data import DataLoader
-from torchvision import transforms
 
 from fastmnist import FastMNISTError, FastMNISTLoader, convert
+from fastmnist.normalize import normalize_u8, normalize_u8_numpy
 from fastmnist.order import epoch_order, rank_share
 
-from .conftest import decode_indices
+from .conftest import decode_indices, seed_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 N = 1003  # train size of indexed_shards
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available here")
-
-
-def seed_pipeline(root, batch_size=64):
-    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
-    ds = torchvision.datasets.MNIST(root, train=False, transform=tf)
-    return DataLoader(ds, batch_size=batch_size, shuffle=False)
 
 
 @pytest.mark.parametrize("source", ["float32", "uint8"])
@@ -44,6 +37,13 @@ def test_bit_exact_with_the_seed_pipeline_on_real_data(real_shards, torchvision_
         assert torch.equal(x, rx) and torch.equal(y, ry)
         count += len(y)
     assert count == 10000
+
+
+@pytest.mark.parametrize("mean, std", [(0.1307, 0.3081), (0.2860, 0.3530), (0.5, 0.25), (-1.0, 3.0)])
+def test_numpy_normaliser_gives_the_same_bits_as_torch(mean, std):
+    pixels = np.arange(256, dtype=np.uint8).reshape(4, 1, 8, 8)
+    got = normalize_u8_numpy(pixels, mean, std, out=np.empty(pixels.shape, np.float32))
+    assert torch.equal(torch.from_numpy(got), normalize_u8(torch.from_numpy(pixels), mean, std))
 
 
 def test_drop_in_shapes_and_len(indexed_shards):

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from fastmnist import FastMNISTError, FastMNISTLoader, convert, open_shards
 from fastmnist.order import shard_order
 
-from .conftest import decode_indices, indexed_images, write_split
+from .conftest import decode_indices, indexed_images, seed_pipeline, write_split
 
 N = 1003
 
@@ -108,6 +108,16 @@ def test_http_stream_is_one_exact_epoch(http_server, indexed_wds):
         assert torch.equal(x, ref_x[idx]) and torch.equal(y, ref_y[idx])
     pattern = base + "train-{000000..000005}.tar"
     assert _indices(FastMNISTLoader(pattern, batch_size=64, seed=3, normalize=False)) == streamed
+
+
+def test_streamed_batches_equal_torchvision_on_real_data(real_both, torchvision_test_root):
+    reference = seed_pipeline(torchvision_test_root)
+    streamed = FastMNISTLoader(f"file://{real_both}/", split="test", shuffle=False, prefetch=1)
+    count = 0
+    for (x, y), (rx, ry) in zip(streamed, reference, strict=True):
+        assert x.dtype == torch.float32 and torch.equal(x, rx) and torch.equal(y, ry)
+        count += len(y)
+    assert count == 10000
 
 
 def test_file_and_pipe_urls(indexed_wds):
