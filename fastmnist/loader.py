@@ -123,17 +123,13 @@ class FastMNISTLoader(IterableDataset):
         self._next_epoch, self._resume_at = epoch + 1, 0
         self._epoch, self._position = epoch, start
         gather, images, normalise, cache = self._source()
-        if cache is not None:
-            order = shard_order([s["count"] for s in self._shards], self.seed, epoch, self.shuffle)
-        else:
-            order = epoch_order(self.split.count, self.seed, epoch, self.shuffle)
-        order = rank_share(order, self.rank, self.world_size, self.drop_last).to(images.device)
+        order = self._order(epoch, cache is not None).to(images.device)
         # DataLoader workers take batches round-robin, as the DataLoader collects them.
         worker = get_worker_info()
         first, step = (start, 1) if worker is None else (start + worker.id, worker.num_workers)
         bs, numbers = self.batch_size, range(first, len(self), step)
-        if cache is not None:
-            index_batches = cache.index_batches(order, numbers, bs)
+        if cache is not None:  # near the end, fetch the shards the next epoch starts with
+            index_batches = cache.index_batches(order, numbers, bs, then=self._order(epoch + 1, True))
         else:
             index_batches = (order[b * bs:(b + 1) * bs] for b in numbers)
 
@@ -154,6 +150,14 @@ class FastMNISTLoader(IterableDataset):
         for batch in batches:
             self._position += 1
             yield batch
+
+    def _order(self, epoch: int, streaming: bool) -> torch.Tensor:
+        """int64 sample indices this rank visits in ``epoch``."""
+        if streaming:
+            order = shard_order([s["count"] for s in self._shards], self.seed, epoch, self.shuffle)
+        else:
+            order = epoch_order(self.split.count, self.seed, epoch, self.shuffle)
+        return rank_share(order, self.rank, self.world_size, self.drop_last)
 
     def _source(self):
         """(gather, images, normalise, cache), made once per process: ``gather(idx,

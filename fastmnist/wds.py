@@ -7,6 +7,7 @@ sample's 8-digit index in its split and the modification times are 0, so every m
 the same size and every sample starts ``STRIDE`` bytes after the previous one.
 """
 
+import bisect
 import hashlib
 import io
 import subprocess
@@ -170,36 +171,45 @@ class ShardCache:
         self.loaded = {}  # shard number -> (images, labels): uint8 (n,1,28,28), int64 (n,)
         self.pending = {}  # shard number -> Future of (images, labels)
         self.pool = None
+        self.in_use = []  # the shards of the batch index_batches yielded last
 
-    def index_batches(self, order: torch.Tensor, batches, batch_size: int):
-        """Yield ``order[b * batch_size:(b + 1) * batch_size]`` for each ``b`` of ``batches``
-        (ascending), each once the shards it needs are loaded, with the next ``prefetch``
-        shards that ``order`` visits being fetched."""
-        which = np.searchsorted(self.firsts, order.numpy(), side="right") - 1
-        starts = np.flatnonzero(np.diff(which, prepend=-1))  # order visits shard which[i]
-        plan = which[starts].tolist()                        # from position starts[i] on
+    def index_batches(self, order: torch.Tensor, batches, batch_size: int, then: torch.Tensor):
+        """Yield ``order[b * batch_size:(b + 1) * batch_size]`` as int64 numpy arrays for each
+        ``b`` of ``batches`` (ascending), each once the shards it needs are loaded, with the
+        next ``prefetch`` shards being fetched: those ``order`` visits next, then those
+        ``then`` (the next epoch's order) starts with."""
+        plan, starts = self._plan(order)  # order visits shard plan[i] from position starts[i]
+        visits = plan + self._plan(then)[0]
+        order, here = order.numpy(), None
         for b in batches:
             start, stop = b * batch_size, min((b + 1) * batch_size, len(order))
-            p, q = np.searchsorted(starts, [start, stop - 1], side="right") - 1
-            self._keep(plan[p:q + 1], plan[q + 1:q + 1 + self.prefetch])
+            p, q = bisect.bisect_right(starts, start) - 1, bisect.bisect_right(starts, stop - 1) - 1
+            if (p, q) != here:
+                here = p, q
+                self._keep(plan[p:q + 1], visits[q + 1:q + 1 + self.prefetch])
             yield order[start:stop]
 
-    def gather(self, idx: torch.Tensor, x_out=None, y_out=None):
-        """Images (float32 if ``normalize``, else uint8) and int64 labels of global sample
-        indices ``idx``, from shards that ``index_batches`` loaded."""
-        idx = idx.numpy()
+    def _plan(self, order: torch.Tensor) -> tuple[list[int], list[int]]:
+        """The shards ``order`` visits, in turn, and the position where each visit starts."""
+        which = np.searchsorted(self.firsts, order.numpy(), side="right") - 1
+        starts = np.flatnonzero(np.diff(which, prepend=-1))
+        return which[starts].tolist(), starts.tolist()
+
+    def gather(self, idx: np.ndarray, x_out=None, y_out=None):
+        """Images (float32 if ``normalize``, else uint8) and int64 labels of the samples
+        ``idx``: the batch ``index_batches`` yielded last."""
         shape, dtype = (len(idx), 1, 28, 28), np.uint8 if self.normalize is None else np.float32
         x = x_out.numpy() if x_out is not None else np.empty(shape, dtype)
         y = y_out.numpy() if y_out is not None else np.empty(len(idx), np.int64)
-        which = np.searchsorted(self.firsts, idx, side="right") - 1
-        lo, hi = which.min(), which.max()
-        for s in [lo] if lo == hi else np.unique(which).tolist():
+        shards = dict.fromkeys(self.in_use)
+        which = np.searchsorted(self.firsts, idx, side="right") - 1 if len(shards) > 1 else None
+        for s in shards:
             images, labels = self.loaded[s]
-            rows = slice(None) if lo == hi else np.flatnonzero(which == s)
+            rows = slice(None) if which is None else np.flatnonzero(which == s)
             local = idx[rows] - self.firsts[s]
             if self.normalize is None:
                 x[rows] = images.take(local, 0)
-            elif lo == hi:
+            elif which is None:
                 normalize_u8_numpy(images.take(local, 0), *self.normalize, out=x)
             else:
                 x[rows] = normalize_u8_numpy(images.take(local, 0), *self.normalize,
@@ -210,6 +220,7 @@ class ShardCache:
     def _keep(self, in_use: list[int], ahead: list[int]) -> None:
         """Start fetching ``ahead``, drop every other shard not in ``in_use``, then make sure
         those are loaded (waiting for them)."""
+        self.in_use = in_use
         for s in ahead:
             if s not in self.loaded and s not in self.pending:
                 if self.pool is None:
