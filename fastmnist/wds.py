@@ -218,9 +218,12 @@ class ShardCache:
         return torch.from_numpy(x), torch.from_numpy(y)
 
     def _keep(self, in_use: list[int], ahead: list[int]) -> None:
-        """Start fetching ``ahead``, drop every other shard not in ``in_use``, then make sure
-        those are loaded (waiting for them)."""
+        """Drop every shard not in ``in_use`` or ``ahead``, start fetching those of ``ahead``
+        not yet held, then make sure those of ``in_use`` are loaded (waiting for them)."""
         self.in_use = in_use
+        for held in self.loaded, self.pending:
+            for s in [s for s in held if s not in in_use and s not in ahead]:
+                del held[s]
         for s in ahead:
             if s not in self.loaded and s not in self.pending:
                 if self.pool is None:
@@ -228,12 +231,6 @@ class ShardCache:
 
                     self.pool = ThreadPoolExecutor(self.prefetch, thread_name_prefix="fastmnist-fetch")
                 self.pending[s] = self.pool.submit(self._load, s)
-        for s in list(self.loaded):
-            if s not in in_use:
-                del self.loaded[s]
-        for s in list(self.pending):  # left by an epoch that was not run to its end
-            if s not in in_use and s not in ahead:
-                del self.pending[s]
         for s in in_use:
             if s not in self.loaded:
                 future = self.pending.pop(s, None)

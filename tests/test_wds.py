@@ -5,6 +5,7 @@ import functools
 import http.server
 import shutil
 import threading
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ import torch
 import webdataset
 from torch.utils.data import DataLoader
 
-from fastmnist import FastMNISTError, FastMNISTLoader, convert, open_shards
+from fastmnist import FastMNISTError, FastMNISTLoader, convert, open_shards, wds
 from fastmnist.order import shard_order
 
 from .conftest import decode_indices, indexed_images, seed_pipeline, write_split
@@ -143,6 +144,24 @@ def test_streamed_exactly_once_across_ranks_and_workers(indexed_wds, world_size,
     assert counts == {(-(-per_rank // 40),) * 2}
     pad = per_rank * world_size - N
     assert sorted(seen) == sorted(order + order[:pad])
+
+
+def test_streaming_fetches_each_shard_once_per_epoch_and_holds_few(indexed_wds, monkeypatch):
+    fetched, real_fetch = Counter(), wds.fetch
+    monkeypatch.setattr(wds, "fetch", lambda url, size: fetched.update([url]) or real_fetch(url, size))
+    # unshuffled, the 6 shards are visited in turn, so none stays held from one visit to the next
+    loader = FastMNISTLoader(f"file://{indexed_wds}/", batch_size=1, shuffle=False, normalize=False)
+    beyond = []
+    for _ in range(3):
+        for _ in loader:
+            cache = loader._data[3]
+            beyond.append(len(cache.loaded) + len(cache.pending) - len(set(cache.in_use)))
+    for future in cache.pending.values():
+        future.result()
+    shard_urls = [f"file://{indexed_wds}/train-{s:06d}.tar" for s in range(6)]
+    # each shard once per epoch, and the next epoch's first two fetched ahead
+    assert fetched == Counter(shard_urls * 3 + shard_urls[:2])
+    assert max(beyond) == 2  # the shards in use plus at most `prefetch` more
 
 
 def test_streamed_resume_continues_the_epoch(indexed_wds):
