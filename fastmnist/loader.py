@@ -32,8 +32,10 @@ class FastMNISTLoader(IterableDataset):
     pattern) with the set's ``manifest.json`` beside them.
     ``format``: "npy" or "wds" (tar shards); default npy where the set has it. Local tar
     shards are validated and decoded once, on first use, then read like the arrays, in the
-    same order. Shards from URLs stream a shard at a time (``prefetch`` fetched ahead) in
-    a different order: shards shuffled, then samples shuffled within each shard.
+    same order. Shards from URLs stream a shard at a time (``prefetch`` fetched ahead, the
+    next epoch's first ones included) in a different order: shards shuffled, then samples
+    shuffled within each shard; ranks take consecutive runs of it, so each rank fetches
+    only the shards its run covers.
     ``source``: which data to read, "float32" (pre-normalised; the default on the CPU) or
     "uint8" (normalised on ``device``; the default on CUDA: 4x fewer bytes to copy).
     ``resident``: copy the whole split onto ``device`` once and gather there.
@@ -157,7 +159,7 @@ class FastMNISTLoader(IterableDataset):
             order = shard_order([s["count"] for s in self._shards], self.seed, epoch, self.shuffle)
         else:
             order = epoch_order(self.split.count, self.seed, epoch, self.shuffle)
-        return rank_share(order, self.rank, self.world_size, self.drop_last)
+        return rank_share(order, self.rank, self.world_size, self.drop_last, blocks=streaming)
 
     def _source(self):
         """(gather, images, normalise, cache), made once per process: ``gather(idx,

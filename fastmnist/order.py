@@ -27,10 +27,13 @@ def shard_order(counts: list[int], seed: int, epoch: int, shuffle: bool) -> torc
                       for s in epoch_order(len(counts), seed, epoch, shuffle, 0).tolist()])
 
 
-def rank_share(order: torch.Tensor, rank: int, world_size: int, drop_last: bool) -> torch.Tensor:
+def rank_share(order: torch.Tensor, rank: int, world_size: int, drop_last: bool,
+               blocks: bool = False) -> torch.Tensor:
     """The samples of ``rank``, as ``DistributedSampler`` assigns them: every rank gets the
     same count; ``drop_last`` drops the tail that does not divide evenly, otherwise the order
-    is padded by repeating its start. Rank ``r`` takes positions ``r, r + W, r + 2W, ...``."""
+    is padded by repeating its start. Rank ``r`` takes positions ``r, r + W, r + 2W, ...``,
+    or with ``blocks`` the ``r``-th of ``W`` equal runs of positions (so that, reading
+    streamed shards, each rank needs only the shards its run covers)."""
     if world_size == 1:
         return order
     n = len(order)
@@ -39,6 +42,9 @@ def rank_share(order: torch.Tensor, rank: int, world_size: int, drop_last: bool)
     else:
         pad = math.ceil(n / world_size) * world_size - n
         order = torch.cat([order, order.repeat(math.ceil(pad / n))[:pad]])
+    if blocks:
+        per_rank = len(order) // world_size
+        return order[rank * per_rank:(rank + 1) * per_rank]
     return order[rank::world_size].contiguous()
 
 

@@ -104,6 +104,11 @@ def test_rank_share_matches_distributed_sampler():
             sampler = DistributedSampler(range(n), num_replicas=world, rank=r, shuffle=False,
                                          drop_last=drop)
             assert rank_share(order, r, world, drop).tolist() == list(sampler)
+        # blocks (for streamed shards): the same padded or cut order, in W consecutive runs
+        strided = [rank_share(order, r, world, drop) for r in range(world)]
+        runs = [rank_share(order, r, world, drop, blocks=True) for r in range(world)]
+        assert [len(x) for x in runs] == [len(x) for x in strided]
+        assert torch.cat(runs).tolist() == torch.stack(strided, 1).flatten().tolist()
 
 
 def test_real_gloo_group_under_torchrun(indexed_shards, tmp_path):
