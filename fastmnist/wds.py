@@ -128,8 +128,8 @@ def expand_urls(source) -> list[str]:
 
 def fetch(url: str, size: int | None = None):
     """The whole object at ``url`` (a path, ``file://``, ``http(s)://`` or ``pipe:COMMAND``)
-    as bytes; with its ``size`` known, read straight into one uint8 array (a short read is an
-    error)."""
+    as bytes; from a path or URL of known ``size``, read straight into one uint8 array (a
+    short read is an error)."""
     try:
         if url.startswith("pipe:"):
             done = subprocess.run(url[5:], shell=True, capture_output=True, check=False)
