@@ -4,10 +4,12 @@ Per split it writes ``{split}_images_u8.npy`` uint8 ``(N,1,28,28)``,
 ``{split}_images_f32.npy`` float32 ``(N,1,28,28)`` (exactly ``ToTensor()`` +
 ``Normalize``) and ``{split}_labels.npy`` int64 ``(N,)``, and/or WebDataset tar shards
 (``wds.py``), plus ``manifest.json``.
-The set is built in a hidden sibling directory and renamed into place, under a lock, so
+The set is built in a hidden sibling directory and swapped into place, under a lock, so
 readers see the old complete set or the new one, never a mix.
 """
 
+import ctypes
+import errno
 import fcntl
 import hashlib
 import io
@@ -294,15 +296,36 @@ def _write_manifest(tmp: Path, manifest: dict) -> None:
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` to ``out``; an existing ``out`` is moved aside first, then deleted."""
+    """Put the set built in ``tmp`` at ``out``. An existing ``out`` is exchanged with ``tmp``
+    in one atomic step, then deleted; where the file system cannot exchange, it is moved
+    aside first (a crash between the two renames leaves no set at ``out``)."""
     old = None
     if out.exists():
+        if _exchange(tmp, out):
+            _fsync_dir(out.parent)
+            shutil.rmtree(tmp, ignore_errors=True)  # now the previous set
+            return
         old = out.parent / f".{out.name}.old-{tmp.name.rsplit('-', 1)[-1]}"
         os.rename(out, old)
     os.rename(tmp, out)
     _fsync_dir(out.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the names ``a`` and ``b`` atomically (Linux ``renameat2(RENAME_EXCHANGE)``);
+    False where the C library or the file system cannot."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def _fsync_dir(path: Path) -> None:

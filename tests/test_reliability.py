@@ -139,17 +139,29 @@ def swap(tmp, out):
         os.kill(os.getpid(), signal.SIGKILL)
     return real_swap(tmp, out)
 
+def exchange(a, b):
+    if point.startswith("no exchange"):
+        return False
+    swapped = real_exchange(a, b)
+    if point == "new set exchanged in, the previous not yet deleted":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return swapped
+
 def rename(src, dst):
     renames.append(src)
-    if point == "between moving the old set aside and renaming the new one" and len(renames) == 2:
+    if point.startswith("no exchange") and len(renames) == 2:
         os.kill(os.getpid(), signal.SIGKILL)
     return real_rename(src, dst)
 
-convert._write_manifest, convert._swap_into_place, os.rename = manifest, swap, rename
+real_exchange = convert._exchange
+convert._write_manifest, convert._swap_into_place, convert._exchange = manifest, swap, exchange
+os.rename = rename
 main(["convert", "--quiet", "--force", *sys.argv[2:]])
 """
 SELF_KILL_POINTS = ["arrays written, before the manifest", "manifest written, before the rename",
-                    "between moving the old set aside and renaming the new one"]
+                    "new set exchanged in, the previous not yet deleted",
+                    "no exchange (a file system without it): between moving the old set aside "
+                    "and renaming the new one"]
 
 
 def _outcome(out: Path) -> str:
@@ -177,8 +189,9 @@ def test_sigkill_leaves_the_previous_set_or_nothing(synth_root, tmp_path, previo
         done = subprocess.run([sys.executable, "-c", SELF_KILL, point, *args], cwd=REPO)
         assert done.returncode == -signal.SIGKILL
         outcomes[point] = _outcome(out)
-    if previous:  # only the instant between the two renames leaves nothing in place
-        assert outcomes == {**dict.fromkeys(outcomes, "previous"), SELF_KILL_POINTS[2]: "nothing"}
+    if previous:  # only the fallback's instant between two renames leaves nothing in place
+        assert outcomes == {**dict.fromkeys(outcomes, "previous"), SELF_KILL_POINTS[2]: "new",
+                            SELF_KILL_POINTS[3]: "nothing"}
     else:
         assert set(outcomes.values()) == {"nothing"}
     assert not convert(synth_root, out, force=True, progress=False).skipped
