@@ -121,6 +121,17 @@ def test_streamed_batches_equal_torchvision_on_real_data(real_both, torchvision_
     assert count == 10000
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available here")
+def test_streamed_cuda_batches_equal_the_cpu_result(real_both):
+    url = f"file://{real_both}/"
+    cpu = list(FastMNISTLoader(url, split="test", batch_size=256, seed=4))
+    gpu = list(FastMNISTLoader(url, split="test", batch_size=256, seed=4, device="cuda"))
+    assert len(cpu) == len(gpu) == 40
+    for (x, y), (gx, gy) in zip(cpu, gpu, strict=True):
+        assert gx.is_cuda and gx.dtype == torch.float32
+        assert torch.equal(gx.cpu(), x) and torch.equal(gy.cpu(), y)
+
+
 def test_file_and_pipe_urls(indexed_wds):
     by_file = _indices(FastMNISTLoader(f"file://{indexed_wds}/", batch_size=50, normalize=False))
     pipe = f"pipe:cat {indexed_wds}/train-{{000000..000005}}.tar"
