@@ -139,13 +139,7 @@ def _info(args) -> int:
 def _verify(args) -> int:
     from .store import verify_shards
 
-    problems = verify_shards(args.path)
-    for p in problems:
-        print(f"FAILED {p}", file=sys.stderr)
-    if problems:
-        return 1
-    print(f"{args.path}: all files match the manifest")
-    return 0
+    return _report(verify_shards(args.path), "FAILED", f"{args.path}: all files match the manifest")
 
 
 def _synth(args) -> int:
@@ -173,12 +167,19 @@ def _bench(args) -> int:
         args.write_reference.write_text(json.dumps(reference, indent=2) + "\n")
         print(f"wrote the gate's reference {args.write_reference}")
     if args.check:
-        failures = check(result, json.loads(args.check.read_text()), args.tolerance)
-        for f in failures:
-            print(f"REGRESSION {f}", file=sys.stderr)
-        if failures:
-            return 1
-        print(f"gate: every fastmnist ratio is within tolerance of {args.check}")
+        return _report(check(result, json.loads(args.check.read_text()), args.tolerance),
+                       "REGRESSION", f"gate: every fastmnist ratio is within tolerance of {args.check}")
+    return 0
+
+
+def _report(failures: list[str], label: str, success: str) -> int:
+    """Print each failure to stderr after ``label`` and return 1; with none, print
+    ``success`` and return 0."""
+    for f in failures:
+        print(f"{label} {f}", file=sys.stderr)
+    if failures:
+        return 1
+    print(success)
     return 0
 
 
