@@ -1,19 +1,34 @@
-"""fastmnist: fast, exact MNIST-family loading for PyTorch from pre-normalised shards."""
+"""fastmnist: fast, exact MNIST-family loading for PyTorch from pre-normalised shards.
+
+Importing fastmnist imports neither torch nor torchvision: ``FastMNISTLoader`` brings torch
+in when it is first used, so converting and verifying stay quick and torch-free.
+"""
+
+import importlib
 
 __version__ = "0.1.0"
 
-from .convert import ConvertResult, convert  # noqa: E402
-from .errors import FastMNISTError  # noqa: E402
-from .loader import FastMNISTLoader  # noqa: E402
-from .store import ShardSet, Split, open_shards, verify_shards  # noqa: E402
+_WHERE = {  # public name -> the module that defines it
+    "ConvertResult": "converter",
+    "convert": "converter",
+    "FastMNISTError": "errors",
+    "FastMNISTLoader": "loader",
+    "Manifest": "manifest",
+    "ShardSet": "store",
+    "Split": "store",
+    "open_shards": "store",
+    "verify_shards": "store",
+}
+__all__ = sorted(_WHERE)
 
-__all__ = [
-    "ConvertResult",
-    "FastMNISTError",
-    "FastMNISTLoader",
-    "ShardSet",
-    "Split",
-    "convert",
-    "open_shards",
-    "verify_shards",
-]
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'fastmnist' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    globals()[name] = value  # once imported, found directly
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_WHERE])

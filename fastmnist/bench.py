@@ -62,7 +62,7 @@ def pipelines(raw_root: Path, shards: Path, cuda: bool | None = None
         "fastmnist uint8": lambda bs: FastMNISTLoader(shards, batch_size=bs, source="uint8"),
     }
     if "wds" in split.formats:
-        shard_urls = [str(shards / s["file"]) for s in split.info["wds"]["shards"]]
+        shard_urls = [str(split.path(s.file)) for s in split.shards]
         found["stock webdataset"] = lambda bs: _Epochs(_stock_webdataset, shard_urls, bs, mean, std)
         found["fastmnist wds local"] = lambda bs: FastMNISTLoader(shards, batch_size=bs,
                                                                   format="wds")

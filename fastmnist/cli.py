@@ -90,25 +90,24 @@ def add_convert_args(c: argparse.ArgumentParser) -> None:
 
 
 def _convert(args) -> int:
-    from .convert import convert
+    from .converter import convert
 
     r = convert(args.root, args.out, args.dataset, splits=args.split, mean=args.mean,
                 std=args.std, format=args.format, shard_size=args.shard_size, force=args.force,
                 download=args.download, progress=not args.quiet)
     if not args.quiet:
-        kind = " (SYNTHETIC data)" if r.manifest.get("synthetic") else ""
-        counts = ", ".join(f"{k} {v['count']}" for k, v in r.manifest["splits"].items())
+        kind = " (SYNTHETIC data)" if r.manifest.synthetic else ""
+        counts = ", ".join(f"{k} {v.count}" for k, v in r.manifest.splits.items())
         if r.skipped:
             print(f"{r.out}: up to date{kind} ({counts}); nothing written, --force rebuilds")
         else:
-            files = [f for s in r.manifest["splits"].values()
-                     for f in [*s["files"].values(), *s.get("wds", {}).get("shards", [])]]
-            mb = sum(f["size"] for f in files) / 1e6
+            files = list(r.manifest.files())
+            mb = sum(f.size for f in files) / 1e6
             print(f"wrote {r.out}{kind}: {counts}; {len(files)} files, {mb:.1f} MB "
                   f"in {r.seconds:.2f}s")
-            for key, src in r.manifest["sources"].items():
+            for key, src in r.manifest.sources.items():
                 canon = {True: "canonical", False: "NOT canonical", None: "md5 unknown"}
-                print(f"  {key}: {src['file']} md5 {src['md5']} ({canon[src['canonical']]})")
+                print(f"  {key}: {src.file} md5 {src.md5} ({canon[src.canonical]})")
     return 0
 
 
@@ -116,23 +115,21 @@ def _info(args) -> int:
     from .store import read_manifest
 
     m = read_manifest(args.path)
-    print(f"{args.path}: {m['dataset']}{' (SYNTHETIC)' if m.get('synthetic') else ''}, "
-          f"format {m['format_version']}, {m.get('created_by', '?')}")
+    print(f"{args.path}: {m.dataset}{' (SYNTHETIC)' if m.synthetic else ''}, "
+          f"format {m.format_version}, {m.created_by}")
     rows = [("split", "array", "dtype", "shape", "bytes", "sha256")]
-    for split, info in m["splits"].items():
-        for f in info["files"].values():
-            rows.append((split, f["file"], f["dtype"], "x".join(map(str, f["shape"])),
-                         str(f["size"]), f["sha256"][:16]))
-        for f in info.get("wds", {}).get("shards", []):
-            rows.append((split, f["file"], "tar", f"{f['count']} samples", str(f["size"]),
-                         f["sha256"][:16]))
+    for split, info in m.splits.items():
+        for f in info.arrays.values():
+            rows.append((split, f.file, f.dtype, "x".join(map(str, f.shape)), str(f.size), f.sha256[:16]))
+        for f in info.shards:
+            rows.append((split, f.file, "tar", f"{f.count} samples", str(f.size), f.sha256[:16]))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
-    for split, info in m["splits"].items():
-        print(f"{split}: {info['count']} samples, mean {info['mean']}, std {info['std']}")
-    for key, src in m["sources"].items():
-        print(f"source {key}: {src['file']} md5 {src['md5']} canonical={src['canonical']}")
+    for split, info in m.splits.items():
+        print(f"{split}: {info.count} samples, mean {info.mean}, std {info.std}")
+    for key, src in m.sources.items():
+        print(f"source {key}: {src.file} md5 {src.md5} canonical={src.canonical}")
     return 0
 
 
@@ -184,7 +181,7 @@ def _report(failures: list[str], label: str, success: str) -> int:
 
 
 def _demo(args) -> int:
-    from .convert import convert
+    from .converter import convert
     from .synth import write_raw
 
     if not list(args.data.glob("MNIST/raw/*")):

@@ -5,11 +5,13 @@ from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
+from .sources import empty_batch
+
 
 def prefetch_to_cuda(
     index_batches: Iterable[torch.Tensor],
     gather: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None],
-    image_like: torch.Tensor,
+    dtype: torch.dtype,
     batch_size: int,
     device: torch.device,
     depth: int,
@@ -17,8 +19,8 @@ def prefetch_to_cuda(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(x, y)`` on ``device`` for each batch of sample indices.
 
-    ``gather(idx, x_out, y_out)`` fills pinned host tensors (images shaped and typed like
-    ``image_like[:len(idx)]``, int64 labels); the copy and ``finish`` (e.g. normalisation,
+    ``gather(idx, x_out, y_out)`` fills pinned host tensors (images ``(len(idx), 1, 28, 28)``
+    of ``dtype``, int64 labels); the copy and ``finish`` (e.g. normalisation,
     run on the GPU) go on a side stream ``depth`` batches ahead of the consumer. Each of the
     ``depth + 1`` pinned slots is reused only once its previous copy has completed.
     """
@@ -27,12 +29,7 @@ def prefetch_to_cuda(
     pending = deque()
     for i, idx in enumerate(index_batches):
         if len(slots) <= depth:
-            slots.append((
-                torch.empty((batch_size, *image_like.shape[1:]), dtype=image_like.dtype,
-                            pin_memory=True),
-                torch.empty(batch_size, dtype=torch.int64, pin_memory=True),
-                torch.cuda.Event(),
-            ))
+            slots.append((*empty_batch(dtype, batch_size, pin=True), torch.cuda.Event()))
         host_x, host_y, copied = slots[i % len(slots)]
         copied.synchronize()  # this slot's previous copy is done (returns at once if none)
         n = len(idx)

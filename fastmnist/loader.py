@@ -1,17 +1,23 @@
-"""``FastMNISTLoader``: a drop-in for the tutorial ``DataLoader`` over a converted shard set."""
+"""``FastMNISTLoader``: a drop-in for the tutorial ``DataLoader`` over a converted shard set.
+
+The loader owns the arguments, epochs and resume, the split across ranks and DataLoader
+workers, and delivery (CPU, pinned, or copied ahead to CUDA); where batches come from is
+a source's business (``sources.py``).
+"""
 
 from collections.abc import Iterator
 
-import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from .compat import EpochSampler, SplitDataset
 from .device import prefetch_to_cuda
 from .errors import FastMNISTError
-from .normalize import normalize_u8, normalizer
-from .order import batch_count, epoch_order, rank_share, samples_per_rank, shard_order
-from .store import MANIFEST, Split, open_shards, parse_manifest
-from .wds import ShardCache, decode_shard, expand_urls, fetch, is_url
+from .normalize import normalizer
+from .order import batch_count, rank_share, samples_per_rank
+from .sources import ArraySource, StreamSource, empty_batch, local_arrays
+from .store import Split, open_remote, open_shards
+from .transport import is_url
 
 _STATE_KEYS = ("seed", "num_samples", "batch_size", "shuffle", "drop_last", "rank", "world_size")
 
@@ -40,14 +46,21 @@ class FastMNISTLoader(IterableDataset):
     "uint8" (normalised on ``device``; the default on CUDA: 4x fewer bytes to copy).
     ``resident``: copy the whole split onto ``device`` once and gather there.
     ``pin_memory``: put host batches in pinned memory (default: when CUDA is available).
+
+    Like a ``DataLoader`` it has ``dataset`` (``len()`` is the split's sample count;
+    indexing gives one normalised sample), ``sampler`` (``set_epoch``; ``len()`` is this
+    rank's samples per epoch), ``batch_size``, ``drop_last``, ``num_workers`` and
+    ``pin_memory``.
     """
+
+    num_workers = 0  # batches are made in the calling process (wrap it in a DataLoader for workers)
 
     def __init__(self, path, split: str = "train", batch_size: int = 64, shuffle: bool = True,
                  seed: int = 0, drop_last: bool = False, *, rank: int | None = None,
                  world_size: int | None = None, device="cpu", source: str | None = None,
                  normalize: bool = True, resident: bool = False, pin_memory: bool | None = None,
                  prefetch: int = 2, verify: bool = False, format: str | None = None):
-        if not isinstance(batch_size, int) or batch_size < 1:
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise FastMNISTError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -61,24 +74,26 @@ class FastMNISTLoader(IterableDataset):
         if source not in ("float32", "uint8") or (source == "float32" and not normalize):
             raise FastMNISTError(f"source must be 'float32' or 'uint8' (uint8 when "
                                  f"normalize=False), got {source!r}")
-        if prefetch < 1:
-            raise FastMNISTError(f"prefetch must be at least 1, got {prefetch!r}")
+        if not isinstance(prefetch, int) or prefetch < 1:
+            raise FastMNISTError(f"prefetch must be a positive integer, got {prefetch!r}")
         rank, world_size = _distributed(rank, world_size)
-        self.streaming = is_url(path)
-        if self.streaming:
+        if is_url(path):
             if resident or format not in (None, "wds"):
                 raise FastMNISTError("shard URLs stream tar shards: format='wds' only, and "
                                      "resident=True needs a local set")
-            self.split, self._shards = _remote_split(path, split)
-            self.format = "wds"
+            self.info, self._urls = open_remote(path, split)
+            self._root, self.format = None, "wds"
         else:
-            self.split = open_shards(path, verify=verify).split(split)
-            self.format = format or self.split.formats[0]
-            if self.format not in self.split.formats:
+            local = open_shards(path, verify=verify).split(split)
+            self.info, self._urls, self._root = local.info, None, local.root
+            self.format = format or local.formats[0]
+            if self.format not in local.formats:
                 raise FastMNISTError(f"{path}: split {split!r} has no {self.format!r} data "
-                                     f"(it has {', '.join(self.split.formats)})")
-            self._shards = [{**s, "url": str(self.split.root / s["file"])}
-                            for s in self.split.info.get("wds", {}).get("shards", [])]
+                                     f"(it has {', '.join(local.formats)})")
+            array = "images_f32" if source == "float32" else "images_u8"
+            if self.format == "npy" and array not in self.info.arrays:
+                raise FastMNISTError(f"{path}: split {split!r} has no {array} array for "
+                                     f"source={source!r}")
         self.verify = verify
         self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
         self.rank, self.world_size = rank, world_size
@@ -86,12 +101,39 @@ class FastMNISTLoader(IterableDataset):
         self.pin_memory, self.prefetch = pin_memory, prefetch
         self._next_epoch, self._resume_at = 0, 0
         self._epoch, self._position = 0, None  # of the iteration in progress
-        self._data = None  # see _source(); made on first use in each process
+        self._batch_source = None  # made on first use in each process
 
     def __len__(self) -> int:
         """Batches this rank yields per epoch."""
-        per_rank = samples_per_rank(self.split.count, self.world_size, self.drop_last)
-        return batch_count(per_rank, self.batch_size, self.drop_last)
+        return batch_count(self.samples_per_rank, self.batch_size, self.drop_last)
+
+    @property
+    def samples_per_rank(self) -> int:
+        """Samples this rank visits per epoch (padding included, dropped tail excluded)."""
+        return samples_per_rank(self.info.count, self.world_size, self.drop_last)
+
+    @property
+    def dataset(self) -> SplitDataset:
+        """The split as a map-style dataset, as ``DataLoader.dataset``: ``len()`` samples."""
+        return SplitDataset(self)
+
+    @property
+    def sampler(self) -> EpochSampler:
+        """As ``DataLoader.sampler`` with a ``DistributedSampler``: ``set_epoch``, ``len()``."""
+        return EpochSampler(self)
+
+    @property
+    def batch_source(self) -> ArraySource | StreamSource:
+        """Where batches come from, made once per process (never pickled to workers)."""
+        if self._batch_source is None:
+            if self._urls is not None:  # tar shards hold uint8; on the CPU, normalised while gathered
+                on_cpu = self.normalize and self.device.type == "cpu"
+                self._batch_source = StreamSource(self.info, self._urls, self.prefetch, self.verify,
+                                                  (self.info.mean, self.info.std) if on_cpu else None)
+            else:
+                self._batch_source = local_arrays(Split(self._root, self.info), self.format, self.source,
+                                                  self.device if self.resident else None)
+        return self._batch_source
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next ``iter()`` run ``epoch`` (as ``DistributedSampler.set_epoch``)."""
@@ -104,7 +146,7 @@ class FastMNISTLoader(IterableDataset):
         else:  # between epochs, or loaded and not yet resumed
             epoch, done = self._next_epoch, self._resume_at
         return {"epoch": epoch, "batches_done": done, "seed": self.seed,
-                "num_samples": self.split.count, "batch_size": self.batch_size,
+                "num_samples": self.info.count, "batch_size": self.batch_size,
                 "shuffle": self.shuffle, "drop_last": self.drop_last, "rank": self.rank,
                 "world_size": self.world_size}
 
@@ -120,24 +162,28 @@ class FastMNISTLoader(IterableDataset):
             raise FastMNISTError(f"batches_done={state['batches_done']} is outside 0..{len(self)}")
         self._next_epoch, self._resume_at = state["epoch"], state["batches_done"]
 
+    def rank_order(self, epoch: int) -> torch.Tensor:
+        """int64 sample indices this rank visits in ``epoch``, in order."""
+        src = self.batch_source
+        return rank_share(src.order(self.seed, epoch, self.shuffle), self.rank, self.world_size,
+                          self.drop_last, blocks=src.blocks)
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         epoch, start = self._next_epoch, self._resume_at
         self._next_epoch, self._resume_at = epoch + 1, 0
         self._epoch, self._position = epoch, start
-        gather, images, normalise, cache = self._source()
-        order = self._order(epoch, cache is not None).to(images.device)
+        src = self.batch_source
         # DataLoader workers take batches round-robin, as the DataLoader collects them.
         worker = get_worker_info()
         first, step = (start, 1) if worker is None else (start + worker.id, worker.num_workers)
-        bs, numbers = self.batch_size, range(first, len(self), step)
-        if cache is not None:  # near the end, fetch the shards the next epoch starts with
-            index_batches = cache.index_batches(order, numbers, bs, then=self._order(epoch + 1, True))
-        else:
-            index_batches = (order[b * bs:(b + 1) * bs] for b in numbers)
-
+        index_batches = src.index_batches(self.rank_order(epoch), range(first, len(self), step),
+                                          self.batch_size, lambda: self.rank_order(epoch + 1))
+        normalise = None
+        if self.normalize and src.dtype == torch.uint8:
+            normalise = normalizer(self.info.mean, self.info.std, self.device)
         if self.device.type == "cuda" and not self.resident:
-            batches = prefetch_to_cuda(index_batches, gather, images, bs, self.device,
-                                       self.prefetch, normalise or (lambda x: x))
+            batches = prefetch_to_cuda(index_batches, src.gather, src.dtype, self.batch_size,
+                                       self.device, self.prefetch, normalise or (lambda x: x))
         else:
             pin = self.pin_memory and self.device.type == "cpu"
 
@@ -147,99 +193,15 @@ class FastMNISTLoader(IterableDataset):
                 return normalise(x).pin_memory() if pin else normalise(x)
 
             batches = ((finish(x), y) for x, y in (
-                gather(idx, *_pinned_like(images, len(idx)) if pin else ())
+                src.gather(idx, *empty_batch(src.dtype, len(idx), pin=True) if pin else ())
                 for idx in index_batches))
         for batch in batches:
             self._position += 1
             yield batch
 
-    def _order(self, epoch: int, streaming: bool) -> torch.Tensor:
-        """int64 sample indices this rank visits in ``epoch``."""
-        if streaming:
-            order = shard_order([s["count"] for s in self._shards], self.seed, epoch, self.shuffle)
-        else:
-            order = epoch_order(self.split.count, self.seed, epoch, self.shuffle)
-        return rank_share(order, self.rank, self.world_size, self.drop_last, blocks=streaming)
-
-    def _source(self):
-        """(gather, images, normalise, cache), made once per process: ``gather(idx,
-        x_out=None, y_out=None)`` returns the images and int64 labels of samples ``idx``;
-        ``images`` is shaped and typed like them, on the device gathering runs on;
-        ``normalise`` maps uint8 batches on ``device`` to float32, or is None; ``cache`` is
-        the ShardCache of streamed shards, or None."""
-        if self._data is None:
-            mean, std = self.split.mean, self.split.std
-            if self.streaming:  # tar shards hold uint8; on the CPU, normalised while gathered
-                on_cpu = self.normalize and self.device.type == "cpu"
-                normalise = normalizer(mean, std, self.device) if self.normalize and not on_cpu else None
-                cache = ShardCache(self._shards, self.prefetch, self.verify, (mean, std) if on_cpu else None)
-                example = torch.empty((0, 1, 28, 28), dtype=torch.float32 if on_cpu else torch.uint8)
-                self._data = cache.gather, example, normalise, cache
-            else:
-                normalise = None
-                if self.source == "uint8" and self.normalize:
-                    normalise = normalizer(mean, std, self.device)
-                images, labels = self._arrays()
-                if self.resident:
-                    images = images.to(self.device, copy=True)
-                    labels = labels.to(self.device, copy=True)
-
-                def gather(idx, x_out=None, y_out=None):
-                    return (torch.index_select(images, 0, idx, out=x_out),
-                            torch.index_select(labels, 0, idx, out=y_out))
-
-                self._data = gather, images, normalise, None
-        return self._data
-
-    def _arrays(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The whole split: images ``(N,1,28,28)`` of ``source`` dtype, int64 labels ``(N,)``;
-        memory-mapped from the arrays, or decoded once from local tar shards."""
-        if self.format == "npy":
-            array = "images_u8" if self.source == "uint8" else "images_f32"
-            # copy-on-write mappings: writable for torch, and never written back
-            return (torch.from_numpy(self.split.array(array, mode="c")),
-                    torch.from_numpy(self.split.array("labels", mode="c")))
-        parts = [decode_shard(fetch(s["url"], s["size"]), s["count"], s["url"])
-                 for s in self._shards]
-        images = torch.from_numpy(np.concatenate([p[0] for p in parts]))
-        if self.source == "float32":  # tar shards hold uint8 images: normalise them once
-            images = normalize_u8(images, self.split.mean, self.split.std)
-        return images, torch.from_numpy(np.concatenate([p[1] for p in parts]))
-
     def __getstate__(self):
         # Workers map the files themselves and share the page cache; never pickle arrays.
-        return {**self.__dict__, "_data": None}
-
-
-def _remote_split(path, split: str) -> tuple[Split, list[dict]]:
-    """The split's metadata and shard list (url, first, count, sha256) from shard URLs, or
-    from a set URL ending in "/", with the set's manifest fetched from beside them."""
-    urls = expand_urls(path)
-    whole_set = len(urls) == 1 and urls[0].endswith("/")
-    base = urls[0] if whole_set else urls[0].rsplit("/", 1)[0] + "/"
-    manifest = parse_manifest(fetch(base + MANIFEST), base + MANIFEST)
-    if split not in manifest["splits"]:
-        raise FastMNISTError(f"{base}{MANIFEST}: no split {split!r}")
-    info = manifest["splits"][split]
-    listed = info.get("wds", {}).get("shards")
-    if not listed:
-        raise FastMNISTError(f"{base}{MANIFEST}: split {split!r} has no tar shards")
-    given = {u.rsplit("/", 1)[-1]: u for u in urls}
-    if not whole_set:
-        names = {s["file"] for s in listed}
-        for name, url in given.items():
-            if name not in names:
-                raise FastMNISTError(f"{url}: not a {split} shard of {base}{MANIFEST}")
-        for name in sorted(names - set(given)):
-            raise FastMNISTError(f"{base}{name}: {split} shard missing from the listing "
-                                 f"(every shard is needed for an exact epoch)")
-    shards = [{**s, "url": base + s["file"] if whole_set else given[s["file"]]} for s in listed]
-    return Split(None, split, info), shards
-
-
-def _pinned_like(images, n):
-    return (torch.empty((n, *images.shape[1:]), dtype=images.dtype, pin_memory=True),
-            torch.empty(n, dtype=torch.int64, pin_memory=True))
+        return {**self.__dict__, "_batch_source": None}
 
 
 def _distributed(rank, world_size) -> tuple[int, int]:

@@ -1,43 +1,47 @@
 """The exact arithmetic of ``ToTensor()`` then ``Normalize((mean,), (std,))``.
 
-Each float32 output depends only on its uint8 input, so a 256-entry table computed on
-the CPU reproduces the torchvision result bit for bit on any device. (CUDA divides by a
+Each float32 output depends only on its uint8 input, so a 256-entry table computed on the
+CPU reproduces the torchvision result bit for bit on any device. (CUDA divides by a
 scalar through its reciprocal, so running the arithmetic there can differ in the last bit.)
+numpy's float32 division and subtraction round as torch's do, so the same operations in
+numpy give the same bits without importing torch (a test checks all 256 values).
 """
 
-from collections.abc import Callable
-
 import numpy as np
-import torch
-
-
-def normalize_u8(images: torch.Tensor, mean, std) -> torch.Tensor:
-    """uint8 images of any shape -> float32 ``(x / 255 - mean) / std``, computed with
-    torchvision's float32 operations in torchvision's order. ``mean``/``std``: floats or
-    float32 scalar tensors (made once by a caller that normalises many batches)."""
-    x = images.to(torch.float32).div_(255)
-    return x.sub_(torch.as_tensor(mean, dtype=torch.float32)).div_(
-        torch.as_tensor(std, dtype=torch.float32))
 
 
 def normalize_u8_numpy(images: np.ndarray, mean: float, std: float, out: np.ndarray) -> np.ndarray:
-    """``normalize_u8`` in numpy, into float32 ``out`` shaped like uint8 ``images``: the same
-    float32 operations, so the same bits, and single-threaded (torch's intra-op threads
-    stall while other threads of the process hold the cores)."""
+    """uint8 ``images`` -> float32 ``(x / 255 - mean) / std`` into ``out`` (same shape), with
+    torchvision's float32 operations in torchvision's order; single-threaded (torch's
+    intra-op threads stall while other threads of the process hold the cores)."""
     np.divide(images, np.float32(255), out=out, dtype=np.float32)
     np.subtract(out, np.float32(mean), out=out)
     return np.divide(out, np.float32(std), out=out)
 
 
-def lookup_table(mean: float, std: float) -> torch.Tensor:
-    """float32 ``(256,)`` on the CPU: entry ``v`` is the normalised value of pixel byte ``v``."""
-    return normalize_u8(torch.arange(256, dtype=torch.uint8), mean, std)
+def lookup_table(mean: float, std: float) -> np.ndarray:
+    """float32 ``(256,)``: entry ``v`` is the normalised value of pixel byte ``v``."""
+    pixels = np.arange(256, dtype=np.uint8)
+    return normalize_u8_numpy(pixels, mean, std, out=np.empty(256, np.float32))
 
 
-def normalizer(mean: float, std: float, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A function uint8 images on ``device`` -> float32 normalised, equal to the CPU result."""
+def normalize_u8(images, mean, std):
+    """uint8 torch tensor of any shape -> float32, as ``normalize_u8_numpy`` computes it,
+    with torch's operations (multi-threaded on the CPU). ``mean``/``std``: floats or float32
+    scalar tensors (made once by a caller that normalises many batches)."""
+    import torch
+
+    x = images.to(torch.float32).div_(255)
+    return x.sub_(torch.as_tensor(mean, dtype=torch.float32)).div_(torch.as_tensor(std, dtype=torch.float32))
+
+
+def normalizer(mean: float, std: float, device):
+    """A function uint8 torch images on ``device`` -> float32 normalised, equal to the CPU
+    result: the arithmetic on the CPU, a table lookup elsewhere."""
+    import torch
+
     if device.type == "cpu":
         m, s = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
         return lambda x: normalize_u8(x, m, s)
-    table = lookup_table(mean, std).to(device)
+    table = torch.from_numpy(lookup_table(mean, std)).to(device)
     return lambda x: table[x.long()]

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .bench import FLOOR, SEED, measure, pipelines, rss_bytes, run_epoch
-from .convert import convert
+from .converter import convert
 from .loader import FastMNISTLoader
 from .store import open_shards
 

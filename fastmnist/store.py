@@ -1,21 +1,19 @@
-"""A converted shard set on disk: ``manifest.json`` plus contiguous ``.npy`` arrays.
+"""A converted shard set: a directory (or a URL) holding ``manifest.json`` and the data files
+it lists.
 
-Opening reads the manifest, checks each file's size and maps arrays lazily
-(``np.load(mmap_mode=...)``: O(1), nothing is read until it is indexed).
+Opening a local set reads and validates the manifest and checks every file's size; arrays
+are mapped lazily (``np.load(mmap_mode=...)``: O(1), nothing is read until it is indexed).
 """
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .errors import FastMNISTError
-
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-ARRAYS = ("images_u8", "images_f32", "labels")  # per split: uint8/float32 (N,1,28,28), int64 (N,)
+from .manifest import MANIFEST, MAX_MANIFEST_BYTES, Manifest, Shard, SplitInfo, parse_manifest
+from .transport import expand_urls, fetch, join
 
 
 def sha256_file(path: Path) -> str:
@@ -27,11 +25,13 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def read_manifest(root: Path) -> dict:
-    """The parsed manifest of the set at ``root``; errors name the file and the problem."""
+def read_manifest(root) -> Manifest:
+    """The validated manifest of the set at ``root``; errors name the file and the problem."""
     path = Path(root) / MANIFEST
     try:
-        text = path.read_text()
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise FastMNISTError(f"{path}: larger than a manifest may be ({MAX_MANIFEST_BYTES} bytes)")
+        text = path.read_bytes()
     except FileNotFoundError:
         raise FastMNISTError(f"{path}: no manifest: not a converted fastmnist set") from None
     except OSError as e:
@@ -39,83 +39,77 @@ def read_manifest(root: Path) -> dict:
     return parse_manifest(text, path)
 
 
-def parse_manifest(text, where) -> dict:
-    """A manifest from its JSON text; ``where`` (a path or URL) names it in errors."""
-    try:
-        manifest = json.loads(text)
-    except ValueError as e:
-        raise FastMNISTError(f"{where}: unreadable manifest: {e}") from None
-    version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise FastMNISTError(
-            f"{where}: format_version {version!r} is newer than this fastmnist reads "
-            f"({FORMAT_VERSION}); upgrade fastmnist or re-convert"
-        )
-    return manifest
-
-
 @dataclass(frozen=True)
 class Split:
-    """One split of a set: ``count`` samples with normalisation ``mean``/``std``."""
+    """One split of a local set: its validated ``info`` and the directory ``root`` holding it."""
 
     root: Path
-    name: str
-    info: dict
+    info: SplitInfo
+
+    @property
+    def name(self) -> str:
+        return self.info.name
 
     @property
     def count(self) -> int:
-        return self.info["count"]
+        return self.info.count
 
     @property
     def mean(self) -> float:
-        return self.info["mean"]
+        return self.info.mean
 
     @property
     def std(self) -> float:
-        return self.info["std"]
+        return self.info.std
 
     @property
     def formats(self) -> list[str]:
-        """"npy" when the arrays are present, "wds" when tar shards are."""
-        return [f for f, present in (("npy", self.info["files"]), ("wds", self.info.get("wds")))
-                if present]
+        return self.info.formats
 
-    def path(self, array: str) -> Path:
-        return self.root / self.info["files"][array]["file"]
+    @property
+    def shards(self) -> tuple[Shard, ...]:
+        return self.info.shards
 
-    def array(self, array: str, mode: str = "r") -> np.ndarray:
-        """Memory-mapped ``array`` (one of ``ARRAYS``); ``mode`` as ``np.load``'s mmap_mode."""
-        arr = np.load(self.path(array), mmap_mode=mode)
-        meta = self.info["files"][array]
-        if list(arr.shape) != meta["shape"] or str(arr.dtype) != meta["dtype"]:
-            raise FastMNISTError(
-                f"{self.path(array)}: expected {meta['dtype']} {meta['shape']}, "
-                f"found {arr.dtype} {list(arr.shape)}"
-            )
+    def path(self, name: str) -> Path:
+        """The path of array ``name`` (a key of ``info.arrays``) or of a shard's file name."""
+        return self.root / (self.info.arrays[name].file if name in self.info.arrays else name)
+
+    def array(self, name: str, mode: str = "r") -> np.ndarray:
+        """Memory-mapped array ``name`` ("images_u8", "images_f32" or "labels");
+        ``mode`` as ``np.load``'s mmap_mode."""
+        if name not in self.info.arrays:
+            raise FastMNISTError(f"{self.root}: split {self.name!r} has no {name} array "
+                                 f"(it has {', '.join(self.info.arrays) or 'none'})")
+        meta = self.info.arrays[name]
+        try:
+            arr = np.load(self.path(name), mmap_mode=mode, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise FastMNISTError(f"{self.path(name)}: cannot map: {e}") from None
+        if arr.shape != meta.shape or str(arr.dtype) != meta.dtype:
+            raise FastMNISTError(f"{self.path(name)}: expected {meta.dtype} {list(meta.shape)}, "
+                                 f"found {arr.dtype} {list(arr.shape)}")
         return arr
 
 
 @dataclass(frozen=True)
 class ShardSet:
-    """An opened set: its manifest and per-split metadata; arrays are mapped on demand."""
+    """An opened local set: its manifest; arrays are mapped on demand."""
 
     root: Path
-    manifest: dict
+    manifest: Manifest
 
     @property
     def splits(self) -> list[str]:
-        return list(self.manifest["splits"])
+        return list(self.manifest.splits)
 
     @property
     def synthetic(self) -> bool:
-        return bool(self.manifest.get("synthetic"))
+        return self.manifest.synthetic
 
     def split(self, name: str) -> Split:
-        if name not in self.manifest["splits"]:
-            raise FastMNISTError(
-                f"{self.root}: no split {name!r}; this set has {', '.join(self.splits)}"
-            )
-        return Split(self.root, name, self.manifest["splits"][name])
+        if name not in self.manifest.splits:
+            raise FastMNISTError(f"{self.root}: no split {name!r}; this set has {', '.join(self.splits)}")
+        return Split(self.root, self.manifest.splits[name])
 
 
 def open_shards(root, verify: bool = False) -> ShardSet:
@@ -123,16 +117,16 @@ def open_shards(root, verify: bool = False) -> ShardSet:
     ``verify``). Raises :class:`FastMNISTError` naming the first bad file."""
     root = Path(root)
     manifest = read_manifest(root)
-    for path, meta in _files(root, manifest):
+    for meta in manifest.files():
+        path = root / meta.file
         try:
             size = path.stat().st_size
         except FileNotFoundError:
             raise FastMNISTError(f"{path}: missing shard file listed in the manifest") from None
-        if size != meta["size"]:
-            raise FastMNISTError(
-                f"{path}: size {size} bytes, manifest says {meta['size']} (truncated or replaced)"
-            )
-        if verify and sha256_file(path) != meta["sha256"]:
+        if size != meta.size:
+            raise FastMNISTError(f"{path}: size {size} bytes, manifest says {meta.size} "
+                                 "(truncated or replaced)")
+        if verify and sha256_file(path) != meta.sha256:
             raise FastMNISTError(f"{path}: sha256 differs from the manifest (corrupted)")
     return ShardSet(root, manifest)
 
@@ -141,17 +135,39 @@ def verify_shards(root) -> list[str]:
     """Re-hash every file of the set; one message per file that is missing or differs."""
     root = Path(root)
     problems = []
-    for path, meta in _files(root, read_manifest(root)):
+    for meta in read_manifest(root).files():
+        path = root / meta.file
         if not path.exists():
             problems.append(f"{path}: missing")
-        elif path.stat().st_size != meta["size"]:
-            problems.append(f"{path}: size {path.stat().st_size}, expected {meta['size']}")
-        elif sha256_file(path) != meta["sha256"]:
+        elif path.stat().st_size != meta.size:
+            problems.append(f"{path}: size {path.stat().st_size}, expected {meta.size}")
+        elif sha256_file(path) != meta.sha256:
             problems.append(f"{path}: sha256 differs from the manifest")
     return problems
 
 
-def _files(root: Path, manifest: dict):
-    for split in manifest["splits"].values():
-        for meta in [*split["files"].values(), *split.get("wds", {}).get("shards", [])]:
-            yield root / meta["file"], meta
+def open_remote(location, split: str) -> tuple[SplitInfo, list[str]]:
+    """A split of a set by URL, and the URL of each of its shards. ``location``: the set's
+    URL ending in "/" (shard URLs made from the manifest's names), or the split's shard
+    URLs (a list or a brace pattern), every one of them, with ``manifest.json`` beside them."""
+    urls = expand_urls(location)
+    whole_set = len(urls) == 1 and urls[0].endswith("/")
+    base = urls[0] if whole_set else urls[0].rsplit("/", 1)[0] + "/"
+    where = base + MANIFEST
+    info = parse_manifest(fetch(where, limit=MAX_MANIFEST_BYTES), where).splits.get(split)
+    if info is None:
+        raise FastMNISTError(f"{where}: no split {split!r}")
+    if not info.shards:
+        raise FastMNISTError(f"{where}: split {split!r} has no tar shards")
+    if whole_set:
+        return info, [join(base, s.file) for s in info.shards]
+    given = {u.rsplit("/", 1)[-1]: u for u in urls}
+    names = [s.file for s in info.shards]
+    for name, url in given.items():
+        if name not in names:
+            raise FastMNISTError(f"{url}: not a {split} shard of {where}")
+    for name in names:
+        if name not in given:
+            raise FastMNISTError(f"{base}{name}: {split} shard missing from the listing "
+                                 f"(every shard is needed for an exact epoch)")
+    return info, [given[name] for name in names]

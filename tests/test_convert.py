@@ -39,11 +39,11 @@ def test_real_test_split_is_bit_exact_with_torchvision(real_shards, torchvision_
 
 def test_real_inputs_reported_canonical(real_shards):
     manifest = open_shards(real_shards).manifest
-    assert manifest["synthetic"] is False
-    assert {k: v["canonical"] for k, v in manifest["sources"].items()} == {
+    assert manifest.synthetic is False
+    assert {k: v.canonical for k, v in manifest.sources.items()} == {
         "test-images": True, "test-labels": True}
-    assert manifest["sources"]["test-images"]["md5"] == "9fb629c4189551a2d022fa330f9573f3"
-    assert list(manifest["splits"]) == ["test"]
+    assert manifest.sources["test-images"].md5 == "9fb629c4189551a2d022fa330f9573f3"
+    assert list(manifest.splits) == ["test"]
 
 
 def test_generated_60k_set_converts_and_verifies(synth_shards, capsys):
@@ -58,8 +58,7 @@ def test_generated_60k_set_converts_and_verifies(synth_shards, capsys):
     assert torch.equal(torch.from_numpy(f32[idx]),
                        torch.stack([TO_TENSOR_NORMALIZE(im) for im in u8[idx, 0]]))
     for name in ("images_u8", "images_f32", "labels"):
-        meta = train.info["files"][name]
-        assert meta["size"] == train.path(name).stat().st_size
+        assert train.info.arrays[name].size == train.path(name).stat().st_size
     assert main(["verify", str(synth_shards)]) == 0
     assert "all files match" in capsys.readouterr().out
 
@@ -205,12 +204,12 @@ def test_other_datasets_compute_mean_std_from_train(tmp_path):
     manifest = convert(tmp_path, tmp_path / "out", "fashion-mnist", progress=False).manifest
     mean, std = images.mean() / 255, (images / 255).std()
     for split in ("train", "test"):
-        assert manifest["splits"][split]["mean"] == pytest.approx(mean, rel=1e-12)
-        assert manifest["splits"][split]["std"] == pytest.approx(std, rel=1e-12)
+        assert manifest.splits[split].mean == pytest.approx(mean, rel=1e-12)
+        assert manifest.splits[split].std == pytest.approx(std, rel=1e-12)
     test = open_shards(tmp_path / "out").split("test")
     expected = transforms.Normalize((mean,), (std,))(torch.from_numpy(images[:5, None]).float() / 255)
     assert torch.equal(torch.from_numpy(np.array(test.array("images_f32"))), expected)
-    assert manifest["sources"]["train-images"]["canonical"] is None  # no .gz: md5 unknown
+    assert manifest.sources["train-images"].canonical is None  # no .gz: md5 unknown
 
 
 def test_newer_manifest_format_is_refused(small_root, tmp_path):

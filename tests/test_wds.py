@@ -13,7 +13,7 @@ import torch
 import webdataset
 from torch.utils.data import DataLoader
 
-from fastmnist import FastMNISTError, FastMNISTLoader, convert, open_shards, wds
+from fastmnist import FastMNISTError, FastMNISTLoader, cache, convert, open_shards
 from fastmnist.order import shard_order
 
 from .conftest import decode_indices, indexed_images, seed_pipeline, write_split
@@ -65,8 +65,8 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 def test_stock_webdataset_reads_the_same_samples_as_the_arrays(real_both):
     split = open_shards(real_both).split("test")
-    shards = [str(real_both / s["file"]) for s in split.info["wds"]["shards"]]
-    assert [s["count"] for s in split.info["wds"]["shards"]] == [3000, 3000, 3000, 1000]
+    shards = [str(split.path(s.file)) for s in split.shards]
+    assert [s.count for s in split.shards] == [3000, 3000, 3000, 1000]
     samples = list(webdataset.WebDataset(shards, shardshuffle=False).decode().to_tuple("npy", "cls"))
     images = torch.from_numpy(np.stack([im for im, _ in samples]))
     labels = torch.tensor([c for _, c in samples])
@@ -158,15 +158,15 @@ def test_streamed_exactly_once_across_ranks_and_workers(indexed_wds, world_size,
 
 
 def test_streamed_ranks_fetch_only_the_shards_of_their_run(indexed_wds, monkeypatch):
-    fetched, real_fetch = [], wds.fetch
-    monkeypatch.setattr(wds, "fetch", lambda url, size: fetched.append(url) or real_fetch(url, size))
+    fetched, real_fetch = [], cache.fetch
+    monkeypatch.setattr(cache, "fetch", lambda url, size: fetched.append(url) or real_fetch(url, size))
     url, total = f"file://{indexed_wds}/", 0
     for rank in range(3):
         fetched.clear()
         loader = FastMNISTLoader(url, batch_size=40, seed=5, rank=rank, world_size=3,
                                  normalize=False, prefetch=1)
         touched = {f"{url}train-{i // 200:06d}.tar" for b in _indices(loader) for i in b}
-        for future in loader._data[3].pending.values():
+        for future in loader.batch_source.cache.pending.values():
             future.result()
         assert touched <= set(fetched) and len(set(fetched) - touched) <= 1  # + 1 for the next epoch
         total += len(touched)
@@ -176,16 +176,16 @@ def test_streamed_ranks_fetch_only_the_shards_of_their_run(indexed_wds, monkeypa
 
 
 def test_streaming_fetches_each_shard_once_per_epoch_and_holds_few(indexed_wds, monkeypatch):
-    fetched, real_fetch = Counter(), wds.fetch
-    monkeypatch.setattr(wds, "fetch", lambda url, size: fetched.update([url]) or real_fetch(url, size))
+    fetched, real_fetch = Counter(), cache.fetch
+    monkeypatch.setattr(cache, "fetch", lambda url, size: fetched.update([url]) or real_fetch(url, size))
     # unshuffled, the 6 shards are visited in turn, so none stays held from one visit to the next
     loader = FastMNISTLoader(f"file://{indexed_wds}/", batch_size=1, shuffle=False, normalize=False)
     beyond = []
     for _ in range(3):
         for _ in loader:
-            cache = loader._data[3]
-            beyond.append(len(cache.loaded) + len(cache.pending) - len(set(cache.in_use)))
-    for future in cache.pending.values():
+            held = loader.batch_source.cache
+            beyond.append(len(held.loaded) + len(held.pending) - len(set(held.in_use)))
+    for future in held.pending.values():
         future.result()
     shard_urls = [f"file://{indexed_wds}/train-{s:06d}.tar" for s in range(6)]
     # each shard once per epoch, and the next epoch's first two fetched ahead
@@ -223,7 +223,7 @@ def _flip(offset):
     (lambda p: p.write_bytes(p.read_bytes()[:100_000]), "size 100000 bytes, manifest says",
      "truncated: 100000 bytes, the manifest says"),
     (lambda p: p.unlink(), "missing shard file listed in the manifest", "cannot read"),
-    (_flip(2560 * 7 + 100), None, "sample 7: unexpected tar member header"),  # a header byte
+    (_flip(2560 * 7 + 100), None, "sample 7: unexpected bytes in the .cls member header at offset 100"),
     (_flip(2560 * 7 + 1700), None, None),  # an image byte: only the checksum can tell
 ])
 def test_damaged_shards_are_named(indexed_wds, tmp_path, damage, local_error, stream_error):

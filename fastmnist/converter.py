@@ -3,7 +3,7 @@
 Per split it writes ``{split}_images_u8.npy`` uint8 ``(N,1,28,28)``,
 ``{split}_images_f32.npy`` float32 ``(N,1,28,28)`` (exactly ``ToTensor()`` +
 ``Normalize``) and ``{split}_labels.npy`` int64 ``(N,)``, and/or WebDataset tar shards
-(``wds.py``), plus ``manifest.json``.
+``{split}-000000.tar``, ... (``tar.py``), plus ``manifest.json``.
 The set is built in a hidden sibling directory and swapped into place, under a lock, so
 readers see the old complete set or the new one, never a mix.
 """
@@ -12,7 +12,6 @@ import ctypes
 import errno
 import fcntl
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -29,10 +28,19 @@ from . import __version__
 from .datasets import SPLITS, DatasetSpec, get_spec
 from .errors import FastMNISTError
 from .idx import read_images, read_labels
+from .manifest import (
+    FORMAT_VERSION,
+    MANIFEST,
+    Manifest,
+    array_file_name,
+    npy_header,
+    parse_manifest,
+    shard_file_name,
+)
 from .normalize import lookup_table
-from .store import FORMAT_VERSION, MANIFEST, open_shards, read_manifest
+from .store import open_shards, read_manifest
 from .synth import SYNTHETIC_MARKER
-from .wds import write_shards
+from .tar import write_shard
 
 _CHUNK = 10000  # samples per write
 FORMATS = ("npy", "wds", "both")
@@ -41,7 +49,7 @@ FORMATS = ("npy", "wds", "both")
 @dataclass
 class ConvertResult:
     out: Path
-    manifest: dict
+    manifest: Manifest
     skipped: bool  # True: the set was already up to date and nothing was written
     seconds: float
 
@@ -108,17 +116,19 @@ def convert(root, out, dataset: str = "mnist", *, splits=None, mean=None, std=No
                     if format in ("npy", "both"):
                         info["files"] = _write_arrays(tmp, split, images, labels, *norm, bar)
                     if format in ("wds", "both"):
-                        info["wds"] = {"shard_size": shard_size, "shards": write_shards(
+                        info["wds"] = {"shard_size": shard_size, "shards": _write_shards(
                             tmp, split, images, labels, shard_size, bar)}
                     manifest["splits"][split] = info
-            _write_manifest(tmp, manifest)
+            text = json.dumps(manifest, indent=2) + "\n"
+            written = parse_manifest(text, tmp / MANIFEST)  # what every reader will check
+            _write_manifest(tmp, text)
             _swap_into_place(tmp, out)
         except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(e, OSError):
                 raise FastMNISTError(f"{e.filename or out}: cannot write: {e.strerror}") from e
             raise
-    return ConvertResult(out, manifest, False, time.perf_counter() - start)
+    return ConvertResult(out, written, False, time.perf_counter() - start)
 
 
 def _find_sources(root: Path, spec: DatasetSpec, splits, download: bool) -> dict:
@@ -225,10 +235,10 @@ def _up_to_date(out: Path, fingerprint: dict, options: dict) -> bool:
     except FastMNISTError:
         return False
     m = shards.manifest
-    same_sources = {k: v["sha256"] for k, v in m.get("sources", {}).items()} == {
+    same_sources = {k: v.sha256 for k, v in m.sources.items()} == {
         k: v["sha256"] for k, v in fingerprint.items()
     }
-    return same_sources and m.get("options") == options
+    return same_sources and m.options == options
 
 
 def _normalisation(spec: DatasetSpec, data: dict, mean, std) -> tuple[float, float]:
@@ -247,7 +257,7 @@ def _normalisation(spec: DatasetSpec, data: dict, mean, std) -> tuple[float, flo
 def _write_arrays(tmp: Path, split: str, images: np.ndarray, labels: np.ndarray,
                   mean: float, std: float, bar) -> dict:
     """The split's three ``.npy`` files; returns their manifest entries."""
-    lut = lookup_table(mean, std).numpy()
+    lut = lookup_table(mean, std)
     n = len(images)
 
     def chunks(arr, fn=None):
@@ -257,11 +267,11 @@ def _write_arrays(tmp: Path, split: str, images: np.ndarray, labels: np.ndarray,
             bar.update(len(part))
 
     return {
-        "images_u8": _write_npy(tmp / f"{split}_images_u8.npy", images.shape, np.uint8,
+        "images_u8": _write_npy(tmp / array_file_name(split, "images_u8"), images.shape, np.uint8,
                                 chunks(images)),
-        "images_f32": _write_npy(tmp / f"{split}_images_f32.npy", images.shape, np.float32,
-                                 chunks(images, lut.take)),
-        "labels": _write_npy(tmp / f"{split}_labels.npy", labels.shape, np.int64,
+        "images_f32": _write_npy(tmp / array_file_name(split, "images_f32"), images.shape,
+                                 np.float32, chunks(images, lut.take)),
+        "labels": _write_npy(tmp / array_file_name(split, "labels"), labels.shape, np.int64,
                              [labels.astype(np.int64)]),
     }
 
@@ -269,13 +279,10 @@ def _write_arrays(tmp: Path, split: str, images: np.ndarray, labels: np.ndarray,
 def _write_npy(path: Path, shape, dtype, parts) -> dict:
     """Write an ``.npy`` from C-contiguous parts, hashing as it goes; returns its manifest entry."""
     dtype = np.dtype(dtype)
-    header = io.BytesIO()
-    np.lib.format.write_array_header_1_0(
-        header, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
-                 "shape": tuple(shape)})
-    sha = hashlib.sha256(header.getvalue())
+    header = npy_header(dtype.name, shape)
+    sha = hashlib.sha256(header)
     with open(path, "wb") as f:
-        f.write(header.getvalue())
+        f.write(header)
         for part in parts:
             buf = memoryview(np.ascontiguousarray(part, dtype=dtype)).cast("B")
             sha.update(buf)
@@ -286,10 +293,26 @@ def _write_npy(path: Path, shape, dtype, parts) -> dict:
             "size": path.stat().st_size, "sha256": sha.hexdigest()}
 
 
-def _write_manifest(tmp: Path, manifest: dict) -> None:
+def _write_shards(tmp: Path, split: str, images: np.ndarray, labels: np.ndarray,
+                  shard_size: int, bar) -> list[dict]:
+    """The split's tar shards of ``shard_size`` samples; returns their manifest entries."""
+    shards = []
+    for number, first in enumerate(range(0, len(labels), shard_size)):
+        path, stop = tmp / shard_file_name(split, number), min(first + shard_size, len(labels))
+        sha = hashlib.sha256()
+        with open(path, "wb") as f:
+            write_shard(f, first, images[first:stop], labels[first:stop], sha)
+            f.flush()
+            os.fsync(f.fileno())
+        bar.update(stop - first)
+        shards.append({"file": path.name, "first": first, "count": stop - first,
+                       "size": path.stat().st_size, "sha256": sha.hexdigest()})
+    return shards
+
+
+def _write_manifest(tmp: Path, text: str) -> None:
     with open(tmp / MANIFEST, "w") as f:
-        json.dump(manifest, f, indent=2)
-        f.write("\n")
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     _fsync_dir(tmp)

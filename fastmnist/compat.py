@@ -1,0 +1,61 @@
+"""The parts of ``DataLoader``'s surface that training scripts read besides the batches:
+``loader.dataset`` and ``loader.sampler``, with DataLoader's meaning."""
+
+import torch
+
+from .errors import FastMNISTError
+
+
+class SplitDataset(torch.utils.data.Dataset):
+    """A loader's split as a map-style dataset, as ``torchvision.datasets.MNIST`` with
+    ``ToTensor()`` + ``Normalize`` is: ``len()`` is the split's sample count (all ranks
+    together, as ``len(DataLoader.dataset)``); ``ds[i]`` is ``(x, label)``, x float32
+    ``[1, 28, 28]`` (uint8 with ``normalize=False``) and label an int; ``targets`` the int64
+    labels ``(N,)``. Indexing needs a local set: streamed shards have no random access."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return self.loader.info.count
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        n = len(self)
+        if not isinstance(index, int) or not -n <= index < n:
+            raise IndexError(f"sample index {index!r} out of range for {n} samples")
+        x, y = self._arrays().gather(torch.tensor([index % n]))
+        loader = self.loader
+        if loader.normalize and x.dtype == torch.uint8:
+            from .normalize import normalize_u8
+
+            x = normalize_u8(x.cpu(), loader.info.mean, loader.info.std)
+        return x[0], int(y[0])
+
+    @property
+    def targets(self) -> torch.Tensor:
+        return self._arrays().labels
+
+    def _arrays(self):
+        source = self.loader.batch_source
+        if not hasattr(source, "labels"):
+            raise FastMNISTError("the samples of streamed shards cannot be indexed one by one; "
+                                 "open a local set (or a local copy) for dataset[i]")
+        return source
+
+
+class EpochSampler:
+    """A loader's ``sampler``, as a ``DistributedSampler`` is to a ``DataLoader``:
+    ``set_epoch(e)`` chooses the next epoch, ``len()`` is this rank's samples per epoch, and
+    iterating gives the sample indices this rank visits in the next epoch."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return self.loader.samples_per_rank
+
+    def __iter__(self):
+        return iter(self.loader.rank_order(self.loader._next_epoch).tolist())
