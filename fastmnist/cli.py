@@ -148,9 +148,20 @@ def _synth(args) -> int:
     return 0
 
 
+def _require_bench_extra() -> None:
+    """The report compares against torchvision and stock webdataset and draws with matplotlib."""
+    import importlib.util
+
+    missing = [m for m in ("torchvision", "webdataset", "matplotlib") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise FastMNISTError(f"{', '.join(missing)} not installed: the comparison report needs "
+                             "the bench extra (pip install 'fastmnist[bench]')")
+
+
 def _bench(args) -> int:
     import json
 
+    _require_bench_extra()
     from .report import check, extract_for_torchvision, markdown, reference_from, run_report
 
     extract_for_torchvision(args.raw)
@@ -184,6 +195,7 @@ def _demo(args) -> int:
     from .converter import convert
     from .synth import write_raw
 
+    _require_bench_extra()
     if not list(args.data.glob("MNIST/raw/*")):
         try:
             convert(args.data, args.shards, format="both", download=True, progress=False)

@@ -8,27 +8,31 @@ The set is built in a hidden sibling directory and swapped into place, under a l
 readers see the old complete set or the new one, never a mix.
 """
 
+import contextlib
 import ctypes
 import errno
 import fcntl
 import hashlib
+import itertools
 import json
 import os
 import shutil
 import tempfile
 import time
+import types
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from . import __version__
 from .datasets import SPLITS, DatasetSpec, get_spec
 from .errors import FastMNISTError
+from .files import BackgroundWriter
 from .idx import read_images, read_labels
 from .manifest import (
+    ARRAYS,
     FORMAT_VERSION,
     MANIFEST,
     Manifest,
@@ -37,12 +41,12 @@ from .manifest import (
     parse_manifest,
     shard_file_name,
 )
-from .normalize import lookup_table
+from .normalize import normalize_u8_numpy
 from .store import open_shards, read_manifest
 from .synth import SYNTHETIC_MARKER
-from .tar import write_shard
+from .tar import shard_chunks
 
-_CHUNK = 10000  # samples per write
+_CHUNK = 1000  # samples per chunk: 3 MB of float32, cache-sized
 FORMATS = ("npy", "wds", "both")
 
 
@@ -107,18 +111,20 @@ def convert(root, out, dataset: str = "mnist", *, splits=None, mean=None, std=No
             tmp.chmod(0o755)  # mkdtemp makes it private; the set is meant to be shared
             passes = {"npy": 2, "wds": 1, "both": 3}[format]
             total = passes * sum(len(labels) for _, labels in data.values())
-            with tqdm(total=total, desc=f"convert {spec.name}", unit="img", unit_scale=True,
-                      disable=not progress) as bar:
+            with _progress_bar(total, f"convert {spec.name}", progress) as bar, BackgroundWriter() as writer:
                 for split, (images, labels) in data.items():
                     info = {"count": len(labels), "image_shape": list(images.shape[1:]),
                             "mean": norm[0], "std": norm[1], "num_classes": spec.num_classes,
                             "files": {}}
                     if format in ("npy", "both"):
-                        info["files"] = _write_arrays(tmp, split, images, labels, *norm, bar)
+                        info["files"] = _write_arrays(tmp, split, images, labels, *norm, bar, writer)
                     if format in ("wds", "both"):
                         info["wds"] = {"shard_size": shard_size, "shards": _write_shards(
-                            tmp, split, images, labels, shard_size, bar)}
+                            tmp, split, images, labels, shard_size, bar, writer)}
                     manifest["splits"][split] = info
+            for info in manifest["splits"].values():
+                for entry in [*info["files"].values(), *info.get("wds", {}).get("shards", [])]:
+                    _resolve(entry)
             text = json.dumps(manifest, indent=2) + "\n"
             written = parse_manifest(text, tmp / MANIFEST)  # what every reader will check
             _write_manifest(tmp, text)
@@ -129,6 +135,15 @@ def convert(root, out, dataset: str = "mnist", *, splits=None, mean=None, std=No
                 raise FastMNISTError(f"{e.filename or out}: cannot write: {e.strerror}") from e
             raise
     return ConvertResult(out, written, False, time.perf_counter() - start)
+
+
+def _progress_bar(total: int, desc: str, shown: bool):
+    """A tqdm bar counting images, or a silent stand-in (tqdm is not even imported)."""
+    if not shown:
+        return contextlib.nullcontext(types.SimpleNamespace(update=lambda n: None))
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", unit_scale=True)
 
 
 def _find_sources(root: Path, spec: DatasetSpec, splits, download: bool) -> dict:
@@ -166,7 +181,11 @@ def _find_sources(root: Path, spec: DatasetSpec, splits, download: bool) -> dict
 
 
 def _download(root: Path, spec: DatasetSpec) -> None:
-    import torchvision.datasets
+    try:
+        import torchvision.datasets
+    except ImportError:
+        raise FastMNISTError(f"{root}: --download uses torchvision's downloader, which is not "
+                             "installed (pip install torchvision, or 'fastmnist[bench]')") from None
 
     try:
         getattr(torchvision.datasets, spec.folder)(str(root), train=True, download=True)
@@ -255,59 +274,54 @@ def _normalisation(spec: DatasetSpec, data: dict, mean, std) -> tuple[float, flo
 
 
 def _write_arrays(tmp: Path, split: str, images: np.ndarray, labels: np.ndarray,
-                  mean: float, std: float, bar) -> dict:
-    """The split's three ``.npy`` files; returns their manifest entries."""
-    lut = lookup_table(mean, std)
-    n = len(images)
+                  mean: float, std: float, bar, writer: BackgroundWriter) -> dict:
+    """The split's three ``.npy`` files; returns their manifest entries (futures resolved
+    once ``writer`` is done)."""
 
-    def chunks(arr, fn=None):
-        for i in range(0, n, _CHUNK):
-            part = arr[i:i + _CHUNK]
-            yield part if fn is None else fn(part)
+    def normalised():
+        for i in range(0, len(images), _CHUNK):
+            part = images[i:i + _CHUNK]
+            yield normalize_u8_numpy(part, mean, std, out=np.empty(part.shape, np.float32))
             bar.update(len(part))
 
+    def chunks(array):
+        for i in range(0, len(array), _CHUNK):
+            yield np.ascontiguousarray(array[i:i + _CHUNK])
+            bar.update(len(array[i:i + _CHUNK]))
+
     return {
-        "images_u8": _write_npy(tmp / array_file_name(split, "images_u8"), images.shape, np.uint8,
-                                chunks(images)),
-        "images_f32": _write_npy(tmp / array_file_name(split, "images_f32"), images.shape,
-                                 np.float32, chunks(images, lut.take)),
-        "labels": _write_npy(tmp / array_file_name(split, "labels"), labels.shape, np.int64,
-                             [labels.astype(np.int64)]),
+        "images_u8": _write_npy(tmp, split, "images_u8", images.shape, chunks(images), writer),
+        "images_f32": _write_npy(tmp, split, "images_f32", images.shape, normalised(), writer),
+        "labels": _write_npy(tmp, split, "labels", labels.shape, [labels.astype(np.int64)], writer),
     }
 
 
-def _write_npy(path: Path, shape, dtype, parts) -> dict:
-    """Write an ``.npy`` from C-contiguous parts, hashing as it goes; returns its manifest entry."""
-    dtype = np.dtype(dtype)
-    header = npy_header(dtype.name, shape)
-    sha = hashlib.sha256(header)
-    with open(path, "wb") as f:
-        f.write(header)
-        for part in parts:
-            buf = memoryview(np.ascontiguousarray(part, dtype=dtype)).cast("B")
-            sha.update(buf)
-            f.write(buf)
-        f.flush()
-        os.fsync(f.fileno())
-    return {"file": path.name, "dtype": dtype.name, "shape": list(shape),
-            "size": path.stat().st_size, "sha256": sha.hexdigest()}
+def _write_npy(tmp: Path, split: str, array: str, shape, parts, writer: BackgroundWriter) -> dict:
+    """Write ``array`` of ``split`` as an ``.npy`` from C-contiguous parts of its dtype;
+    returns its manifest entry, "size" and "sha256" a future of both."""
+    dtype = ARRAYS[array]
+    name = array_file_name(split, array)
+    done = writer.write(tmp / name, itertools.chain([npy_header(dtype, shape)], parts))
+    return {"file": name, "dtype": dtype, "shape": list(shape), "written": done}
 
 
 def _write_shards(tmp: Path, split: str, images: np.ndarray, labels: np.ndarray,
-                  shard_size: int, bar) -> list[dict]:
-    """The split's tar shards of ``shard_size`` samples; returns their manifest entries."""
+                  shard_size: int, bar, writer: BackgroundWriter) -> list[dict]:
+    """The split's tar shards of ``shard_size`` samples; returns their manifest entries,
+    "size" and "sha256" a future of both."""
     shards = []
     for number, first in enumerate(range(0, len(labels), shard_size)):
-        path, stop = tmp / shard_file_name(split, number), min(first + shard_size, len(labels))
-        sha = hashlib.sha256()
-        with open(path, "wb") as f:
-            write_shard(f, first, images[first:stop], labels[first:stop], sha)
-            f.flush()
-            os.fsync(f.fileno())
+        stop = min(first + shard_size, len(labels))
+        name = shard_file_name(split, number)
+        done = writer.write(tmp / name, shard_chunks(first, images[first:stop], labels[first:stop]))
         bar.update(stop - first)
-        shards.append({"file": path.name, "first": first, "count": stop - first,
-                       "size": path.stat().st_size, "sha256": sha.hexdigest()})
+        shards.append({"file": name, "first": first, "count": stop - first, "written": done})
     return shards
+
+
+def _resolve(entry: dict) -> None:
+    """Replace an entry's future ("written") with the "size" and "sha256" it gave."""
+    entry["size"], entry["sha256"] = entry.pop("written").result()
 
 
 def _write_manifest(tmp: Path, text: str) -> None:
