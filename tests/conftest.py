@@ -24,6 +24,9 @@ def write_split(root: Path, split: str, images: np.ndarray, labels: np.ndarray, 
             write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels))
 
 
+INDEXED_N = 1003  # train samples of the indexed sets: prime, so no world or batch size divides it
+
+
 def indexed_images(n: int) -> np.ndarray:
     """uint8 ``(n, 28, 28)`` whose first two pixels encode the sample index (for exactly-once)."""
     images = np.zeros((n, 28, 28), np.uint8)
@@ -35,6 +38,12 @@ def indexed_images(n: int) -> np.ndarray:
 def decode_indices(x) -> list[int]:
     """Sample indices from a uint8 batch of ``indexed_images``."""
     return (x[:, 0, 0, 0].long() + 256 * x[:, 0, 0, 1].long()).tolist()
+
+
+def batch_indices(batches) -> list[list[int]]:
+    """The sample indices of an epoch of ``(x, y)`` uint8 batches of an indexed set, batch
+    by batch (``normalize=False``)."""
+    return [decode_indices(x) for x, _ in batches]
 
 
 def seed_pipeline(root, batch_size=64):
@@ -97,10 +106,9 @@ def synth_shards(synth_root, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def indexed_shards(tmp_path_factory) -> Path:
-    """A set whose images encode their index: train 1003 samples (prime, so no world size
-    or batch size divides it), test 10."""
+    """A set whose images encode their index: train ``INDEXED_N`` samples, test 10."""
     root = tmp_path_factory.mktemp("indexed")
-    write_split(root, "train", indexed_images(1003), np.arange(1003) % 10)
+    write_split(root, "train", indexed_images(INDEXED_N), np.arange(INDEXED_N) % 10)
     write_split(root, "test", indexed_images(10), np.arange(10) % 10)
     out = root / "shards"
     convert(root, out, progress=False)

@@ -19,10 +19,9 @@ from fastmnist import FastMNISTError, FastMNISTLoader, convert
 from fastmnist.normalize import normalize_u8, normalize_u8_numpy
 from fastmnist.order import epoch_order, rank_share
 
-from .conftest import decode_indices, seed_pipeline
+from .conftest import INDEXED_N, batch_indices, seed_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
-N = 1003  # train size of indexed_shards
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available here")
 
 
@@ -49,16 +48,13 @@ def test_numpy_normaliser_gives_the_same_bits_as_torch(mean, std):
 def test_drop_in_shapes_and_len(indexed_shards):
     loader = FastMNISTLoader(indexed_shards, batch_size=64)
     batches = list(loader)
-    assert len(loader) == len(batches) == math.ceil(N / 64)
-    assert [len(y) for _, y in batches] == [64] * 15 + [N - 15 * 64]
+    assert len(loader) == len(batches) == math.ceil(INDEXED_N / 64)
+    assert [len(y) for _, y in batches] == [64] * 15 + [INDEXED_N - 15 * 64]
     x, y = batches[0]
     assert x.shape == (64, 1, 28, 28) and x.dtype == torch.float32 and y.shape == (64,)
     dropped = FastMNISTLoader(indexed_shards, batch_size=64, drop_last=True)
-    assert len(dropped) == len(list(dropped)) == N // 64
+    assert len(dropped) == len(list(dropped)) == INDEXED_N // 64
 
-
-def _epoch(loader_or_dl):
-    return [decode_indices(x) for x, _ in loader_or_dl]
 
 
 def _run_rank(path, rank, world_size, workers, drop_last=False, batch_size=50, epoch=0):
@@ -66,16 +62,16 @@ def _run_rank(path, rank, world_size, workers, drop_last=False, batch_size=50, e
                              world_size=world_size, normalize=False)
     loader.set_epoch(epoch)
     if workers:
-        return len(loader), _epoch(DataLoader(loader, batch_size=None, num_workers=workers))
-    return len(loader), _epoch(loader)
+        return len(loader), batch_indices(DataLoader(loader, batch_size=None, num_workers=workers))
+    return len(loader), batch_indices(loader)
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 @pytest.mark.parametrize("workers", [0, 1, 2])
 @pytest.mark.parametrize("drop_last", [False, True])
 def test_exactly_once_across_ranks_and_workers(indexed_shards, world_size, workers, drop_last):
-    order = epoch_order(N, 11, 0, True).tolist()
-    per_rank = N // world_size if drop_last else math.ceil(N / world_size)
+    order = epoch_order(INDEXED_N, 11, 0, True).tolist()
+    per_rank = INDEXED_N // world_size if drop_last else math.ceil(INDEXED_N / world_size)
     results = [_run_rank(indexed_shards, r, world_size, workers, drop_last) for r in range(world_size)]
     counts = {len(batches) for _, batches in results}
     assert counts == {results[0][0]}, "every rank yields len(loader) batches"
@@ -87,7 +83,7 @@ def test_exactly_once_across_ranks_and_workers(indexed_shards, world_size, worke
         assert len(kept) == world_size * (per_rank // 50 * 50) and max(seen.values()) == 1
         assert set(kept) <= set(order[: per_rank * world_size])
     else:
-        pad = per_rank * world_size - N  # repeats of the epoch's first samples
+        pad = per_rank * world_size - INDEXED_N  # repeats of the epoch's first samples
         assert seen == Counter(order + order[:pad])
     # with workers, the batches and their order are those of the single-process loader
     if workers:
@@ -98,7 +94,7 @@ def test_exactly_once_across_ranks_and_workers(indexed_shards, world_size, worke
 def test_rank_share_matches_distributed_sampler():
     from torch.utils.data.distributed import DistributedSampler
 
-    for n, world, drop in [(1003, 3, False), (1003, 3, True), (10, 4, False), (2, 3, False)]:
+    for n, world, drop in [(INDEXED_N, 3, False), (INDEXED_N, 3, True), (10, 4, False), (2, 3, False)]:
         order = torch.arange(n)  # shuffle=False sampler order
         for r in range(world):
             sampler = DistributedSampler(range(n), num_replicas=world, rank=r, shuffle=False,
@@ -123,18 +119,18 @@ def test_real_gloo_group_under_torchrun(indexed_shards, tmp_path):
     ranks = json.loads(out.read_text())
     assert [r["rank"] for r in ranks] == [0, 1] and {r["world_size"] for r in ranks} == {2}
     assert len(ranks[0]["batches"]) == len(ranks[1]["batches"]) == ranks[0]["len"] == 8
-    order = epoch_order(N, 7, 0, True).tolist()
+    order = epoch_order(INDEXED_N, 7, 0, True).tolist()
     seen = Counter(i for r in ranks for b in r["batches"] for i in b)
-    assert seen == Counter(order + order[:1])  # 1003 over 2 ranks: one sample repeated
+    assert seen == Counter(order + order[:1])  # an odd count over 2 ranks: one sample repeated
     assert {i for b in ranks[0]["batches"] for i in b}.isdisjoint(
         {i for b in ranks[1]["batches"] for i in b} - {order[0]})
 
 
 def _order_in_subprocess(path, seed, epoch) -> list[int]:
     code = ("import json; from fastmnist import FastMNISTLoader;"
-            "from tests.conftest import decode_indices;"
+            "from tests.conftest import batch_indices;"
             f"l = FastMNISTLoader({str(path)!r}, batch_size=100, seed={seed}, normalize=False);"
-            f"l.set_epoch({epoch}); print(json.dumps([i for x, _ in l for i in decode_indices(x)]))")
+            f"l.set_epoch({epoch}); print(json.dumps(sum(batch_indices(l), [])))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     return json.loads(out.stdout)
 
@@ -143,19 +139,19 @@ def test_order_is_a_pure_function_of_seed_and_epoch(indexed_shards):
     def here(seed, epoch):
         loader = FastMNISTLoader(indexed_shards, batch_size=100, seed=seed, normalize=False)
         loader.set_epoch(epoch)
-        return [i for batch in _epoch(loader) for i in batch]
+        return [i for batch in batch_indices(loader) for i in batch]
 
     e0 = here(5, 0)
-    assert sorted(e0) == list(range(N)) and e0 != list(range(N))
+    assert sorted(e0) == list(range(INDEXED_N)) and e0 != list(range(INDEXED_N))
     assert _order_in_subprocess(indexed_shards, 5, 0) == e0
-    assert here(5, 1) != e0 and sorted(here(5, 1)) == list(range(N))
+    assert here(5, 1) != e0 and sorted(here(5, 1)) == list(range(INDEXED_N))
     assert here(6, 0) != e0
     # iterating again moves to the next epoch, as DataLoader(shuffle=True) reshuffles
     loader = FastMNISTLoader(indexed_shards, batch_size=100, seed=5, normalize=False)
-    assert [i for b in _epoch(loader) for i in b] == e0
-    assert [i for b in _epoch(loader) for i in b] == here(5, 1)
+    assert [i for b in batch_indices(loader) for i in b] == e0
+    assert [i for b in batch_indices(loader) for i in b] == here(5, 1)
     unshuffled = FastMNISTLoader(indexed_shards, batch_size=100, shuffle=False, normalize=False)
-    assert [i for b in _epoch(unshuffled) for i in b] == list(range(N))
+    assert [i for b in batch_indices(unshuffled) for i in b] == list(range(INDEXED_N))
 
 
 RESUME = """
@@ -191,10 +187,10 @@ def test_resume_in_a_fresh_process_continues_the_epoch(synth_shards, tmp_path):
 
 
 def test_resume_with_dataloader_workers(indexed_shards):
-    reference = _epoch(FastMNISTLoader(indexed_shards, batch_size=30, seed=1, normalize=False))
+    reference = batch_indices(FastMNISTLoader(indexed_shards, batch_size=30, seed=1, normalize=False))
     loader = FastMNISTLoader(indexed_shards, batch_size=30, seed=1, normalize=False)
     loader.load_state_dict({"epoch": 0, "batches_done": 13})
-    assert _epoch(DataLoader(loader, batch_size=None, num_workers=2)) == reference[13:]
+    assert batch_indices(DataLoader(loader, batch_size=None, num_workers=2)) == reference[13:]
 
 
 def test_state_survives_a_save_before_resuming(indexed_shards):
@@ -203,7 +199,7 @@ def test_state_survives_a_save_before_resuming(indexed_shards):
     again = FastMNISTLoader(indexed_shards, batch_size=100, normalize=False)
     again.load_state_dict(loader.state_dict())  # saved again before iterating: nothing lost
     assert (again.state_dict()["epoch"], again.state_dict()["batches_done"]) == (3, 4)
-    assert _epoch(again) == _epoch(_at_epoch(indexed_shards, 3))[4:]
+    assert batch_indices(again) == batch_indices(_at_epoch(indexed_shards, 3))[4:]
 
 
 def _at_epoch(path, epoch):
@@ -264,8 +260,9 @@ def test_missing_or_truncated_shard(tmp_path, indexed_shards, damage, message):
 
 
 def test_resident_cpu_and_unnormalised_modes(indexed_shards):
-    base = _epoch(FastMNISTLoader(indexed_shards, batch_size=64, normalize=False))
-    assert _epoch(FastMNISTLoader(indexed_shards, batch_size=64, normalize=False, resident=True)) == base
+    base = batch_indices(FastMNISTLoader(indexed_shards, batch_size=64, normalize=False))
+    resident = FastMNISTLoader(indexed_shards, batch_size=64, normalize=False, resident=True)
+    assert batch_indices(resident) == base
     f32 = list(FastMNISTLoader(indexed_shards, batch_size=64, shuffle=False))
     u8 = list(FastMNISTLoader(indexed_shards, batch_size=64, shuffle=False, source="uint8"))
     assert all(torch.equal(a[0], b[0]) for a, b in zip(f32, u8, strict=True))

@@ -117,8 +117,8 @@ def _partly_written(parent: Path, name: str):
 
 
 KILL_POINTS = {  # observed from outside, killed at that moment
-    "early (importing, hashing the inputs)": lambda parent: time.sleep(0.5) or True,
-    "mid-write of the float32 array": lambda parent: _partly_written(parent, "train_images_f32.npy"),
+    "early": lambda parent: time.sleep(0.5) or True,  # importing, hashing the inputs
+    "mid_float32_write": lambda parent: _partly_written(parent, "train_images_f32.npy"),
 }
 
 # Too brief to hit from outside: the process kills itself there (fault injection).
@@ -130,26 +130,26 @@ point, renames, real_rename, real_swap = sys.argv[1], [], os.rename, convert._sw
 real_manifest = convert._write_manifest
 
 def manifest(tmp, data):
-    if point == "arrays written, before the manifest":
+    if point == "before_manifest":  # every data file written
         os.kill(os.getpid(), signal.SIGKILL)
     return real_manifest(tmp, data)
 
 def swap(tmp, out):
-    if point == "manifest written, before the rename":
+    if point == "before_swap":  # the manifest written
         os.kill(os.getpid(), signal.SIGKILL)
     return real_swap(tmp, out)
 
 def exchange(a, b):
-    if point.startswith("no exchange"):
+    if point == "between_fallback_renames":  # as on a file system without RENAME_EXCHANGE
         return False
     swapped = real_exchange(a, b)
-    if point == "new set exchanged in, the previous not yet deleted":
+    if point == "after_exchange":  # the new set in place, the previous not yet deleted
         os.kill(os.getpid(), signal.SIGKILL)
     return swapped
 
 def rename(src, dst):
     renames.append(src)
-    if point.startswith("no exchange") and len(renames) == 2:
+    if point == "between_fallback_renames" and len(renames) == 2:
         os.kill(os.getpid(), signal.SIGKILL)
     return real_rename(src, dst)
 
@@ -158,10 +158,7 @@ convert._write_manifest, convert._swap_into_place, convert._exchange = manifest,
 os.rename = rename
 main(["convert", "--quiet", "--force", *sys.argv[2:]])
 """
-SELF_KILL_POINTS = ["arrays written, before the manifest", "manifest written, before the rename",
-                    "new set exchanged in, the previous not yet deleted",
-                    "no exchange (a file system without it): between moving the old set aside "
-                    "and renaming the new one"]
+SELF_KILL_POINTS = ["before_manifest", "before_swap", "after_exchange", "between_fallback_renames"]
 
 
 def _outcome(out: Path) -> str:
@@ -185,13 +182,15 @@ def test_sigkill_leaves_the_previous_set_or_nothing(synth_root, tmp_path, previo
         proc.wait()
         assert hit and hit != "exited", f"the conversion ended before: {point}"
         outcomes[point] = _outcome(out)
-    for point in SELF_KILL_POINTS if previous else SELF_KILL_POINTS[:2]:  # no old set: 1 rename
+    # with no old set there is nothing to exchange and a single rename
+    for point in SELF_KILL_POINTS if previous else ["before_manifest", "before_swap"]:
         done = subprocess.run([sys.executable, "-c", SELF_KILL, point, *args], cwd=REPO)
         assert done.returncode == -signal.SIGKILL
         outcomes[point] = _outcome(out)
     if previous:  # only the fallback's instant between two renames leaves nothing in place
-        assert outcomes == {**dict.fromkeys(outcomes, "previous"), SELF_KILL_POINTS[2]: "new",
-                            SELF_KILL_POINTS[3]: "nothing"}
+        assert outcomes == {"early": "previous", "mid_float32_write": "previous",
+                            "before_manifest": "previous", "before_swap": "previous",
+                            "after_exchange": "new", "between_fallback_renames": "nothing"}
     else:
         assert set(outcomes.values()) == {"nothing"}
     assert not convert(synth_root, out, force=True, progress=False).skipped

@@ -16,9 +16,7 @@ from torch.utils.data import DataLoader
 from fastmnist import FastMNISTError, FastMNISTLoader, cache, convert, open_shards
 from fastmnist.order import shard_order
 
-from .conftest import decode_indices, indexed_images, seed_pipeline, write_split
-
-N = 1003
+from .conftest import INDEXED_N, batch_indices, decode_indices, indexed_images, seed_pipeline, write_split
 
 
 @pytest.fixture(scope="module")
@@ -28,13 +26,18 @@ def real_both(real_root, tmp_path_factory):
     return out
 
 
+SHARD = 200
+SHARD_COUNTS = [SHARD] * (INDEXED_N // SHARD) + [INDEXED_N % SHARD]
+
+
 @pytest.fixture(scope="module")
 def indexed_wds(tmp_path_factory):
-    """Images that encode their index; train 1003 samples in tar shards of 200 (6 shards)."""
+    """Images that encode their index; train ``INDEXED_N`` samples in tar shards of
+    ``SHARD`` (6 shards)."""
     root = tmp_path_factory.mktemp("indexed_wds")
-    write_split(root, "train", indexed_images(N), np.arange(N) % 10)
+    write_split(root, "train", indexed_images(INDEXED_N), np.arange(INDEXED_N) % 10)
     write_split(root, "test", indexed_images(10), np.arange(10) % 10)
-    convert(root, root / "shards", format="wds", shard_size=200, progress=False)
+    convert(root, root / "shards", format="wds", shard_size=SHARD, progress=False)
     return root / "shards"
 
 
@@ -85,30 +88,27 @@ def test_local_tar_shards_yield_the_arrays_batches(real_both, shuffle):
 
 
 def test_wds_only_set_is_chosen_automatically(indexed_wds):
-    loader = FastMNISTLoader(indexed_wds, normalize=False, shuffle=False, batch_size=N)
+    loader = FastMNISTLoader(indexed_wds, normalize=False, shuffle=False, batch_size=INDEXED_N)
     assert loader.format == "wds"
-    assert decode_indices(next(iter(loader))[0]) == list(range(N))
+    assert decode_indices(next(iter(loader))[0]) == list(range(INDEXED_N))
     with pytest.raises(FastMNISTError, match="split 'train' has no 'npy' data \\(it has wds\\)"):
         FastMNISTLoader(indexed_wds, format="npy")
 
 
-def _indices(loader):
-    return [decode_indices(x) for x, _ in loader]
-
 
 def test_http_stream_is_one_exact_epoch(http_server, indexed_wds):
     base, _ = http_server
-    streamed = _indices(FastMNISTLoader(base, batch_size=64, seed=3, normalize=False))
+    streamed = batch_indices(FastMNISTLoader(base, batch_size=64, seed=3, normalize=False))
     flat = [i for b in streamed for i in b]
-    assert sorted(flat) == list(range(N))
-    assert flat == shard_order([200] * 5 + [3], 3, 0, True).tolist()
+    assert sorted(flat) == list(range(INDEXED_N))
+    assert flat == shard_order(SHARD_COUNTS, 3, 0, True).tolist()
     # normalised images equal the local read of the same samples
-    local = FastMNISTLoader(indexed_wds, batch_size=N, shuffle=False)
+    local = FastMNISTLoader(indexed_wds, batch_size=INDEXED_N, shuffle=False)
     ref_x, ref_y = next(iter(local))
     for (x, y), idx in zip(FastMNISTLoader(base, batch_size=64, seed=3), streamed, strict=True):
         assert torch.equal(x, ref_x[idx]) and torch.equal(y, ref_y[idx])
     pattern = base + "train-{000000..000005}.tar"
-    assert _indices(FastMNISTLoader(pattern, batch_size=64, seed=3, normalize=False)) == streamed
+    assert batch_indices(FastMNISTLoader(pattern, batch_size=64, seed=3, normalize=False)) == streamed
 
 
 def test_streamed_batches_equal_torchvision_on_real_data(real_both, torchvision_test_root):
@@ -133,27 +133,27 @@ def test_streamed_cuda_batches_equal_the_cpu_result(real_both):
 
 
 def test_file_and_pipe_urls(indexed_wds):
-    by_file = _indices(FastMNISTLoader(f"file://{indexed_wds}/", batch_size=50, normalize=False))
+    by_file = batch_indices(FastMNISTLoader(f"file://{indexed_wds}/", batch_size=50, normalize=False))
     pipe = f"pipe:cat {indexed_wds}/train-{{000000..000005}}.tar"
-    assert _indices(FastMNISTLoader(pipe, batch_size=50, normalize=False)) == by_file
-    assert sorted(i for b in by_file for i in b) == list(range(N))
+    assert batch_indices(FastMNISTLoader(pipe, batch_size=50, normalize=False)) == by_file
+    assert sorted(i for b in by_file for i in b) == list(range(INDEXED_N))
 
 
 @pytest.mark.parametrize("world_size, workers", [(1, 2), (2, 0), (3, 2)])
 def test_streamed_exactly_once_across_ranks_and_workers(indexed_wds, world_size, workers):
     url = f"file://{indexed_wds}/"
-    order = shard_order([200] * 5 + [3], 5, 0, True).tolist()
-    per_rank = -(-N // world_size)
+    order = shard_order(SHARD_COUNTS, 5, 0, True).tolist()
+    per_rank = -(-INDEXED_N // world_size)
     seen, counts = [], set()
     for rank in range(world_size):
         loader = FastMNISTLoader(url, batch_size=40, seed=5, rank=rank, world_size=world_size,
                                  normalize=False, prefetch=1)
         source = DataLoader(loader, batch_size=None, num_workers=workers) if workers else loader
-        batches = _indices(source)
+        batches = batch_indices(source)
         counts.add((len(batches), len(loader)))
         seen += [i for b in batches for i in b]
     assert counts == {(-(-per_rank // 40),) * 2}
-    pad = per_rank * world_size - N
+    pad = per_rank * world_size - INDEXED_N
     assert sorted(seen) == sorted(order + order[:pad])
 
 
@@ -165,7 +165,7 @@ def test_streamed_ranks_fetch_only_the_shards_of_their_run(indexed_wds, monkeypa
         fetched.clear()
         loader = FastMNISTLoader(url, batch_size=40, seed=5, rank=rank, world_size=3,
                                  normalize=False, prefetch=1)
-        touched = {f"{url}train-{i // 200:06d}.tar" for b in _indices(loader) for i in b}
+        touched = {f"{url}train-{i // SHARD:06d}.tar" for b in batch_indices(loader) for i in b}
         for future in loader.batch_source.cache.pending.values():
             future.result()
         assert touched <= set(fetched) and len(set(fetched) - touched) <= 1  # + 1 for the next epoch
@@ -195,13 +195,13 @@ def test_streaming_fetches_each_shard_once_per_epoch_and_holds_few(indexed_wds, 
 
 def test_streamed_resume_continues_the_epoch(indexed_wds):
     url = f"file://{indexed_wds}/"
-    reference = _indices(FastMNISTLoader(url, batch_size=30, seed=9, normalize=False))
+    reference = batch_indices(FastMNISTLoader(url, batch_size=30, seed=9, normalize=False))
     loader = FastMNISTLoader(url, batch_size=30, seed=9, normalize=False)
     it = iter(loader)
     head = [decode_indices(next(it)[0]) for _ in range(11)]
     fresh = FastMNISTLoader(url, batch_size=30, seed=9, normalize=False)
     fresh.load_state_dict(loader.state_dict())
-    assert head + _indices(fresh) == reference
+    assert head + batch_indices(fresh) == reference
 
 
 def _damaged_copy(indexed_wds, tmp_path, damage):
