@@ -150,9 +150,14 @@ def _synth(args) -> int:
 
 def _require_bench_extra() -> None:
     """The report compares against torchvision and stock webdataset and draws with matplotlib."""
-    import importlib.util
+    import importlib
 
-    missing = [m for m in ("torchvision", "webdataset", "matplotlib") if importlib.util.find_spec(m) is None]
+    missing = []
+    for module in ("torchvision", "webdataset", "matplotlib"):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(module)
     if missing:
         raise FastMNISTError(f"{', '.join(missing)} not installed: the comparison report needs "
                              "the bench extra (pip install 'fastmnist[bench]')")

@@ -5,6 +5,7 @@ A ``pipe:`` command is the user's own string; a name taken from a manifest is ap
 only shell-quoted, and only after the manifest has checked it against the converter's names.
 """
 
+import os
 import shlex
 import subprocess
 import urllib.error
@@ -55,6 +56,10 @@ def fetch(url: str, size: int | None = None, limit: int | None = None):
             return np.frombuffer(data, np.uint8) if size is not None else data
         remote = url.startswith(("http://", "https://", "file://"))
         with urllib.request.urlopen(url, timeout=TIMEOUT_S) if remote else open(url, "rb") as f:
+            length = _announced_length(f, remote)
+            if size is not None and length is not None and length != size:  # before allocating
+                problem = "truncated" if length < size else "longer than the manifest says"
+                raise FastMNISTError(f"{url}: {problem}: {length} bytes, the manifest says {size}")
             if size is None:
                 data = f.read(limit + 1 if limit is not None else -1)
                 if limit is not None and len(data) > limit:
@@ -73,3 +78,11 @@ def fetch(url: str, size: int | None = None, limit: int | None = None):
         raise FastMNISTError(f"{url}: HTTP error {e.code} {e.reason}") from None
     except (urllib.error.URLError, OSError, ValueError) as e:
         raise FastMNISTError(f"{url}: cannot read: {getattr(e, 'reason', e)}") from None
+
+
+def _announced_length(f, remote: bool) -> int | None:
+    """The object's length as its server (Content-Length) or file system tells it, if it does."""
+    if not remote:
+        return os.fstat(f.fileno()).st_size
+    length = f.headers.get("Content-Length")
+    return int(length) if length is not None and length.isdigit() else None

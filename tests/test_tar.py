@@ -1,0 +1,97 @@
+"""The tar shard layout: fastmnist's vectorised writer gives the bytes webdataset's own
+TarWriter gives, Python's tarfile and np.load read them, and the reader checks every byte
+outside the pixels."""
+
+import hashlib
+import io
+import tarfile
+
+import numpy as np
+import pytest
+import webdataset
+
+from fastmnist import FastMNISTError
+from fastmnist.tar import RECORD, archive_size, decode_shard, shard_chunks
+
+FIRST = 123_450  # keys need not start at 0: a shard's first sample is its key
+
+
+def _samples(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, 1, 28, 28), dtype=np.uint8), rng.integers(0, 10, n)
+
+
+def _ours(first, images, labels) -> bytes:
+    return b"".join(bytes(chunk) for chunk in shard_chunks(first, images, labels))
+
+
+@pytest.mark.parametrize("n", [1, 3, 1024, 1500])  # 1024 and 1500 cross the writer's chunks
+def test_writer_gives_webdatasets_tarwriter_bytes(n):
+    images, labels = _samples(n)
+    stock = io.BytesIO()
+    with webdataset.TarWriter(stock, mtime=0) as writer:
+        for i in range(n):
+            writer.write({"__key__": f"{FIRST + i:08d}", "npy": images[i, 0], "cls": int(labels[i])})
+    assert _ours(FIRST, images, labels) == stock.getvalue()
+    assert len(stock.getvalue()) == archive_size(n)
+
+
+def test_python_tarfile_and_np_load_read_a_shard():
+    images, labels = _samples(25)
+    with tarfile.open(fileobj=io.BytesIO(_ours(FIRST, images, labels))) as archive:
+        members = archive.getmembers()
+        assert [m.name for m in members[:4]] == [f"{FIRST:08d}.cls", f"{FIRST:08d}.npy",
+                                                 f"{FIRST + 1:08d}.cls", f"{FIRST + 1:08d}.npy"]
+        assert len(members) == 50 and all(m.mtime == 0 and m.isfile() for m in members)
+        for i in range(25):
+            assert archive.extractfile(members[2 * i]).read() == str(labels[i]).encode()
+            image = np.load(io.BytesIO(archive.extractfile(members[2 * i + 1]).read()))
+            assert image.dtype == np.uint8 and np.array_equal(image, images[i, 0])
+
+
+def test_decode_returns_the_samples():
+    images, labels = _samples(300)
+    got_images, got_labels = decode_shard(_ours(FIRST, images, labels), FIRST, 300, "s.tar")
+    assert np.array_equal(got_images, images) and got_images.flags.c_contiguous
+    assert got_labels.dtype == np.int64 and np.array_equal(got_labels, labels)
+
+
+def _edit(data: bytes, offset: int, value: int) -> bytes:
+    edited = bytearray(data)
+    edited[offset] = value
+    return bytes(edited)
+
+
+@pytest.mark.parametrize("offset, value, message", [
+    (5 * RECORD + 7, ord("9"), "sample 5: unexpected bytes in the .cls member header at offset 7"),
+    (5 * RECORD + 150, ord("7"), "sample 5: unexpected bytes in the .cls member header at offset 150"),
+    (5 * RECORD + 512, ord("x"), "sample 5: the .cls entry is not a single digit"),
+    (5 * RECORD + 513, ord("1"), "sample 5: unexpected bytes in the .cls data at offset 513"),
+    (5 * RECORD + 1030, ord("a"), "sample 5: unexpected bytes in the .npy member header"),
+    (5 * RECORD + 1540, 0, "sample 5: unexpected bytes in the .npy data at offset 1540"),  # its header
+    (5 * RECORD + 2500, 1, "sample 5: unexpected bytes in the .npy data"),  # padding after the pixels
+    (10 * RECORD + 3, 1, "bytes after the last of its 10 samples"),
+])
+def test_decode_names_the_damaged_sample(offset, value, message):
+    images, labels = _samples(10)
+    data = _edit(_ours(FIRST, images, labels), offset, value)
+    with pytest.raises(FastMNISTError, match=f"s.tar: {message}"):
+        decode_shard(data, FIRST, 10, "s.tar")
+
+
+def test_decode_refuses_other_keys_and_lengths():
+    images, labels = _samples(10)
+    data = _ours(FIRST, images, labels)
+    with pytest.raises(FastMNISTError, match="s.tar: sample 0: unexpected bytes in the .cls member header"):
+        decode_shard(data, FIRST + 10, 10, "s.tar")  # another shard's samples
+    with pytest.raises(FastMNISTError, match="s.tar: 30720 bytes, 13 samples make 40960"):
+        decode_shard(data, FIRST, 13, "s.tar")
+
+
+def test_pixels_are_not_checked_but_hashed():
+    """A flipped pixel is a valid sample: only the manifest's sha256 (``verify``) tells."""
+    images, labels = _samples(4)
+    data = _ours(FIRST, images, labels)
+    flipped = _edit(data, 2 * RECORD + 1536 + 128 + 10, data[2 * RECORD + 1536 + 128 + 10] ^ 1)
+    assert decode_shard(flipped, FIRST, 4, "s.tar")[0][2, 0, 0, 10] != images[2, 0, 0, 10]
+    assert hashlib.sha256(flipped).hexdigest() != hashlib.sha256(data).hexdigest()
