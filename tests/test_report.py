@@ -32,7 +32,11 @@ def test_report_files_agree_with_the_run(quick_report):
     markdown = (out / "bench.md").read_text()
     for r in result["rows"]:
         assert f"| 64 | {r['pipeline']} | {r['samples_per_s']:,.0f} | {r['x_seed']:.1f} |" in markdown
-    assert f"{result['conversion']['seconds']:.2f} s" in markdown
+    conversion = result["conversion"]
+    for format in ("npy", "both"):
+        assert f"{conversion[format]['seconds']:.2f} s = {conversion[format]['fraction_of_seed_epoch']:.3f}" \
+            in markdown
+    assert f"`fastmnist --help`): {conversion['cli_help_s']:.2f} s" in markdown
     png = (out / "bench.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
     assert len(result["memory"]["rss_mb_after_each"]) == 3
