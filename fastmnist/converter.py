@@ -122,9 +122,6 @@ def convert(root, out, dataset: str = "mnist", *, splits=None, mean=None, std=No
                         info["wds"] = {"shard_size": shard_size, "shards": _write_shards(
                             tmp, split, images, labels, shard_size, bar, writer)}
                     manifest["splits"][split] = info
-            for info in manifest["splits"].values():
-                for entry in [*info["files"].values(), *info.get("wds", {}).get("shards", [])]:
-                    _resolve(entry)
             text = json.dumps(manifest, indent=2) + "\n"
             written = parse_manifest(text, tmp / MANIFEST)  # what every reader will check
             _write_manifest(tmp, text)
@@ -275,8 +272,8 @@ def _normalisation(spec: DatasetSpec, data: dict, mean, std) -> tuple[float, flo
 
 def _write_arrays(tmp: Path, split: str, images: np.ndarray, labels: np.ndarray,
                   mean: float, std: float, bar, writer: BackgroundWriter) -> dict:
-    """The split's three ``.npy`` files; returns their manifest entries (futures resolved
-    once ``writer`` is done)."""
+    """The split's three ``.npy`` files; returns their manifest entries, complete once
+    ``writer`` is done."""
 
     def normalised():
         for i in range(0, len(images), _CHUNK):
@@ -298,30 +295,25 @@ def _write_arrays(tmp: Path, split: str, images: np.ndarray, labels: np.ndarray,
 
 def _write_npy(tmp: Path, split: str, array: str, shape, parts, writer: BackgroundWriter) -> dict:
     """Write ``array`` of ``split`` as an ``.npy`` from C-contiguous parts of its dtype;
-    returns its manifest entry, "size" and "sha256" a future of both."""
+    returns its manifest entry, complete once ``writer`` is done."""
     dtype = ARRAYS[array]
-    name = array_file_name(split, array)
-    done = writer.write(tmp / name, itertools.chain([npy_header(dtype, shape)], parts))
-    return {"file": name, "dtype": dtype, "shape": list(shape), "written": done}
+    entry = {"file": array_file_name(split, array), "dtype": dtype, "shape": list(shape)}
+    writer.write(tmp / entry["file"], itertools.chain([npy_header(dtype, shape)], parts), entry)
+    return entry
 
 
 def _write_shards(tmp: Path, split: str, images: np.ndarray, labels: np.ndarray,
                   shard_size: int, bar, writer: BackgroundWriter) -> list[dict]:
     """The split's tar shards of ``shard_size`` samples; returns their manifest entries,
-    "size" and "sha256" a future of both."""
+    complete once ``writer`` is done."""
     shards = []
     for number, first in enumerate(range(0, len(labels), shard_size)):
         stop = min(first + shard_size, len(labels))
-        name = shard_file_name(split, number)
-        done = writer.write(tmp / name, shard_chunks(first, images[first:stop], labels[first:stop]))
+        entry = {"file": shard_file_name(split, number), "first": first, "count": stop - first}
+        writer.write(tmp / entry["file"], shard_chunks(first, images[first:stop], labels[first:stop]), entry)
         bar.update(stop - first)
-        shards.append({"file": name, "first": first, "count": stop - first, "written": done})
+        shards.append(entry)
     return shards
-
-
-def _resolve(entry: dict) -> None:
-    """Replace an entry's future ("written") with the "size" and "sha256" it gave."""
-    entry["size"], entry["sha256"] = entry.pop("written").result()
 
 
 def _write_manifest(tmp: Path, text: str) -> None:

@@ -11,7 +11,7 @@ import hashlib
 import os
 import threading
 from collections.abc import Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 
@@ -25,29 +25,29 @@ class BackgroundWriter:
         self._open = []
         self._error = None
 
-    def write(self, path: Path, chunks: Iterable) -> Future:
+    def write(self, path: Path, chunks: Iterable, entry: dict) -> None:
         """Write ``chunks`` (buffers: bytes or C-contiguous arrays, each kept unchanged until
-        written) to a new file at ``path``; the future gives ``(size, sha256 hex)``."""
+        written) to a new file at ``path``; once it is on disk, ``entry["size"]`` and
+        ``entry["sha256"]`` (hex) are set."""
         f = open(path, "wb", buffering=0)
         self._open.append(f)
         sha = hashlib.sha256()
         for chunk in chunks:
             self._submit(_append, f, sha, memoryview(chunk).cast("B"))
-        return self._submit(_finish, f, sha)
+        self._submit(_finish, f, sha, entry)
 
-    def _submit(self, fn, *args) -> Future:
+    def _submit(self, fn, *args) -> None:
         if self._error is not None:
             raise self._error
         self._room.acquire()
-        return self._pool.submit(self._run, fn, args)
+        self._pool.submit(self._run, fn, args)
 
     def _run(self, fn, args):
         try:
             if self._error is None:  # after a failure, the rest is skipped
-                return fn(*args)
+                fn(*args)
         except BaseException as e:
             self._error = e
-            raise
         finally:
             self._room.release()
 
@@ -70,11 +70,10 @@ def _append(f, sha, chunk: memoryview) -> None:
     _start_write_back(f.fileno(), start, f.tell() - start)
 
 
-def _finish(f, sha) -> tuple[int, str]:
+def _finish(f, sha, entry: dict) -> None:
     os.fsync(f.fileno())
-    size = f.tell()
+    entry["size"], entry["sha256"] = f.tell(), sha.hexdigest()
     f.close()
-    return size, sha.hexdigest()
 
 
 _SYNC_FILE_RANGE_WRITE = 2
