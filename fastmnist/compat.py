@@ -4,6 +4,7 @@
 import torch
 
 from .errors import FastMNISTError
+from .sources import ArraySource
 
 
 class SplitDataset(torch.utils.data.Dataset):
@@ -35,9 +36,9 @@ class SplitDataset(torch.utils.data.Dataset):
     def targets(self) -> torch.Tensor:
         return self._arrays().labels
 
-    def _arrays(self):
+    def _arrays(self) -> ArraySource:
         source = self.loader.batch_source
-        if not hasattr(source, "labels"):
+        if not isinstance(source, ArraySource):
             raise FastMNISTError("the samples of streamed shards cannot be indexed one by one; "
                                  "open a local set (or a local copy) for dataset[i]")
         return source
