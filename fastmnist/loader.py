@@ -5,21 +5,21 @@ workers, and delivery (CPU, pinned, or copied ahead to CUDA); where batches come
 a source's business (``sources.py``).
 """
 
+import dataclasses
 from collections.abc import Iterator
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from . import progress
 from .compat import EpochSampler, SplitDataset
 from .device import prefetch_to_cuda
 from .errors import FastMNISTError
 from .normalize import normalizer
-from .order import batch_count, rank_share, samples_per_rank
+from .order import batch_count, rank_share, runs, samples_per_rank
 from .sources import ArraySource, StreamSource, empty_batch, local_arrays
 from .store import Split, open_remote, open_shards
 from .transport import is_url
-
-_STATE_KEYS = ("seed", "num_samples", "batch_size", "shuffle", "drop_last", "rank", "world_size")
 
 
 class FastMNISTLoader(IterableDataset):
@@ -59,7 +59,7 @@ class FastMNISTLoader(IterableDataset):
                  seed: int = 0, drop_last: bool = False, *, rank: int | None = None,
                  world_size: int | None = None, device="cpu", source: str | None = None,
                  normalize: bool = True, resident: bool = False, pin_memory: bool | None = None,
-                 prefetch: int = 2, verify: bool = False, format: str | None = None):
+                 prefetch: int = 2, verify: bool = False, format: str | None = None, even: bool = True):
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise FastMNISTError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.device = torch.device(device)
@@ -98,9 +98,13 @@ class FastMNISTLoader(IterableDataset):
         self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
         self.rank, self.world_size = rank, world_size
         self.source, self.normalize, self.resident = source, normalize, resident
-        self.pin_memory, self.prefetch = pin_memory, prefetch
-        self._next_epoch, self._resume_at = 0, 0
-        self._epoch, self._position = 0, None  # of the iteration in progress
+        self.pin_memory, self.prefetch, self.even = pin_memory, prefetch, even
+        self._identity = {"set": progress.fingerprint(dataclasses.asdict(self.info)),
+                          "order": "shards" if self._urls is not None else "samples",
+                          "seed": seed, "shuffle": shuffle}
+        self._next_epoch = 0
+        self._resume = None  # _Step the next iter() continues, from load_state_dict
+        self._step = None  # _Step of the iteration in progress (or last run)
         self._batch_source = None  # made on first use in each process
 
     def __len__(self) -> int:
@@ -110,7 +114,7 @@ class FastMNISTLoader(IterableDataset):
     @property
     def samples_per_rank(self) -> int:
         """Samples this rank visits per epoch (padding included, dropped tail excluded)."""
-        return samples_per_rank(self.info.count, self.world_size, self.drop_last)
+        return samples_per_rank(self.info.count, self.world_size, self.drop_last, self.even, self.rank)
 
     @property
     def dataset(self) -> SplitDataset:
@@ -136,48 +140,79 @@ class FastMNISTLoader(IterableDataset):
         return self._batch_source
 
     def set_epoch(self, epoch: int) -> None:
-        """Make the next ``iter()`` run ``epoch`` (as ``DistributedSampler.set_epoch``)."""
+        """Make the next ``iter()`` run ``epoch`` (as ``DistributedSampler.set_epoch``); a
+        loaded state of another epoch is dropped."""
         self._next_epoch = epoch
+        if self._resume is not None and self._resume.epoch != epoch:
+            self._resume = None
 
     def state_dict(self) -> dict:
-        """Where this loader stands: the epoch and the batches already yielded in it."""
-        if self._position is not None and self._position < len(self):
-            epoch, done = self._epoch, self._position
-        else:  # between epochs, or loaded and not yet resumed
-            epoch, done = self._next_epoch, self._resume_at
-        return {"epoch": epoch, "batches_done": done, "seed": self.seed,
-                "num_samples": self.info.count, "batch_size": self.batch_size,
-                "shuffle": self.shuffle, "drop_last": self.drop_last, "rank": self.rank,
-                "world_size": self.world_size}
+        """Where the epoch stands, the same on every rank of a job in step: the epoch, the
+        positions of its order consumed (``[start, stop)`` intervals: a few numbers, however
+        large the set), what identifies the set, seed and shuffle, and the step layout that
+        lets the same configuration continue batch for batch. JSON-serialisable; O(1)."""
+        step = self._step if self._step is not None and not self._step.finished else None
+        step = step or self._resume or _Step(self._next_epoch)
+        n, rest = self.info.count, self.info.count - progress.count(step.base)
+        blocks = self._identity["order"] == "shards"
+        consumed = progress.consumed_after(
+            step.base, n, self.world_size, step.done * self.batch_size,
+            runs(rest, self.world_size, self.drop_last, self.even) if blocks else None)
+        return {"version": progress.STATE_VERSION, **self._identity, "epoch": step.epoch,
+                "consumed": consumed,
+                "step": {"base": step.base, "batches_done": step.done, "anchor": step.anchor,
+                         "batch_size": self.batch_size, "world_size": self.world_size,
+                         "drop_last": self.drop_last, "even": self.even}}
 
     def load_state_dict(self, state: dict) -> None:
-        """Make the next ``iter()`` continue where ``state`` stood. With DataLoader workers,
-        load it before creating the DataLoader iterator."""
-        mine = self.state_dict()
-        for key in _STATE_KEYS:
-            if key in state and state[key] != mine[key]:
-                raise FastMNISTError(f"state_dict was saved with {key}={state[key]!r}, "
-                                     f"this loader has {key}={mine[key]!r}")
-        if not 0 <= state["batches_done"] <= len(self):
-            raise FastMNISTError(f"batches_done={state['batches_done']} is outside 0..{len(self)}")
-        self._next_epoch, self._resume_at = state["epoch"], state["batches_done"]
+        """Make the next ``iter()`` continue the epoch ``state`` describes: from this loader's
+        ``state_dict()`` on any rank (of this or another world size, batch size or worker
+        count), or from a torchdata ``StatefulDataLoader``'s ``state_dict()`` over a loader
+        of the same set. Every sample not yet consumed comes exactly once across the ranks
+        (padded or cut as ``even``/``drop_last`` say); with the same world size, batch size
+        and split rules, the batches are those the interrupted run would have yielded."""
+        # the freshest of a StatefulDataLoader's worker states is the one its last batch came with
+        state = max((progress.check_state(s, self._identity, self.info.count) for s in _loader_states(state)),
+                    key=lambda s: (s["epoch"], progress.count(s["consumed"])))
+        step = state["step"]
+        same = step is not None and all(step[k] == v for k, v in (
+            ("batch_size", self.batch_size), ("world_size", self.world_size),
+            ("drop_last", self.drop_last), ("even", self.even)))
+        if same:
+            # In a DataLoader worker (torchdata restoring each worker's own snapshot) the
+            # batches keep their workers; loaded here, worker 0 takes the next batch.
+            anchor = step["anchor"] if get_worker_info() is not None else step["batches_done"]
+            self._resume = _Step(state["epoch"], step["base"], step["batches_done"], anchor)
+        elif progress.count(state["consumed"]) == self.info.count:
+            self._resume = _Step(state["epoch"] + 1)
+        else:
+            self._resume = _Step(state["epoch"], state["consumed"])
+        self._next_epoch, self._step = self._resume.epoch, None
 
-    def rank_order(self, epoch: int) -> torch.Tensor:
-        """int64 sample indices this rank visits in ``epoch``, in order."""
+    def rank_order(self, epoch: int, base: progress.Intervals = ()) -> torch.Tensor:
+        """int64 sample indices this rank visits in ``epoch``, in order; of the positions
+        outside ``base`` (consumed ones) only."""
         src = self.batch_source
-        return rank_share(src.order(self.seed, epoch, self.shuffle), self.rank, self.world_size,
-                          self.drop_last, blocks=src.blocks)
+        order = src.order(self.seed, epoch, self.shuffle)
+        if base:
+            keep = progress.gaps(list(base), len(order))
+            order = torch.cat([order[a:b] for a, b in keep])
+        return rank_share(order, self.rank, self.world_size, self.drop_last, blocks=src.blocks,
+                          even=self.even)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        epoch, start = self._next_epoch, self._resume_at
-        self._next_epoch, self._resume_at = epoch + 1, 0
-        self._epoch, self._position = epoch, start
+        step = self._resume or _Step(self._next_epoch)
+        self._resume, self._next_epoch, self._step = None, step.epoch + 1, step
         src = self.batch_source
-        # DataLoader workers take batches round-robin, as the DataLoader collects them.
+        share = self.rank_order(step.epoch, step.base)
+        step.total = batch_count(len(share), self.batch_size, self.drop_last)
+        # DataLoader workers take batches round-robin, as the DataLoader collects them:
+        # worker w takes those numbered anchor + w (mod workers).
         worker = get_worker_info()
-        first, step = (start, 1) if worker is None else (start + worker.id, worker.num_workers)
-        index_batches = src.index_batches(self.rank_order(epoch), range(first, len(self), step),
-                                          self.batch_size, lambda: self.rank_order(epoch + 1))
+        k, w = (1, 0) if worker is None else (worker.num_workers, worker.id)
+        numbers = range(step.done + (step.anchor + w - step.done) % k, step.total, k)
+        index_batches = src.index_batches(share, numbers, self.batch_size,
+                                          lambda: self.rank_order(step.epoch + 1))
         normalise = None
         if self.normalize and src.dtype == torch.uint8:
             normalise = normalizer(self.info.mean, self.info.std, self.device)
@@ -195,13 +230,50 @@ class FastMNISTLoader(IterableDataset):
             batches = ((finish(x), y) for x, y in (
                 src.gather(idx, *empty_batch(src.dtype, len(idx), pin=True) if pin else ())
                 for idx in index_batches))
-        for batch in batches:
-            self._position += 1
+        for number, batch in zip(numbers, batches, strict=True):
+            step.done = number + 1
             yield batch
+        step.done = step.total
 
     def __getstate__(self):
         # Workers map the files themselves and share the page cache; never pickle arrays.
         return {**self.__dict__, "_batch_source": None}
+
+
+@dataclasses.dataclass
+class _Step:
+    """An iteration over ``epoch``: of the positions outside ``base``, split among the ranks
+    as the loader splits them, batches ``0 .. done - 1`` are consumed; DataLoader worker
+    ``w`` of ``k`` takes the batches numbered ``anchor + w`` modulo ``k``. ``total``: the
+    batches of this rank, once known."""
+
+    epoch: int
+    base: list = dataclasses.field(default_factory=list)
+    done: int = 0
+    anchor: int = 0
+    total: int | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.total is not None and self.done >= self.total
+
+
+def _loader_states(state) -> list:
+    """The loader states in ``state``: itself, or those a torchdata ``StatefulDataLoader``
+    holds (one per worker, or its dataset's when it has no workers)."""
+    if not isinstance(state, dict) or "version" in state:
+        return [state]
+    if "dataset_state" in state:  # StatefulDataLoader without workers
+        return [state["dataset_state"]]
+    snapshot = state.get("_snapshot")
+    if not isinstance(snapshot, dict) or not isinstance(snapshot.get("_worker_snapshots"), dict):
+        return [state]  # refused by check_state, naming what it is
+    if state.get("_steps_since_snapshot"):
+        raise FastMNISTError("StatefulDataLoader state taken between snapshots "
+                             "(snapshot_every_n_steps > 1): batches since the last snapshot "
+                             "cannot be placed exactly; use snapshot_every_n_steps=1")
+    return [w.get("dataset_state") if isinstance(w, dict) else w
+            for w in snapshot["_worker_snapshots"].values()]
 
 
 def _distributed(rank, world_size) -> tuple[int, int]:

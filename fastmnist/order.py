@@ -28,27 +28,42 @@ def shard_order(counts: list[int], seed: int, epoch: int, shuffle: bool) -> torc
 
 
 def rank_share(order: torch.Tensor, rank: int, world_size: int, drop_last: bool,
-               blocks: bool = False) -> torch.Tensor:
-    """The samples of ``rank``, as ``DistributedSampler`` assigns them: every rank gets the
-    same count; ``drop_last`` drops the tail that does not divide evenly, otherwise the order
-    is padded by repeating its start. Rank ``r`` takes positions ``r, r + W, r + 2W, ...``,
-    or with ``blocks`` the ``r``-th of ``W`` equal runs of positions (so that, reading
-    streamed shards, each rank needs only the shards its run covers)."""
-    if world_size == 1:
-        return order
+               blocks: bool = False, even: bool = True) -> torch.Tensor:
+    """The samples of ``rank``. With ``even`` (the default), as ``DistributedSampler``
+    assigns them: every rank gets the same count; ``drop_last`` drops the tail that does not
+    divide evenly, otherwise the order is padded by repeating its start. With ``even=False``
+    nothing is padded or dropped: the ranks' counts differ by at most one. Rank ``r`` takes
+    positions ``r, r + W, r + 2W, ...``, or with ``blocks`` the run ``runs(...)[r]`` of
+    consecutive positions (so that, reading streamed shards, each rank needs only the
+    shards its run covers)."""
     n = len(order)
-    if drop_last:
+    if world_size == 1 or n == 0:
+        return order
+    if even and drop_last:
         order = order[: n // world_size * world_size]
-    else:
+    elif even:
         pad = math.ceil(n / world_size) * world_size - n
         order = torch.cat([order, order.repeat(math.ceil(pad / n))[:pad]])
     if blocks:
-        per_rank = len(order) // world_size
-        return order[rank * per_rank:(rank + 1) * per_rank]
+        start, size = runs(n, world_size, drop_last, even)[rank]
+        return order[start:start + size]
     return order[rank::world_size].contiguous()
 
 
-def samples_per_rank(n: int, world_size: int, drop_last: bool) -> int:
+def runs(n: int, world_size: int, drop_last: bool, even: bool = True) -> list[tuple[int, int]]:
+    """``(start, size)`` of each rank's run of an order of ``n`` positions (padded or cut as
+    ``rank_share`` does) when ranks take consecutive runs."""
+    if even:
+        size = samples_per_rank(n, world_size, drop_last)
+        return [(r * size, size) for r in range(world_size)]
+    q, m = divmod(n, world_size)
+    return [(r * q + min(r, m), q + (r < m)) for r in range(world_size)]
+
+
+def samples_per_rank(n: int, world_size: int, drop_last: bool, even: bool = True, rank: int = 0) -> int:
+    """Samples ``rank`` gets of an order of ``n`` (see ``rank_share``)."""
+    if not even:
+        return n // world_size + (rank < n % world_size)
     return n // world_size if drop_last else math.ceil(n / world_size)
 
 
