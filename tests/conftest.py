@@ -1,8 +1,12 @@
 """Shared fixtures: the real MNIST test split, generated sets, and IDX writing helpers."""
 
+import contextlib
+import functools
 import gzip
+import http.server
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -113,3 +117,22 @@ def indexed_shards(tmp_path_factory) -> Path:
     out = root / "shards"
     convert(root, out, progress=False)
     return out
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def served(directory):
+    """``directory`` served by a real HTTP server on 127.0.0.1 (threads of this process);
+    yields its base URL, ending in "/"."""
+    handler = functools.partial(_QuietHandler, directory=str(directory))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()

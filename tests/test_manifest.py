@@ -4,12 +4,10 @@ name the manifest and the field."""
 
 import copy
 import functools
-import http.server
 import json
 import re
 import shutil
 import sys
-import threading
 import tracemalloc
 
 import numpy as np
@@ -20,7 +18,7 @@ from hypothesis import strategies as st
 from fastmnist import FastMNISTError, FastMNISTLoader, convert
 from fastmnist.manifest import parse_manifest
 
-from .conftest import INDEXED_N, indexed_images, write_split
+from .conftest import INDEXED_N, indexed_images, served, write_split
 
 PEAK_BYTES = 64 << 20  # what one case may allocate at most (the set itself is 2 MB)
 CANARY = "{canary}"  # replaced by the canary file's path in each case
@@ -59,18 +57,8 @@ def hostile(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(hostile):
-    root, _ = hostile
-    handler = functools.partial(_Quiet, directory=str(root))
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/set/"
-    httpd.shutdown()
-    httpd.server_close()
-
-
-class _Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
+    with served(hostile[0]) as base:
+        yield base + "set/"
 
 
 class _Audit:

@@ -1,10 +1,7 @@
 """WebDataset shards: stock webdataset reads them, FastMNISTLoader reads them (locally, over
 file://, pipe: and a real HTTP server on 127.0.0.1) exactly once, and damage is named."""
 
-import functools
-import http.server
 import shutil
-import threading
 from collections import Counter
 
 import numpy as np
@@ -16,7 +13,15 @@ from torch.utils.data import DataLoader
 from fastmnist import FastMNISTError, FastMNISTLoader, cache, convert, open_shards
 from fastmnist.order import shard_order
 
-from .conftest import INDEXED_N, batch_indices, decode_indices, indexed_images, seed_pipeline, write_split
+from .conftest import (
+    INDEXED_N,
+    batch_indices,
+    decode_indices,
+    indexed_images,
+    seed_pipeline,
+    served,
+    write_split,
+)
 
 
 @pytest.fixture(scope="module")
@@ -42,28 +47,12 @@ def indexed_wds(tmp_path_factory):
 
 
 @pytest.fixture()
-def http_server(indexed_wds):
+def http_server(indexed_wds, tmp_path):
     """Serve a copy of the set from a real HTTP server on 127.0.0.1; yields (base URL, dir)."""
-    import tempfile
-    from pathlib import Path
-
-    with tempfile.TemporaryDirectory() as tmp:
-        served = Path(tmp) / "set"
-        shutil.copytree(indexed_wds, served)
-        handler = functools.partial(_QuietHandler, directory=str(served))
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        try:
-            yield f"http://127.0.0.1:{server.server_address[1]}/", served
-        finally:
-            server.shutdown()
-            server.server_close()
-
-
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
+    copy = tmp_path / "set"
+    shutil.copytree(indexed_wds, copy)
+    with served(tmp_path) as base:
+        yield base + "set/", copy
 
 
 def test_stock_webdataset_reads_the_same_samples_as_the_arrays(real_both):
