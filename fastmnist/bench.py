@@ -8,6 +8,7 @@ shuffled epoch of ``(x, y)`` batches: float32
 
 import atexit
 import functools
+import json
 import os
 import socket
 import statistics
@@ -16,6 +17,7 @@ import sys
 import threading
 import time
 import urllib.request
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -61,6 +63,12 @@ def pipelines(raw_root: Path, shards: Path, cuda: bool | None = None
         "fastmnist float32": lambda bs: FastMNISTLoader(shards, batch_size=bs),
         "fastmnist uint8": lambda bs: FastMNISTLoader(shards, batch_size=bs, source="uint8"),
     }
+    for workers, sharing, stateful in ((1, "file_descriptor", False), (2, "file_descriptor", False),
+                                       (2, "file_system", False), (2, "file_descriptor", True)):
+        name = (f"fastmnist in {'Stateful' if stateful else ''}DataLoader, workers={workers}"
+                + (", file_system sharing" if sharing == "file_system" else ""))
+        found[name] = lambda bs, w=workers, how=sharing, st=stateful: _Epochs(
+            _through_workers, shards, bs, w, how, st)
     if "wds" in split.formats:
         shard_urls = [str(split.path(s.file)) for s in split.shards]
         found["stock webdataset"] = lambda bs: _Epochs(_stock_webdataset, shard_urls, bs, mean, std)
@@ -89,6 +97,73 @@ def _stock_webdataset(urls: list[str], batch_size: int, mean: float, std: float)
     for images, labels in dataset:
         yield (normalize_u8(torch.from_numpy(images)[:, None], mean, std),
                torch.as_tensor(labels, dtype=torch.int64))
+
+
+def _through_workers(shards: Path, batch_size: int, workers: int, sharing: str, stateful: bool):
+    """One epoch of FastMNISTLoader wrapped as ``DataLoader(loader, batch_size=None,
+    num_workers=workers)`` (torchdata's ``StatefulDataLoader`` if ``stateful``), batches
+    crossing from the workers by the ``sharing`` strategy of torch.multiprocessing; the
+    loader's warning about workers silenced."""
+    import torch.multiprocessing
+    from torch.utils.data import DataLoader
+
+    if stateful:
+        from torchdata.stateful_dataloader import StatefulDataLoader as DataLoader
+
+    previous = torch.multiprocessing.get_sharing_strategy()
+    torch.multiprocessing.set_sharing_strategy(sharing)
+    try:
+        with warnings.catch_warnings():  # workers are forked with this filter
+            warnings.simplefilter("ignore")
+            yield from DataLoader(FastMNISTLoader(shards, batch_size=batch_size), batch_size=None,
+                                  num_workers=workers)
+    finally:
+        torch.multiprocessing.set_sharing_strategy(previous)
+
+
+def state_dict_cost(shards: Path, calls: int = 2000) -> dict:
+    """Microseconds per ``state_dict()`` of a loader mid-epoch (after 300 batches of 64), over
+    the train split of ``shards`` and over a 6,000,000-sample set of sparse files (right
+    sizes, zero bytes: the state never reads the data), median of ``calls``."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        big = sparse_set(Path(tmp), 6_000_000)
+        out = {}
+        for name, path, kwargs in (("60k", shards, {}), ("6M", big, {"normalize": False})):
+            loader = FastMNISTLoader(path, batch_size=64, **kwargs)
+            it = iter(loader)
+            for _ in range(300):
+                next(it)
+            loader.state_dict()
+            times = []
+            for _ in range(calls):
+                t = time.perf_counter()
+                loader.state_dict()
+                times.append(time.perf_counter() - t)
+            out[name] = {"samples": loader.info.count, "state_dict_us": statistics.median(times) * 1e6}
+        return out
+
+
+def sparse_set(directory: Path, n: int) -> Path:
+    """A set of ``n`` samples (uint8 images and labels, train split) whose files have the
+    right headers and sizes but are sparse: zero bytes, nothing written, nothing cached."""
+    from .manifest import FORMAT_VERSION, MANIFEST, array_file_name, npy_header, npy_size
+
+    files = {}
+    for array, dtype, shape in (("images_u8", "uint8", (n, 1, 28, 28)), ("labels", "int64", (n,))):
+        name = array_file_name("train", array)
+        with open(directory / name, "wb") as f:
+            f.write(npy_header(dtype, shape))
+            f.truncate(npy_size(dtype, shape))
+        files[array] = {"file": name, "dtype": dtype, "shape": list(shape), "size": npy_size(dtype, shape),
+                        "sha256": "0" * 64}
+    manifest = {"format_version": FORMAT_VERSION, "created_by": "fastmnist bench", "dataset": "sparse",
+                "synthetic": True, "options": {}, "sources": {},
+                "splits": {"train": {"count": n, "image_shape": [1, 28, 28], "mean": 0.1307, "std": 0.3081,
+                                     "num_classes": 10, "files": files}}}
+    (directory / MANIFEST).write_text(json.dumps(manifest))
+    return directory
 
 
 @functools.cache

@@ -6,6 +6,7 @@ a source's business (``sources.py``).
 """
 
 import dataclasses
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -20,6 +21,12 @@ from .order import batch_count, rank_share, runs, samples_per_rank
 from .sources import ArraySource, StreamSource, empty_batch, local_arrays
 from .store import Split, open_remote, open_shards
 from .transport import is_url
+
+WORKER_WARNING = (
+    "FastMNISTLoader runs in a DataLoader worker, where it has nothing to gain: a batch of "
+    "mapped arrays takes microseconds to gather, and each one now crosses a process boundary "
+    "(about 1 ms; see the README's worker figures). Iterate the loader directly; use "
+    "device='cuda' for pinned, overlapped copies to the GPU.")
 
 
 class FastMNISTLoader(IterableDataset):
@@ -210,6 +217,8 @@ class FastMNISTLoader(IterableDataset):
         # worker w takes those numbered anchor + w (mod workers).
         worker = get_worker_info()
         k, w = (1, 0) if worker is None else (worker.num_workers, worker.id)
+        if w == 0 and worker is not None and isinstance(src, ArraySource):
+            warnings.warn(WORKER_WARNING, stacklevel=2)
         numbers = range(step.done + (step.anchor + w - step.done) % k, step.total, k)
         index_batches = src.index_batches(share, numbers, self.batch_size,
                                           lambda: self.rank_order(step.epoch + 1))

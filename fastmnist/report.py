@@ -15,11 +15,12 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
-from .bench import FLOOR, SEED, measure, pipelines, rss_bytes, run_epoch
+from .bench import FLOOR, SEED, measure, pipelines, rss_bytes, run_epoch, state_dict_cost
 from .loader import FastMNISTLoader
 from .store import open_shards
 
 SLOW = ("seed pipeline", "stock webdataset")  # measured with --seed-rounds epochs
+WORKERS_2, STATEFUL_2 = "fastmnist in DataLoader, workers=2", "fastmnist in StatefulDataLoader, workers=2"
 
 
 def run_report(raw_root: Path, shards: Path, out_dir: Path, batch_sizes=(64, 256, 1024),
@@ -46,6 +47,7 @@ def run_report(raw_root: Path, shards: Path, out_dir: Path, batch_sizes=(64, 256
         "rows": rows,
         "conversion": _conversion(raw_root, rows),
         "memory": _memory_over_epochs(shards, memory_epochs),
+        "state_dict": state_dict_cost(shards),
     }
     (out_dir / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
     (out_dir / "bench.md").write_text(markdown(result))
@@ -145,8 +147,17 @@ def markdown(result: dict) -> str:
         f"Resident memory over {m['epochs']} epochs of FastMNISTLoader: "
         f"{m['rss_mb_after_each'][0]:.0f} MB after the first, {m['rss_mb_after_each'][-1]:.0f} MB "
         f"after the last ({m['growth_after_first_mb']:+.1f} MB).",
-        "",
+        "state_dict() mid-epoch: " + ", ".join(
+            f"{v['state_dict_us']:.1f} us at {v['samples']:,} samples" for v in result["state_dict"].values())
+        + " (median of 2,000 calls).",
     ]
+    for bs in dict.fromkeys(r["batch_size"] for r in result["rows"]):
+        group = {r["pipeline"]: r["samples_per_s"] for r in result["rows"] if r["batch_size"] == bs}
+        plain, stateful = group.get(WORKERS_2), group.get(STATEFUL_2)
+        if plain and stateful:
+            lines.append(f"Batch {bs}: StatefulDataLoader(num_workers=2) runs at {stateful / plain:.2f} "
+                         f"of DataLoader(num_workers=2) over the same loader.")
+    lines.append("")
     return "\n".join(lines)
 
 

@@ -302,3 +302,23 @@ def test_converted_set_of_other_split_sizes(tmp_path):
     assert np.array_equal(
         np.sort(np.concatenate([y.numpy() for _, y in FastMNISTLoader(tmp_path / "s", split="test")])),
         np.sort(np.load(tmp_path / "s" / "test_labels.npy")))
+
+
+WORKERS = """
+import sys
+from torch.utils.data import DataLoader
+from fastmnist import FastMNISTLoader
+loader = FastMNISTLoader(sys.argv[1], batch_size=100)
+for _ in loader:
+    pass
+print(sum(len(y) for _, y in DataLoader(loader, batch_size=None, num_workers=2)))
+"""
+
+
+def test_workers_are_warned_about_once(indexed_shards):
+    from fastmnist.loader import WORKER_WARNING
+
+    done = subprocess.run([sys.executable, "-c", WORKERS, str(indexed_shards)], capture_output=True,
+                          text=True, cwd=REPO, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == str(INDEXED_N), done.stderr
+    assert done.stderr.count(WORKER_WARNING) == 1  # from worker 0 only; none in-process
