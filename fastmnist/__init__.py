@@ -14,6 +14,7 @@ _WHERE = {  # public name -> the module that defines it
     "FastMNISTError": "errors",
     "FastMNISTLoader": "loader",
     "Manifest": "manifest",
+    "Retry": "transport",
     "ShardSet": "store",
     "Split": "store",
     "open_shards": "store",

@@ -11,19 +11,21 @@ from .errors import FastMNISTError
 from .manifest import Shard
 from .normalize import normalize_u8_numpy
 from .tar import decode_shard
-from .transport import fetch
+from .transport import DEFAULT_RETRY, Retry, fetch
 
 
 class ShardCache:
     """``shards``: the split's shards and the URL of each. ``verify``: check each shard's
-    sha256 as it arrives. ``normalize``: ``(mean, std)`` to gather float32 normalised
-    images, or None to gather uint8. Gathering runs in numpy, single-threaded: torch's
-    intra-op threads stall whenever a fetching thread holds a core.
+    sha256 as it arrives (a mismatch after a complete download is an error at once).
+    ``retry``: how fetches over HTTP ride out transient failures. ``normalize``: ``(mean,
+    std)`` to gather float32 normalised images, or None to gather uint8. Gathering runs in
+    numpy, single-threaded: torch's intra-op threads stall whenever a fetching thread holds
+    a core.
     """
 
     def __init__(self, shards: list[Shard], urls: list[str], prefetch: int, verify: bool,
-                 normalize: tuple[float, float] | None):
-        self.shards, self.urls, self.prefetch, self.verify = shards, urls, prefetch, verify
+                 normalize: tuple[float, float] | None, retry: Retry = DEFAULT_RETRY):
+        self.shards, self.urls, self.prefetch, self.verify, self.retry = shards, urls, prefetch, verify, retry
         self.normalize = normalize
         self.firsts = np.array([s.first for s in shards])
         self.loaded = {}  # shard number -> (images, labels): uint8 (n,1,28,28), int64 (n,)
@@ -96,7 +98,7 @@ class ShardCache:
 
     def _load(self, s: int):
         shard, url = self.shards[s], self.urls[s]
-        data = fetch(url, shard.size)
+        data = fetch(url, shard.size, retry=self.retry)
         if self.verify and hashlib.sha256(data).hexdigest() != shard.sha256:
             raise FastMNISTError(f"{url}: sha256 differs from the manifest (corrupted)")
         return decode_shard(data, shard.first, shard.count, url)

@@ -20,7 +20,7 @@ from .normalize import normalizer
 from .order import batch_count, rank_share, runs, samples_per_rank
 from .sources import ArraySource, StreamSource, empty_batch, local_arrays
 from .store import Split, open_remote, open_shards
-from .transport import is_url
+from .transport import DEFAULT_RETRY, Retry, is_url
 
 WORKER_WARNING = (
     "FastMNISTLoader runs in a DataLoader worker, where it has nothing to gain: a batch of "
@@ -53,6 +53,9 @@ class FastMNISTLoader(IterableDataset):
     "uint8" (normalised on ``device``; the default on CUDA: 4x fewer bytes to copy).
     ``resident``: copy the whole split onto ``device`` once and gather there.
     ``pin_memory``: put host batches in pinned memory (default: when CUDA is available).
+    ``retry``: how fetches over HTTP(S) ride out transient failures (``transport.Retry``).
+    ``even``: False gives ranks disjoint shares with no padding or dropping (exact
+    evaluation; batch counts may then differ by one between ranks).
 
     Like a ``DataLoader`` it has ``dataset`` (``len()`` is the split's sample count;
     indexing gives one normalised sample), ``sampler`` (``set_epoch``; ``len()`` is this
@@ -66,7 +69,8 @@ class FastMNISTLoader(IterableDataset):
                  seed: int = 0, drop_last: bool = False, *, rank: int | None = None,
                  world_size: int | None = None, device="cpu", source: str | None = None,
                  normalize: bool = True, resident: bool = False, pin_memory: bool | None = None,
-                 prefetch: int = 2, verify: bool = False, format: str | None = None, even: bool = True):
+                 prefetch: int = 2, verify: bool = False, format: str | None = None, even: bool = True,
+                 retry: Retry | None = None):
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise FastMNISTError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.device = torch.device(device)
@@ -88,7 +92,7 @@ class FastMNISTLoader(IterableDataset):
             if resident or format not in (None, "wds"):
                 raise FastMNISTError("shard URLs stream tar shards: format='wds' only, and "
                                      "resident=True needs a local set")
-            self.info, self._urls = open_remote(path, split)
+            self.info, self._urls = open_remote(path, split, retry or DEFAULT_RETRY)
             self._root, self.format = None, "wds"
         else:
             local = open_shards(path, verify=verify).split(split)
@@ -101,7 +105,7 @@ class FastMNISTLoader(IterableDataset):
             if self.format == "npy" and array not in self.info.arrays:
                 raise FastMNISTError(f"{path}: split {split!r} has no {array} array for "
                                      f"source={source!r}")
-        self.verify = verify
+        self.verify, self.retry = verify, retry or DEFAULT_RETRY
         self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
         self.rank, self.world_size = rank, world_size
         self.source, self.normalize, self.resident = source, normalize, resident
@@ -140,7 +144,8 @@ class FastMNISTLoader(IterableDataset):
             if self._urls is not None:  # tar shards hold uint8; on the CPU, normalised while gathered
                 on_cpu = self.normalize and self.device.type == "cpu"
                 self._batch_source = StreamSource(self.info, self._urls, self.prefetch, self.verify,
-                                                  (self.info.mean, self.info.std) if on_cpu else None)
+                                                  (self.info.mean, self.info.std) if on_cpu else None,
+                                                  self.retry)
             else:
                 self._batch_source = local_arrays(Split(self._root, self.info), self.format, self.source,
                                                   self.device if self.resident else None)

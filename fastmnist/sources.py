@@ -22,7 +22,7 @@ from .normalize import normalize_u8
 from .order import epoch_order, shard_order
 from .store import Split
 from .tar import decode_shard
-from .transport import fetch
+from .transport import Retry, fetch
 
 
 class ArraySource:
@@ -87,10 +87,10 @@ class StreamSource:
     blocks = True
 
     def __init__(self, info: SplitInfo, urls: list[str], prefetch: int, verify: bool,
-                 normalize: tuple[float, float] | None):
+                 normalize: tuple[float, float] | None, retry: Retry):
         self.info = info
         self.dtype = torch.uint8 if normalize is None else torch.float32
-        self.cache = ShardCache(list(info.shards), urls, prefetch, verify, normalize)
+        self.cache = ShardCache(list(info.shards), urls, prefetch, verify, normalize, retry)
 
     @property
     def count(self) -> int:

@@ -13,7 +13,7 @@ import numpy as np
 
 from .errors import FastMNISTError
 from .manifest import MANIFEST, MAX_MANIFEST_BYTES, Manifest, Shard, SplitInfo, parse_manifest
-from .transport import expand_urls, fetch, join
+from .transport import DEFAULT_RETRY, Retry, expand_urls, fetch, join
 
 
 def sha256_file(path: Path) -> str:
@@ -146,7 +146,7 @@ def verify_shards(root) -> list[str]:
     return problems
 
 
-def open_remote(location, split: str) -> tuple[SplitInfo, list[str]]:
+def open_remote(location, split: str, retry: Retry = DEFAULT_RETRY) -> tuple[SplitInfo, list[str]]:
     """A split of a set by URL, and the URL of each of its shards. ``location``: the set's
     URL ending in "/" (shard URLs made from the manifest's names), or the split's shard
     URLs (a list or a brace pattern), every one of them, with ``manifest.json`` beside them."""
@@ -154,7 +154,7 @@ def open_remote(location, split: str) -> tuple[SplitInfo, list[str]]:
     whole_set = len(urls) == 1 and urls[0].endswith("/")
     base = urls[0] if whole_set else urls[0].rsplit("/", 1)[0] + "/"
     where = base + MANIFEST
-    info = parse_manifest(fetch(where, limit=MAX_MANIFEST_BYTES), where).splits.get(split)
+    info = parse_manifest(fetch(where, limit=MAX_MANIFEST_BYTES, retry=retry), where).splits.get(split)
     if info is None:
         raise FastMNISTError(f"{where}: no split {split!r}")
     if not info.shards:

@@ -5,18 +5,23 @@ A ``pipe:`` command is the user's own string; a name taken from a manifest is ap
 only shell-quoted, and only after the manifest has checked it against the converter's names.
 """
 
+import http.client
+import logging
 import os
+import random
 import shlex
 import subprocess
+import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 
 import numpy as np
 
 from .errors import FastMNISTError
 
 SCHEMES = ("http://", "https://", "file://", "pipe:")
-TIMEOUT_S = 60
+log = logging.getLogger("fastmnist")
 
 
 def is_url(source) -> bool:
@@ -38,10 +43,30 @@ def join(base: str, name: str) -> str:
     return base + (shlex.quote(name) if base.startswith("pipe:") else name)
 
 
-def fetch(url: str, size: int | None = None, limit: int | None = None):
+@dataclass(frozen=True)
+class Retry:
+    """How fetches over HTTP(S) ride out transient failures: connections reset or refused,
+    reads that stall for ``timeout_s``, HTTP 408, 429 and 5xx (S3's 503 SlowDown among them).
+    At most ``attempts`` tries and ``total_s`` seconds per object, waiting ``backoff_s``,
+    then twice as long each time (times a random 0.5-1.5), and resuming from the byte
+    reached (HTTP Range; from the start where the server ignores ranges). Other HTTP errors
+    (404, 403, ...) fail at once."""
+
+    attempts: int = 8
+    total_s: float = 300.0
+    timeout_s: float = 60.0
+    backoff_s: float = 0.1
+
+
+TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+DEFAULT_RETRY = Retry()
+
+
+def fetch(url: str, size: int | None = None, limit: int | None = None, retry: Retry = DEFAULT_RETRY):
     """The whole object at ``url`` (a path, ``file://``, ``http(s)://`` or ``pipe:COMMAND``).
     With ``size`` it is read straight into one uint8 array and must have exactly that many
-    bytes; otherwise it is bytes, and more than ``limit`` bytes is an error."""
+    bytes; otherwise it is bytes, and more than ``limit`` bytes is an error. HTTP(S)
+    fetches retry as ``retry`` says."""
     try:
         if url.startswith("pipe:"):
             done = subprocess.run(url[5:], shell=True, capture_output=True, check=False)
@@ -54,35 +79,101 @@ def fetch(url: str, size: int | None = None, limit: int | None = None):
             if limit is not None and len(data) > limit:
                 raise FastMNISTError(f"{url}: more than {limit} bytes")
             return np.frombuffer(data, np.uint8) if size is not None else data
-        remote = url.startswith(("http://", "https://", "file://"))
-        with urllib.request.urlopen(url, timeout=TIMEOUT_S) if remote else open(url, "rb") as f:
-            length = _announced_length(f, remote)
-            if size is not None and length is not None and length != size:  # before allocating
-                problem = "truncated" if length < size else "longer than the manifest says"
-                raise FastMNISTError(f"{url}: {problem}: {length} bytes, the manifest says {size}")
-            if size is None:
-                data = f.read(limit + 1 if limit is not None else -1)
-                if limit is not None and len(data) > limit:
-                    raise FastMNISTError(f"{url}: more than {limit} bytes")
-                return data
-            buf = np.empty(size, np.uint8)  # unlike bytearray, not zeroed while holding the GIL
-            view, got = memoryview(buf), 0
-            while got < size and (n := f.readinto(view[got:])):
-                got += n
-            if got < size:
-                raise FastMNISTError(f"{url}: truncated: {got} bytes, the manifest says {size}")
-            if f.read(1):
-                raise FastMNISTError(f"{url}: longer than the {size} bytes the manifest says")
+        if url.startswith(("http://", "https://")):
+            return _fetch_http(url, size, limit, retry)
+        with urllib.request.urlopen(url, timeout=retry.timeout_s) if url.startswith("file://") \
+                else open(url, "rb") as f:
+            got, buf = _read(url, f, size, limit, _announced_length(f), 0, None)
             return buf
     except urllib.error.HTTPError as e:
         raise FastMNISTError(f"{url}: HTTP error {e.code} {e.reason}") from None
-    except (urllib.error.URLError, OSError, ValueError) as e:
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:
         raise FastMNISTError(f"{url}: cannot read: {getattr(e, 'reason', e)}") from None
 
 
-def _announced_length(f, remote: bool) -> int | None:
-    """The object's length as its server (Content-Length) or file system tells it, if it does."""
-    if not remote:
+def _fetch_http(url: str, size: int | None, limit: int | None, retry: Retry):
+    """``fetch`` over HTTP(S), retrying transient failures and resuming from the byte reached."""
+    start, got, buf, error = time.monotonic(), 0, None, None
+    for attempt in range(1, retry.attempts + 1):
+        try:
+            headers = {"Range": f"bytes={got}-"} if got and size is not None else {}
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers),
+                                        timeout=retry.timeout_s) as f:
+                if got and not _resumes_at(f, got, size):
+                    got = 0  # the server sent the whole object: start over
+                length = _announced_length(f)
+                got, buf = _read(url, f, size, limit, None if length is None else got + length, got, buf)
+                return buf if size is not None else bytes(buf)
+        except urllib.error.HTTPError as e:
+            if e.code not in TRANSIENT_STATUS:
+                raise FastMNISTError(f"{url}: HTTP error {e.code} {e.reason}") from None
+            error = f"HTTP error {e.code} {e.reason}"
+        except _Partial as e:  # the connection ended early: keep what arrived
+            got, buf, error = e.got, e.buf, e.error
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+            error = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+        wait = retry.backoff_s * 2 ** (attempt - 1) * random.uniform(0.5, 1.5)
+        if attempt == retry.attempts or time.monotonic() - start + wait > retry.total_s:
+            break
+        log.warning("%s: attempt %d of %d failed (%s); retrying in %.2f s from byte %d",
+                    url, attempt, retry.attempts, error, wait, got)
+        time.sleep(wait)
+    raise FastMNISTError(f"{url}: failed after {attempt} attempts in {time.monotonic() - start:.1f} s "
+                         f"(at most {retry.attempts} in {retry.total_s:g} s); last error: {error}")
+
+
+class _Partial(Exception):
+    """A read that ended early, with what arrived: ``buf[:got]``."""
+
+    def __init__(self, got: int, buf, error: str):
+        super().__init__(error)
+        self.got, self.buf, self.error = got, buf, error
+
+
+def _read(url: str, f, size: int | None, limit: int | None, length: int | None, got: int, buf):
+    """Read the rest of the object from ``f`` into ``buf`` from byte ``got`` on: ``(got,
+    buf)``, buf a uint8 array of ``size`` (allocated once the announced ``length`` agrees
+    with it), or a bytearray of at most ``limit`` bytes when ``size`` is None. A connection
+    that ends early raises ``_Partial`` with what arrived."""
+    if size is None:
+        data = bytearray() if buf is None else buf
+        try:
+            while chunk := f.read(1 << 20):
+                data += chunk
+                if limit is not None and len(data) > limit:
+                    raise FastMNISTError(f"{url}: more than {limit} bytes")
+        except (OSError, http.client.HTTPException) as e:
+            raise _Partial(0, None, f"{type(e).__name__}: {e}") from None
+        return len(data), data
+    if length is not None and length != size:  # before allocating
+        problem = "truncated" if length < size else "longer than the manifest says"
+        raise FastMNISTError(f"{url}: {problem}: {length} bytes, the manifest says {size}")
+    if buf is None:
+        buf = np.empty(size, np.uint8)  # unlike bytearray, not zeroed while holding the GIL
+    view = memoryview(buf)
+    try:
+        while got < size and (n := f.readinto(view[got:])):
+            got += n
+    except (OSError, http.client.HTTPException) as e:
+        raise _Partial(got, buf, f"{type(e).__name__}: {e}") from None
+    if got < size:
+        if isinstance(f, http.client.HTTPResponse):
+            raise _Partial(got, buf, f"connection closed after {got} of {size} bytes")
+        raise FastMNISTError(f"{url}: truncated: {got} bytes, the manifest says {size}")
+    if f.read(1):
+        raise FastMNISTError(f"{url}: longer than the {size} bytes the manifest says")
+    return got, buf
+
+
+def _resumes_at(f, got: int, size: int) -> bool:
+    """Whether a response to ``Range: bytes=got-`` is that range of a ``size``-byte object."""
+    return f.status == 206 and f.headers.get("Content-Range", "") == f"bytes {got}-{size - 1}/{size}"
+
+
+def _announced_length(f) -> int | None:
+    """The length of what ``f`` will give, as its server (Content-Length) or file system
+    tells it, if it does."""
+    if not hasattr(f, "headers"):
         return os.fstat(f.fileno()).st_size
     length = f.headers.get("Content-Length")
     return int(length) if length is not None and length.isdigit() else None

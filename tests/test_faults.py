@@ -1,0 +1,141 @@
+"""Streaming through network faults: a real HTTP server on 127.0.0.1 that cuts responses
+mid-body, answers 503 and stalls past the read timeout. Epochs come out bit-identical to
+the clean ones, each retry is logged, a partial shard resumes from the byte it reached, and a
+shard that always fails gives a clear error within the configured bound."""
+
+import http.server
+import logging
+import random
+import re
+import threading
+import time
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from fastmnist import FastMNISTError, FastMNISTLoader, Retry, convert
+
+from .conftest import INDEXED_N, indexed_images, write_split
+
+FAST = Retry(attempts=30, total_s=60, timeout_s=0.5, backoff_s=0.005)
+
+
+class _Faults:
+    """What the server does to each request: a fixed-seed draw of 20% cut mid-body and 10%
+    503, one stall longer than the client's read timeout, and ``broken`` paths that always
+    answer 503. Counts what it injected and the ranges it was asked for."""
+
+    def __init__(self, seed=0, cut=0.2, unavailable=0.1, stall_s=1.5):
+        self.rng, self.lock = random.Random(seed), threading.Lock()
+        self.cut, self.unavailable, self.stall_s = cut, unavailable, stall_s
+        self.stalled, self.broken = False, set()
+        self.injected, self.requests, self.ranges = Counter(), Counter(), []
+
+    def decide(self, path: str) -> str:
+        with self.lock:
+            if path in self.broken:
+                fault = "503"
+            elif not self.stalled and path.endswith(".tar"):
+                self.stalled, fault = True, "stall"
+            else:
+                draw = self.rng.random()
+                fault = "cut" if draw < self.cut else "503" if draw < self.cut + self.unavailable else "ok"
+            if fault != "ok":
+                self.injected[fault] += 1
+            return fault
+
+
+class _FaultyHandler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        faults, root = self.server.faults, self.server.root
+        with faults.lock:
+            faults.requests[self.path] += 1
+        path = root / self.path.lstrip("/")
+        if not path.is_file():
+            self.send_error(404)
+            return
+        fault = faults.decide(self.path)
+        if fault == "503":
+            self.send_response(503, "Slow Down")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        data = path.read_bytes()
+        start = int(m.group(1)) if (m := re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))) else 0
+        if start:
+            faults.ranges.append((self.path, start))
+        body = data[start:]
+        self.send_response(206 if start else 200)
+        self.send_header("Content-Length", str(len(body)))
+        if start:
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        self.end_headers()
+        try:
+            if fault == "stall":
+                time.sleep(faults.stall_s)
+            self.wfile.write(body[: len(body) // 2] if fault == "cut" else body)
+        except OSError:  # the client gave up on a stalled response
+            pass
+        self.close_connection = fault != "ok"
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture()
+def faulty(tmp_path):
+    """The indexed train split in tar shards of 100, served by the faulty server; yields
+    (its set URL, the faults, the file:// URL of the same set)."""
+    write_split(tmp_path, "train", indexed_images(INDEXED_N), np.arange(INDEXED_N) % 10)
+    convert(tmp_path, tmp_path / "set", format="wds", shard_size=100, progress=False)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FaultyHandler)
+    server.faults, server.root = _Faults(), tmp_path
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/set/", server.faults, f"file://{tmp_path}/set/"
+    server.shutdown()
+    server.server_close()
+
+
+def test_three_epochs_through_faults_equal_the_clean_ones(faulty, caplog):
+    url, faults, clean = faulty
+    reference = FastMNISTLoader(clean, batch_size=64, seed=1)
+    with caplog.at_level(logging.WARNING, logger="fastmnist"):
+        loader = FastMNISTLoader(url, batch_size=64, seed=1, retry=FAST)
+        for _ in range(3):
+            batches = list(loader)
+            expected = list(reference)
+            assert len(batches) == len(expected) == 16
+            for (x, y), (rx, ry) in zip(batches, expected, strict=True):
+                assert torch.equal(x, rx) and torch.equal(y, ry)
+    retries = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
+    assert set(faults.injected) == {"cut", "503", "stall"}
+    assert len(retries) == sum(faults.injected.values())  # one failed attempt per fault, each logged
+    assert any("HTTP error 503" in r for r in retries) and any("timed out" in r for r in retries)
+    assert faults.ranges, "a cut response resumed from the byte it reached (HTTP Range)"
+    assert all(start > 0 for _, start in faults.ranges)
+
+
+def test_a_shard_that_always_fails_is_named_within_the_bound(faulty):
+    url, faults, _ = faulty
+    faults.cut = faults.unavailable = 0.0
+    faults.stalled = True
+    faults.broken.add("/set/train-000004.tar")
+    loader = FastMNISTLoader(url, batch_size=64, shuffle=False,
+                             retry=Retry(attempts=4, total_s=5, backoff_s=0.05))
+    start = time.monotonic()
+    with pytest.raises(FastMNISTError, match=r"train-000004.tar: failed after 4 attempts in [\d.]+ s "
+                                             r"\(at most 4 in 5 s\); last error: HTTP error 503 Slow Down"):
+        list(loader)
+    assert time.monotonic() - start < 5
+    assert faults.requests["/set/train-000004.tar"] == 4
+
+
+def test_permanent_errors_fail_at_once(faulty):
+    url, faults, _ = faulty
+    faults.cut = faults.unavailable = 0.0
+    faults.stalled = True
+    with pytest.raises(FastMNISTError, match="nowhere/manifest.json: HTTP error 404"):
+        FastMNISTLoader(url + "nowhere/", retry=FAST)
+    assert faults.requests["/set/nowhere/manifest.json"] == 1
