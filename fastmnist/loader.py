@@ -172,9 +172,8 @@ class FastMNISTLoader(IterableDataset):
             runs(rest, self.world_size, self.drop_last, self.even) if blocks else None)
         return {"version": progress.STATE_VERSION, **self._identity, "epoch": step.epoch,
                 "consumed": consumed,
-                "step": {"base": step.base, "batches_done": step.done, "anchor": step.anchor,
-                         "batch_size": self.batch_size, "world_size": self.world_size,
-                         "drop_last": self.drop_last, "even": self.even}}
+                "step": [step.base, step.done, step.anchor, self.batch_size, self.world_size,
+                         self.drop_last, self.even]}  # progress.STEP_FIELDS
 
     def load_state_dict(self, state: dict) -> None:
         """Make the next ``iter()`` continue the epoch ``state`` describes: from this loader's
@@ -183,14 +182,19 @@ class FastMNISTLoader(IterableDataset):
         of the same set. Every sample not yet consumed comes exactly once across the ranks
         (padded or cut as ``even``/``drop_last`` say); with the same world size, batch size
         and split rules, the batches are those the interrupted run would have yielded."""
+        candidates, since_snapshot = _loader_states(state)
         # the freshest of a StatefulDataLoader's worker states is the one its last batch came with
-        state = max((progress.check_state(s, self._identity, self.info.count) for s in _loader_states(state)),
+        state = max((progress.check_state(s, self._identity, self.info.count) for s in candidates),
                     key=lambda s: (s["epoch"], progress.count(s["consumed"])))
+        if since_snapshot:  # batches the DataLoader yielded after its last snapshot
+            state = self._advanced(state, since_snapshot)
         step = state["step"]
         same = step is not None and all(step[k] == v for k, v in (
             ("batch_size", self.batch_size), ("world_size", self.world_size),
             ("drop_last", self.drop_last), ("even", self.even)))
-        if same:
+        if same and step["batches_done"] >= self._batches(step, self.rank):
+            self._resume = _Step(state["epoch"] + 1)
+        elif same:
             # In a DataLoader worker (torchdata restoring each worker's own snapshot) the
             # batches keep their workers; loaded here, worker 0 takes the next batch.
             anchor = step["anchor"] if get_worker_info() is not None else step["batches_done"]
@@ -200,6 +204,26 @@ class FastMNISTLoader(IterableDataset):
         else:
             self._resume = _Step(state["epoch"], state["consumed"])
         self._next_epoch, self._step = self._resume.epoch, None
+
+    def _advanced(self, state: dict, batches: int) -> dict:
+        """``state`` (checked) moved on by ``batches`` more batches of its own step layout."""
+        step = state["step"]
+        if step is None:
+            raise FastMNISTError("state_dict: batches after a snapshot, but no step to count them in")
+        done = step["batches_done"] + batches
+        n = self.info.count
+        rest = n - progress.count(step["base"])
+        layout = runs(rest, step["world_size"], step["drop_last"], step["even"]) \
+            if self._identity["order"] == "shards" else None
+        consumed = progress.consumed_after(step["base"], n, step["world_size"], done * step["batch_size"],
+                                           layout)
+        return {**state, "consumed": consumed, "step": {**step, "batches_done": done}}
+
+    def _batches(self, step: dict, rank: int) -> int:
+        """Batches ``rank`` has in the iteration ``step`` (a checked state's) describes."""
+        rest = self.info.count - progress.count(step["base"])
+        share = samples_per_rank(rest, step["world_size"], step["drop_last"], step["even"], rank)
+        return batch_count(share, step["batch_size"], step["drop_last"])
 
     def rank_order(self, epoch: int, base: progress.Intervals = ()) -> torch.Tensor:
         """int64 sample indices this rank visits in ``epoch``, in order; of the positions
@@ -272,22 +296,20 @@ class _Step:
         return self.total is not None and self.done >= self.total
 
 
-def _loader_states(state) -> list:
-    """The loader states in ``state``: itself, or those a torchdata ``StatefulDataLoader``
-    holds (one per worker, or its dataset's when it has no workers)."""
+def _loader_states(state) -> tuple[list, int]:
+    """The loader states in ``state`` and the batches yielded since they were taken: itself
+    (0), or those a torchdata ``StatefulDataLoader`` holds (one per worker, or its dataset's
+    when it has no workers) and its steps since its last snapshot."""
     if not isinstance(state, dict) or "version" in state:
-        return [state]
+        return [state], 0
     if "dataset_state" in state:  # StatefulDataLoader without workers
-        return [state["dataset_state"]]
-    snapshot = state.get("_snapshot")
-    if not isinstance(snapshot, dict) or not isinstance(snapshot.get("_worker_snapshots"), dict):
-        return [state]  # refused by check_state, naming what it is
-    if state.get("_steps_since_snapshot"):
-        raise FastMNISTError("StatefulDataLoader state taken between snapshots "
-                             "(snapshot_every_n_steps > 1): batches since the last snapshot "
-                             "cannot be placed exactly; use snapshot_every_n_steps=1")
+        return [state["dataset_state"]], 0
+    snapshot, since = state.get("_snapshot"), state.get("_steps_since_snapshot", 0)
+    if not isinstance(snapshot, dict) or not isinstance(snapshot.get("_worker_snapshots"), dict) \
+            or not isinstance(since, int) or since < 0:
+        return [state], 0  # refused by check_state, naming what it is
     return [w.get("dataset_state") if isinstance(w, dict) else w
-            for w in snapshot["_worker_snapshots"].values()]
+            for w in snapshot["_worker_snapshots"].values()], since
 
 
 def _distributed(rank, world_size) -> tuple[int, int]:

@@ -15,6 +15,9 @@ from .errors import FastMNISTError
 
 STATE_VERSION = 1
 MAX_INTERVALS = 1 << 16  # a few per rank per resume; a state with more is not one of ours
+# The "step" of a state: a list rather than an object, so that torchdata's per-batch
+# snapshots (which flatten nested objects key by key) stay cheap.
+STEP_FIELDS = ("base", "batches_done", "anchor", "batch_size", "world_size", "drop_last", "even")
 Intervals = list[list[int]]  # sorted, disjoint, non-empty [start, stop) pairs
 
 
@@ -76,9 +79,10 @@ def fingerprint(identity: dict) -> str:
 
 
 def check_state(state, expected: dict, n: int) -> dict:
-    """``state`` if it is a well-formed loader state for this loader: same ``expected``
-    identity (set, order, seed, shuffle), intervals inside ``[0, n)``; otherwise a
-    FastMNISTError saying what is wrong or what differs."""
+    """``state`` if it is a well-formed loader state for this loader (same ``expected``
+    identity: set, order, seed, shuffle; intervals inside ``[0, n)``), with its "step" as an
+    object keyed by ``STEP_FIELDS``; otherwise a FastMNISTError saying what is wrong or what
+    differs."""
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
         raise FastMNISTError(f"not a fastmnist loader state (version {STATE_VERSION}): "
                              f"{_shown(state)}")
@@ -92,17 +96,19 @@ def check_state(state, expected: dict, n: int) -> dict:
     _check_intervals(state.get("consumed"), n, "consumed")
     step = state.get("step")
     if step is not None:
-        if not isinstance(step, dict):
-            raise FastMNISTError(f"state_dict: step must be an object, got {_shown(step)}")
-        _check_intervals(step.get("base"), n, "step.base")
+        if not isinstance(step, list) or len(step) != len(STEP_FIELDS):
+            raise FastMNISTError(f"state_dict: step must be a list of {', '.join(STEP_FIELDS)}, "
+                                 f"got {_shown(step)}")
+        step = dict(zip(STEP_FIELDS, step, strict=True))
+        _check_intervals(step["base"], n, "step's base")
         for key in ("batches_done", "anchor", "batch_size", "world_size"):
-            value = step.get(key)
+            value = step[key]
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise FastMNISTError(f"state_dict: step.{key} must be a non-negative integer, "
+                raise FastMNISTError(f"state_dict: step's {key} must be a non-negative integer, "
                                      f"got {_shown(value)}")
-        if not isinstance(step.get("drop_last"), bool) or not isinstance(step.get("even"), bool):
-            raise FastMNISTError("state_dict: step.drop_last and step.even must be true or false")
-    return state
+        if not isinstance(step["drop_last"], bool) or not isinstance(step["even"], bool):
+            raise FastMNISTError("state_dict: step's drop_last and even must be true or false")
+    return {**state, "step": step}
 
 
 def _check_intervals(intervals, n: int, name: str) -> None:

@@ -150,18 +150,21 @@ def test_every_rank_saves_the_same_state(indexed_shards):
     assert states[0]["consumed"] == [[0, 5 * 32 * 3]] and len(json.dumps(states[0])) < 600
 
 
-def test_stateful_dataloader_resumes_exactly_with_2_and_3_workers(synth_shards):
+@pytest.mark.parametrize("every", [1, 16])
+def test_stateful_dataloader_resumes_exactly_with_2_and_3_workers(synth_shards, every):
     """torchdata's StatefulDataLoader over the loader: saved after 101 batches and resumed,
-    one 60,000-sample epoch is exactly the uninterrupted one."""
+    one 60,000-sample epoch is exactly the uninterrupted one, whether it snapshots every
+    batch or every 16 (the batches after the last snapshot are counted in)."""
     def make(workers):
         return StatefulDataLoader(FastMNISTLoader(synth_shards, batch_size=64, seed=2, normalize=False),
-                                  batch_size=None, num_workers=workers)
+                                  batch_size=None, num_workers=workers, snapshot_every_n_steps=every)
 
     reference = [y.tolist() for _, y in make(0)]
     dl = make(2)
     it = iter(dl)
     head = [next(it)[1].tolist() for _ in range(101)]
     saved = json.loads(json.dumps(dl.state_dict()))
+    assert saved["_steps_since_snapshot"] == 101 % every
     del it
     same = make(2)
     same.load_state_dict(saved)  # torchdata's own restore, each worker its snapshot
@@ -193,7 +196,8 @@ def test_refusals_say_what_differs(indexed_shards, tmp_path):
         ({**state, "consumed": [[0, INDEXED_N + 1]]}, "consumed must be sorted, disjoint"),
         ({**state, "consumed": [[50, 60], [0, 10]]}, "consumed must be sorted"),
         ({**state, "epoch": -1}, "epoch must be a non-negative integer"),
-        ({**state, "step": {**state["step"], "batches_done": "3"}}, "step.batches_done must be"),
+        ({**state, "step": [*state["step"][:1], "3", *state["step"][2:]]}, "step's batches_done must be"),
+        ({**state, "step": state["step"][:3]}, "step must be a list of base, batches_done"),
         ({k: v for k, v in state.items() if k != "version"}, "not a fastmnist loader state"),
         ([1, 2], "not a fastmnist loader state"),
     ]:
