@@ -7,6 +7,7 @@ the sample indices of every training step (one JSON line per step and rank, flus
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import lightning
@@ -25,6 +26,7 @@ class Recorder(lightning.LightningModule):
         self.log_path = log
 
     def training_step(self, batch, batch_idx):
+        time.sleep(0.02)  # so that the test's kill lands mid-epoch, a step or two after it aims
         x, y = batch
         with open(self.log_path.with_suffix(f".rank{self.global_rank}.jsonl"), "a") as f:
             f.write(json.dumps({"step": self.global_step, "rank": self.global_rank,

@@ -148,7 +148,8 @@ def test_streamed_exactly_once_across_ranks_and_workers(indexed_wds, world_size,
 
 def test_streamed_ranks_fetch_only_the_shards_of_their_run(indexed_wds, monkeypatch):
     fetched, real_fetch = [], cache.fetch
-    monkeypatch.setattr(cache, "fetch", lambda url, size: fetched.append(url) or real_fetch(url, size))
+    monkeypatch.setattr(cache, "fetch",
+                        lambda url, size, **kw: fetched.append(url) or real_fetch(url, size, **kw))
     url, total = f"file://{indexed_wds}/", 0
     for rank in range(3):
         fetched.clear()
@@ -166,7 +167,8 @@ def test_streamed_ranks_fetch_only_the_shards_of_their_run(indexed_wds, monkeypa
 
 def test_streaming_fetches_each_shard_once_per_epoch_and_holds_few(indexed_wds, monkeypatch):
     fetched, real_fetch = Counter(), cache.fetch
-    monkeypatch.setattr(cache, "fetch", lambda url, size: fetched.update([url]) or real_fetch(url, size))
+    monkeypatch.setattr(cache, "fetch",
+                        lambda url, size, **kw: fetched.update([url]) or real_fetch(url, size, **kw))
     # unshuffled, the 6 shards are visited in turn, so none stays held from one visit to the next
     loader = FastMNISTLoader(f"file://{indexed_wds}/", batch_size=1, shuffle=False, normalize=False)
     beyond = []
