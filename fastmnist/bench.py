@@ -63,12 +63,14 @@ def pipelines(raw_root: Path, shards: Path, cuda: bool | None = None
         "fastmnist float32": lambda bs: FastMNISTLoader(shards, batch_size=bs),
         "fastmnist uint8": lambda bs: FastMNISTLoader(shards, batch_size=bs, source="uint8"),
     }
-    for workers, sharing, stateful in ((1, "file_descriptor", False), (2, "file_descriptor", False),
-                                       (2, "file_system", False), (2, "file_descriptor", True)):
-        name = (f"fastmnist in {'Stateful' if stateful else ''}DataLoader, workers={workers}"
-                + (", file_system sharing" if sharing == "file_system" else ""))
-        found[name] = lambda bs, w=workers, how=sharing, st=stateful: _Epochs(
-            _through_workers, shards, bs, w, how, st)
+    for workers, sharing, snapshots in ((1, "file_descriptor", None), (2, "file_descriptor", None),
+                                        (2, "file_system", None), (2, "file_descriptor", 1),
+                                        (2, "file_descriptor", 64)):
+        name = (f"fastmnist in {'Stateful' if snapshots else ''}DataLoader, workers={workers}"
+                + (", file_system sharing" if sharing == "file_system" else "")
+                + (f", snapshot every {snapshots} steps" if snapshots and snapshots > 1 else ""))
+        found[name] = lambda bs, w=workers, how=sharing, every=snapshots: _Epochs(
+            _through_workers, shards, bs, w, how, every)
     if "wds" in split.formats:
         shard_urls = [str(split.path(s.file)) for s in split.shards]
         found["stock webdataset"] = lambda bs: _Epochs(_stock_webdataset, shard_urls, bs, mean, std)
@@ -99,24 +101,25 @@ def _stock_webdataset(urls: list[str], batch_size: int, mean: float, std: float)
                torch.as_tensor(labels, dtype=torch.int64))
 
 
-def _through_workers(shards: Path, batch_size: int, workers: int, sharing: str, stateful: bool):
+def _through_workers(shards: Path, batch_size: int, workers: int, sharing: str, snapshots: int | None):
     """One epoch of FastMNISTLoader wrapped as ``DataLoader(loader, batch_size=None,
-    num_workers=workers)`` (torchdata's ``StatefulDataLoader`` if ``stateful``), batches
-    crossing from the workers by the ``sharing`` strategy of torch.multiprocessing; the
-    loader's warning about workers silenced."""
+    num_workers=workers)`` (torchdata's ``StatefulDataLoader`` snapshotting every
+    ``snapshots`` steps, unless None), batches crossing from the workers by the ``sharing``
+    strategy of torch.multiprocessing; the loader's warning about workers silenced."""
     import torch.multiprocessing
     from torch.utils.data import DataLoader
 
-    if stateful:
+    loader, options = FastMNISTLoader(shards, batch_size=batch_size), {}
+    if snapshots:
         from torchdata.stateful_dataloader import StatefulDataLoader as DataLoader
 
+        options = {"snapshot_every_n_steps": snapshots}
     previous = torch.multiprocessing.get_sharing_strategy()
     torch.multiprocessing.set_sharing_strategy(sharing)
     try:
         with warnings.catch_warnings():  # workers are forked with this filter
             warnings.simplefilter("ignore")
-            yield from DataLoader(FastMNISTLoader(shards, batch_size=batch_size), batch_size=None,
-                                  num_workers=workers)
+            yield from DataLoader(loader, batch_size=None, num_workers=workers, **options)
     finally:
         torch.multiprocessing.set_sharing_strategy(previous)
 
