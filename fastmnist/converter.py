@@ -20,7 +20,6 @@ import shutil
 import tempfile
 import time
 import types
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -227,7 +226,7 @@ def _prepare_parent(out: Path) -> None:
         raise FastMNISTError(f"{out.parent}: output directory is not writable")
 
 
-@contextmanager
+@contextlib.contextmanager
 def _lock(out: Path):
     """Serialise conversions into ``out`` across processes."""
     with open(out.parent / f".{out.name}.lock", "a") as f:
@@ -283,8 +282,9 @@ def _write_arrays(tmp: Path, split: str, images: np.ndarray, labels: np.ndarray,
 
     def chunks(array):
         for i in range(0, len(array), _CHUNK):
-            yield np.ascontiguousarray(array[i:i + _CHUNK])
-            bar.update(len(array[i:i + _CHUNK]))
+            part = np.ascontiguousarray(array[i:i + _CHUNK])
+            yield part
+            bar.update(len(part))
 
     return {
         "images_u8": _write_npy(tmp, split, "images_u8", images.shape, chunks(images), writer),

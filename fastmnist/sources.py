@@ -66,8 +66,9 @@ def local_arrays(split: Split, format: str, dtype: str, device: torch.device | N
         images = torch.from_numpy(split.array("images_f32" if dtype == "float32" else "images_u8", mode="c"))
         labels = torch.from_numpy(split.array("labels", mode="c"))
     else:
-        parts = [decode_shard(fetch(str(split.path(s.file)), s.size), s.first, s.count,
-                              str(split.path(s.file))) for s in split.shards]
+        paths = [str(split.path(s.file)) for s in split.shards]
+        parts = [decode_shard(fetch(path, s.size), s.first, s.count, path)
+                 for path, s in zip(paths, split.shards, strict=True)]
         images = torch.from_numpy(np.concatenate([p[0] for p in parts]))
         labels = torch.from_numpy(np.concatenate([p[1] for p in parts]))
         if dtype == "float32":  # tar shards hold uint8 images: normalise them once

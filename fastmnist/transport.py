@@ -83,8 +83,9 @@ def fetch(url: str, size: int | None = None, limit: int | None = None, retry: Re
             return _fetch_http(url, size, limit, retry)
         with urllib.request.urlopen(url, timeout=retry.timeout_s) if url.startswith("file://") \
                 else open(url, "rb") as f:
-            got, buf = _read(url, f, size, limit, _announced_length(f), 0, None)
-            return buf
+            return _read(url, f, size, limit, _announced_length(f), 0, None)[1]
+    except _Partial as e:  # a local read that failed part way: nothing to retry
+        raise FastMNISTError(f"{url}: cannot read: {e.error}") from None
     except urllib.error.HTTPError as e:
         raise FastMNISTError(f"{url}: HTTP error {e.code} {e.reason}") from None
     except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:
@@ -103,7 +104,7 @@ def _fetch_http(url: str, size: int | None, limit: int | None, retry: Retry):
                     got = 0  # the server sent the whole object: start over
                 length = _announced_length(f)
                 got, buf = _read(url, f, size, limit, None if length is None else got + length, got, buf)
-                return buf if size is not None else bytes(buf)
+                return buf
         except urllib.error.HTTPError as e:
             if e.code not in TRANSIENT_STATUS:
                 raise FastMNISTError(f"{url}: HTTP error {e.code} {e.reason}") from None
@@ -133,10 +134,10 @@ class _Partial(Exception):
 def _read(url: str, f, size: int | None, limit: int | None, length: int | None, got: int, buf):
     """Read the rest of the object from ``f`` into ``buf`` from byte ``got`` on: ``(got,
     buf)``, buf a uint8 array of ``size`` (allocated once the announced ``length`` agrees
-    with it), or a bytearray of at most ``limit`` bytes when ``size`` is None. A connection
-    that ends early raises ``_Partial`` with what arrived."""
+    with it), or bytes, at most ``limit`` of them, when ``size`` is None (read whole each
+    time). A read that ends early raises ``_Partial`` with what arrived."""
     if size is None:
-        data = bytearray() if buf is None else buf
+        data = bytearray()
         try:
             while chunk := f.read(1 << 20):
                 data += chunk
@@ -144,7 +145,7 @@ def _read(url: str, f, size: int | None, limit: int | None, length: int | None, 
                     raise FastMNISTError(f"{url}: more than {limit} bytes")
         except (OSError, http.client.HTTPException) as e:
             raise _Partial(0, None, f"{type(e).__name__}: {e}") from None
-        return len(data), data
+        return len(data), bytes(data)
     if length is not None and length != size:  # before allocating
         problem = "truncated" if length < size else "longer than the manifest says"
         raise FastMNISTError(f"{url}: {problem}: {length} bytes, the manifest says {size}")
