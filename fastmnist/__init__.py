@@ -14,6 +14,8 @@ _WHERE = {  # public name -> the module that defines it
     "FastMNISTError": "errors",
     "FastMNISTLoader": "loader",
     "Manifest": "manifest",
+    "PushResult": "push",
+    "push": "push",
     "Retry": "transport",
     "ShardSet": "store",
     "Split": "store",

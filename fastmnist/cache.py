@@ -1,8 +1,18 @@
 """Streamed shards held in memory: each fetched whole (in its own thread) and checked once,
-keeping only the shards in use plus the next ``prefetch`` of the visiting order."""
+keeping only the shards in use plus the next ``prefetch`` of the visiting order.
+
+When a rank's DataLoader workers divide its run into parts, a shard that two parts touch
+is fetched once, by the worker whose part starts with it, and handed to the others as a
+file (a :class:`Handoff`), so each shard crosses the network once per rank and epoch.
+"""
 
 import bisect
 import hashlib
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -11,21 +21,24 @@ from .errors import FastMNISTError
 from .manifest import Shard
 from .normalize import normalize_u8_numpy
 from .tar import decode_shard
-from .transport import DEFAULT_RETRY, Retry, fetch
+from .transport import DEFAULT_RETRY, Retry, fetch, log
 
 
 class ShardCache:
     """``shards``: the split's shards and the URL of each. ``verify``: check each shard's
     sha256 as it arrives (a mismatch after a complete download is an error at once).
-    ``retry``: how fetches over HTTP ride out transient failures. ``normalize``: ``(mean,
+    ``retry``: how remote fetches ride out transient failures; ``storage_options``: for
+    fsspec URLs. ``normalize``: ``(mean,
     std)`` to gather float32 normalised images, or None to gather uint8. Gathering runs in
     numpy, single-threaded: torch's intra-op threads stall whenever a fetching thread holds
     a core.
     """
 
     def __init__(self, shards: list[Shard], urls: list[str], prefetch: int, verify: bool,
-                 normalize: tuple[float, float] | None, retry: Retry = DEFAULT_RETRY):
+                 normalize: tuple[float, float] | None, retry: Retry = DEFAULT_RETRY,
+                 storage_options: dict | None = None):
         self.shards, self.urls, self.prefetch, self.verify, self.retry = shards, urls, prefetch, verify, retry
+        self.storage_options = storage_options
         self.normalize = normalize
         self.firsts = np.array([s.first for s in shards])
         self.loaded = {}  # shard number -> (images, labels): uint8 (n,1,28,28), int64 (n,)
@@ -33,21 +46,51 @@ class ShardCache:
         self.pool = None
         self.in_use = []  # the shards of the batch index_batches yielded last
 
-    def index_batches(self, order: torch.Tensor, batches, batch_size: int, then: torch.Tensor):
+    def index_batches(self, order: torch.Tensor, batches: range, batch_size: int, then: torch.Tensor | None,
+                      handoff: "Handoff | None" = None):
         """Yield ``order[b * batch_size:(b + 1) * batch_size]`` as int64 numpy arrays for each
         ``b`` of ``batches`` (ascending), each once the shards it needs are loaded, with the
-        next ``prefetch`` shards being fetched: those ``order`` visits next, then those
-        ``then`` (the next epoch's order) starts with."""
-        plan, starts = self._plan(order)  # order visits shard plan[i] from position starts[i]
-        visits = plan + self._plan(then)[0]
+        next ``prefetch`` shards being fetched: those these batches visit next, then those
+        ``then`` (the next epoch's order, if given) starts with. ``handoff``: the shards this
+        worker shares with the others of its rank (it then starts with nothing held)."""
+        if handoff is not None:
+            self.loaded, self.pending = {}, {}
+        if not batches:
+            return
+        lo = batches[0] * batch_size  # these batches visit shard plan[i] from position starts[i]
+        plan, starts = self._plan(order[lo:(batches[-1] + 1) * batch_size])
+        starts = [lo + start for start in starts]
+        visits = plan + (self._plan(then)[0] if then is not None else [])
         order, here = order.numpy(), None
         for b in batches:
             start, stop = b * batch_size, min((b + 1) * batch_size, len(order))
             p, q = bisect.bisect_right(starts, start) - 1, bisect.bisect_right(starts, stop - 1) - 1
             if (p, q) != here:
                 here = p, q
-                self._keep(plan[p:q + 1], visits[q + 1:q + 1 + self.prefetch])
+                self._keep(plan[p:q + 1], visits[q + 1:q + 1 + self.prefetch], handoff)
             yield order[start:stop]
+
+    def handoff(self, order: torch.Tensor, parts: list[tuple[int, int]], me: int, where: Path) -> "Handoff":
+        """Who fetches what when workers divide ``order`` (a rank's) into ``parts``
+        (``(start, stop)`` positions), this worker taking part ``me``: a shard that several
+        parts touch is fetched by the second of them (whose part starts with it) and handed
+        to the others through files in ``where``."""
+        touched = {}  # shard -> the parts that touch it, in order
+        for part, (start, stop) in enumerate(parts):
+            for s in dict.fromkeys(self._plan(order[start:stop])[0]):
+                touched.setdefault(s, []).append(part)
+        gives, takes = {}, set()
+        for s, by in touched.items():
+            if len(by) < 2:
+                continue  # one part's own
+            giver, first = by[1], parts[by[1]][0]
+            if self._plan(order[first:first + 1])[0] != [s]:
+                continue  # not where the giver starts (padding repeats a shard): each fetches its own
+            if me == giver:
+                gives[s] = [part for part in by if part != giver]
+            elif me in by:
+                takes.add(s)
+        return Handoff(where, me, gives, takes, self.retry.total_s)
 
     def _plan(self, order: torch.Tensor) -> tuple[list[int], list[int]]:
         """The shards ``order`` visits, in turn, and the position where each visit starts."""
@@ -77,7 +120,7 @@ class ShardCache:
             y[rows] = labels.take(local)
         return torch.from_numpy(x), torch.from_numpy(y)
 
-    def _keep(self, in_use: list[int], ahead: list[int]) -> None:
+    def _keep(self, in_use: list[int], ahead: list[int], handoff: "Handoff | None") -> None:
         """Drop every shard not in ``in_use`` or ``ahead``, start fetching those of ``ahead``
         not yet held, then make sure those of ``in_use`` are loaded (waiting for them)."""
         self.in_use = in_use
@@ -90,15 +133,72 @@ class ShardCache:
                     from concurrent.futures import ThreadPoolExecutor
 
                     self.pool = ThreadPoolExecutor(self.prefetch, thread_name_prefix="fastmnist-fetch")
-                self.pending[s] = self.pool.submit(self._load, s)
+                self.pending[s] = self.pool.submit(self._load, s, handoff)
         for s in in_use:
             if s not in self.loaded:
                 future = self.pending.pop(s, None)
-                self.loaded[s] = future.result() if future is not None else self._load(s)
+                self.loaded[s] = future.result() if future is not None else self._load(s, handoff)
 
-    def _load(self, s: int):
+    def _load(self, s: int, handoff: "Handoff | None"):
         shard, url = self.shards[s], self.urls[s]
-        data = fetch(url, shard.size, retry=self.retry)
+        if handoff is not None and s in handoff.takes and (got := handoff.take(s, shard.count)) is not None:
+            return got
+        data = fetch(url, shard.size, retry=self.retry, storage_options=self.storage_options)
         if self.verify and hashlib.sha256(data).hexdigest() != shard.sha256:
             raise FastMNISTError(f"{url}: sha256 differs from the manifest (corrupted)")
-        return decode_shard(data, shard.first, shard.count, url)
+        images, labels = decode_shard(data, shard.first, shard.count, url)
+        if handoff is not None and s in handoff.gives:
+            handoff.give(s, images, labels)
+        return images, labels
+
+
+@dataclass(frozen=True)
+class Handoff:
+    """Decoded shards passed between a rank's DataLoader workers as files in ``where`` (a
+    directory private to the loader and rank): this worker (of part ``me``) ``gives`` each
+    shard it maps to the parts that take it, and ``takes`` the others from whoever fetched
+    them, waiting at most ``wait_s`` before fetching one itself. A shard's file holds its
+    uint8 images and int64 labels (two ``.npy`` records), whatever the epoch."""
+
+    where: Path
+    me: int
+    gives: dict[int, list[int]]
+    takes: set[int]
+    wait_s: float
+
+    def give(self, s: int, images: np.ndarray, labels: np.ndarray) -> None:
+        self.where.mkdir(mode=0o700, exist_ok=True)
+        tmp = self.where / f".s{s}-{os.getpid()}-{threading.get_ident()}.tmp"
+        with open(tmp, "wb") as f:
+            np.save(f, images)
+            np.save(f, labels)
+        for part in self.gives[s]:  # one name per taker, each appearing whole
+            link = tmp.with_suffix(f".p{part}")
+            os.link(tmp, link)
+            os.replace(link, self.where / f"s{s}-p{part}.npy")
+        tmp.unlink()
+
+    def take(self, s: int, count: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """Shard ``s``'s images and labels, as another worker left them, or None (with a
+        warning) if they do not come in time or are not what they should be."""
+        path, pause = self.where / f"s{s}-p{self.me}.npy", 0.002
+        deadline = time.monotonic() + self.wait_s
+        while not path.exists():
+            if time.monotonic() > deadline:
+                log.warning("%s: shard %d not handed over within %g s; fetching it here", self.where, s,
+                            self.wait_s)
+                return None
+            time.sleep(pause)
+            pause = min(2 * pause, 0.05)
+        try:
+            with open(path, "rb") as f:
+                images, labels = np.load(f, allow_pickle=False), np.load(f, allow_pickle=False)
+            path.unlink()
+        except (OSError, ValueError) as e:
+            log.warning("%s: cannot read the handed-over shard %d (%s); fetching it here", path, s, e)
+            return None
+        if images.shape != (count, 1, 28, 28) or images.dtype != np.uint8 or labels.shape != (count,) \
+                or labels.dtype != np.int64:
+            log.warning("%s: the handed-over shard %d has the wrong shape; fetching it here", path, s)
+            return None
+        return images, labels

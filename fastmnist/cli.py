@@ -1,4 +1,4 @@
-"""The ``fastmnist`` command: convert, info, verify, synth, bench, demo."""
+"""The ``fastmnist`` command: convert, info, verify, push, synth, bench, demo."""
 
 import argparse
 import sys
@@ -31,6 +31,15 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="re-hash every file of a set against its manifest")
     v.add_argument("path", type=Path)
     v.set_defaults(func=_verify)
+
+    u = sub.add_parser("push", help="upload a converted set to an fsspec URL (s3://bucket/set/, ...)")
+    u.add_argument("path", type=Path, help="the converted set's directory")
+    u.add_argument("url", help="where the set goes, e.g. s3://bucket/mnist/")
+    u.add_argument("-o", "--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="fsspec storage option (repeatable; values as JSON where they parse): "
+                        "endpoint_url=http://127.0.0.1:9000, anon=true, profile=NAME, ...")
+    u.add_argument("--quiet", action="store_true", help="no progress bar")
+    u.set_defaults(func=_push)
 
     s = sub.add_parser("synth", help="write generated MNIST-format raw files (offline demos)")
     s.add_argument("--root", type=Path, required=True, help="torchvision-style root to write")
@@ -137,6 +146,26 @@ def _verify(args) -> int:
     from .store import verify_shards
 
     return _report(verify_shards(args.path), "FAILED", f"{args.path}: all files match the manifest")
+
+
+def _push(args) -> int:
+    import json
+
+    from .push import push
+
+    options = {}
+    for item in args.storage_option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise FastMNISTError(f"--storage-option {item!r}: expected KEY=VALUE")
+        try:
+            options[key] = json.loads(value)
+        except ValueError:
+            options[key] = value
+    done = push(args.path, args.url, options, progress=not args.quiet)
+    print(f"{done.url}: uploaded {len(done.uploaded)} files ({done.bytes_uploaded / 1e6:.1f} MB), "
+          f"kept {len(done.kept)} already there; manifest.json written last and read back")
+    return 0
 
 
 def _synth(args) -> int:

@@ -6,8 +6,14 @@ a source's business (``sources.py``).
 """
 
 import dataclasses
+import os
+import shutil
+import tempfile
+import uuid
 import warnings
+import weakref
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
@@ -17,7 +23,7 @@ from .compat import EpochSampler, SplitDataset
 from .device import prefetch_to_cuda
 from .errors import FastMNISTError
 from .normalize import normalizer
-from .order import batch_count, rank_share, runs, samples_per_rank
+from .order import batch_count, delivered, rank_share, runs, samples_per_rank, worker_parts
 from .sources import ArraySource, StreamSource, empty_batch, local_arrays
 from .store import Split, open_remote, open_shards
 from .transport import DEFAULT_RETRY, Retry, is_url
@@ -41,8 +47,10 @@ class FastMNISTLoader(IterableDataset):
     ``drop_last``), so every rank gets ``len(loader)`` batches.
 
     ``path``: a converted set's directory, or WebDataset shards by URL (``http(s)://``,
-    ``file://``, ``pipe:``): the set's URL ending in "/", or shard URLs (a list or a brace
-    pattern) with the set's ``manifest.json`` beside them.
+    ``file://``, ``pipe:``, or any fsspec URL: ``s3://``, ``gs://``, ``memory://``, ...):
+    the set's URL ending in "/", or shard URLs (a list or a brace pattern) with the set's
+    ``manifest.json`` beside them. ``storage_options``: passed to fsspec (endpoint_url,
+    key, secret, anon, ...).
     ``format``: "npy" or "wds" (tar shards); default npy where the set has it. Local tar
     shards are validated and decoded once, on first use, then read like the arrays, in the
     same order. Shards from URLs stream a shard at a time (``prefetch`` fetched ahead, the
@@ -53,7 +61,7 @@ class FastMNISTLoader(IterableDataset):
     "uint8" (normalised on ``device``; the default on CUDA: 4x fewer bytes to copy).
     ``resident``: copy the whole split onto ``device`` once and gather there.
     ``pin_memory``: put host batches in pinned memory (default: when CUDA is available).
-    ``retry``: how fetches over HTTP(S) ride out transient failures (``transport.Retry``).
+    ``retry``: how remote fetches ride out transient failures (``transport.Retry``).
     ``even``: False gives ranks disjoint shares with no padding or dropping (exact
     evaluation; batch counts may then differ by one between ranks).
 
@@ -70,7 +78,7 @@ class FastMNISTLoader(IterableDataset):
                  world_size: int | None = None, device="cpu", source: str | None = None,
                  normalize: bool = True, resident: bool = False, pin_memory: bool | None = None,
                  prefetch: int = 2, verify: bool = False, format: str | None = None, even: bool = True,
-                 retry: Retry | None = None):
+                 retry: Retry | None = None, storage_options: dict | None = None):
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise FastMNISTError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.device = torch.device(device)
@@ -92,11 +100,14 @@ class FastMNISTLoader(IterableDataset):
             if resident or format not in (None, "wds"):
                 raise FastMNISTError("shard URLs stream tar shards: format='wds' only, and "
                                      "resident=True needs a local set")
-            self.info, self._urls = open_remote(path, split, retry or DEFAULT_RETRY)
+            self.info, self._urls = open_remote(path, split, retry or DEFAULT_RETRY, storage_options)
             self._root, self.format = None, "wds"
+            # where this rank's DataLoader workers hand shards to each other; gone with the loader
+            self._handoff = Path(tempfile.gettempdir()) / f"fastmnist-{uuid.uuid4().hex}-rank{rank}"
+            weakref.finalize(self, _remove_dir, self._handoff, os.getpid())
         else:
             local = open_shards(path, verify=verify).split(split)
-            self.info, self._urls, self._root = local.info, None, local.root
+            self.info, self._urls, self._root, self._handoff = local.info, None, local.root, None
             self.format = format or local.formats[0]
             if self.format not in local.formats:
                 raise FastMNISTError(f"{path}: split {split!r} has no {self.format!r} data "
@@ -105,7 +116,7 @@ class FastMNISTLoader(IterableDataset):
             if self.format == "npy" and array not in self.info.arrays:
                 raise FastMNISTError(f"{path}: split {split!r} has no {array} array for "
                                      f"source={source!r}")
-        self.verify, self.retry = verify, retry or DEFAULT_RETRY
+        self.verify, self.retry, self.storage_options = verify, retry or DEFAULT_RETRY, storage_options
         self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
         self.rank, self.world_size = rank, world_size
         self.source, self.normalize, self.resident = source, normalize, resident
@@ -145,7 +156,7 @@ class FastMNISTLoader(IterableDataset):
                 on_cpu = self.normalize and self.device.type == "cpu"
                 self._batch_source = StreamSource(self.info, self._urls, self.prefetch, self.verify,
                                                   (self.info.mean, self.info.std) if on_cpu else None,
-                                                  self.retry)
+                                                  self.retry, self.storage_options)
             else:
                 self._batch_source = local_arrays(Split(self._root, self.info), self.format, self.source,
                                                   self.device if self.resident else None)
@@ -165,15 +176,25 @@ class FastMNISTLoader(IterableDataset):
         lets the same configuration continue batch for batch. JSON-serialisable; O(1)."""
         step = self._step if self._step is not None and not self._step.finished else None
         step = step or self._resume or _Step(self._next_epoch)
-        n, rest = self.info.count, self.info.count - progress.count(step.base)
-        blocks = self._identity["order"] == "shards"
-        consumed = progress.consumed_after(
-            step.base, n, self.world_size, step.done * self.batch_size,
-            runs(rest, self.world_size, self.drop_last, self.even) if blocks else None)
+        layout = self._layout(step)
         return {"version": progress.STATE_VERSION, **self._identity, "epoch": step.epoch,
-                "consumed": consumed,
-                "step": [step.base, step.done, step.anchor, self.batch_size, self.world_size,
-                         self.drop_last, self.even]}  # progress.STEP_FIELDS
+                "consumed": self._consumed(layout), "step": list(layout.values())}
+
+    def _consumed(self, step: dict) -> progress.Intervals:
+        """The positions consumed once every rank has yielded ``step["batches_done"]``
+        batches of the iteration ``step`` (keyed by ``progress.STEP_FIELDS``) lays out."""
+        base, done, size = step["base"], step["batches_done"], step["batch_size"]
+        n = self.info.count
+        rest = n - progress.count(base)
+        if self._identity["order"] == "samples":  # strided ranks: one prefix of the rest
+            return progress.covered(base, n, [(0, done * size * step["world_size"])])
+        spans = []
+        for start, share in runs(rest, step["world_size"], step["drop_last"], step["even"]):
+            total = batch_count(share, size, step["drop_last"])
+            parts = worker_parts(total, step["workers"])  # one part, unless workers divide the run
+            for (first, _), got in zip(parts, delivered(min(done, total), total, len(parts)), strict=True):
+                spans.append((start + first * size, start + min((first + got) * size, share)))
+        return progress.covered(base, n, spans)
 
     def load_state_dict(self, state: dict) -> None:
         """Make the next ``iter()`` continue the epoch ``state`` describes: from this loader's
@@ -194,11 +215,11 @@ class FastMNISTLoader(IterableDataset):
             ("drop_last", self.drop_last), ("even", self.even)))
         if same and step["batches_done"] >= self._batches(step, self.rank):
             self._resume = _Step(state["epoch"] + 1)
-        elif same:
+        elif same and (get_worker_info() is not None or step["workers"] == 1):
             # In a DataLoader worker (torchdata restoring each worker's own snapshot) the
             # batches keep their workers; loaded here, worker 0 takes the next batch.
             anchor = step["anchor"] if get_worker_info() is not None else step["batches_done"]
-            self._resume = _Step(state["epoch"], step["base"], step["batches_done"], anchor)
+            self._resume = _Step(state["epoch"], step["base"], step["batches_done"], anchor, step["workers"])
         elif progress.count(state["consumed"]) == self.info.count:
             self._resume = _Step(state["epoch"] + 1)
         else:
@@ -210,14 +231,8 @@ class FastMNISTLoader(IterableDataset):
         step = state["step"]
         if step is None:
             raise FastMNISTError("state_dict: batches after a snapshot, but no step to count them in")
-        done = step["batches_done"] + batches
-        n = self.info.count
-        rest = n - progress.count(step["base"])
-        layout = runs(rest, step["world_size"], step["drop_last"], step["even"]) \
-            if self._identity["order"] == "shards" else None
-        consumed = progress.consumed_after(step["base"], n, step["world_size"], done * step["batch_size"],
-                                           layout)
-        return {**state, "consumed": consumed, "step": {**step, "batches_done": done}}
+        step = {**step, "batches_done": step["batches_done"] + batches}
+        return {**state, "consumed": self._consumed(step), "step": step}
 
     def _batches(self, step: dict, rank: int) -> int:
         """Batches ``rank`` has in the iteration ``step`` (a checked state's) describes."""
@@ -238,19 +253,35 @@ class FastMNISTLoader(IterableDataset):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         step = self._resume or _Step(self._next_epoch)
-        self._resume, self._next_epoch, self._step = None, step.epoch + 1, step
         src = self.batch_source
-        share = self.rank_order(step.epoch, step.base)
-        step.total = batch_count(len(share), self.batch_size, self.drop_last)
-        # DataLoader workers take batches round-robin, as the DataLoader collects them:
-        # worker w takes those numbered anchor + w (mod workers).
         worker = get_worker_info()
         k, w = (1, 0) if worker is None else (worker.num_workers, worker.id)
         if w == 0 and worker is not None and isinstance(src, ArraySource):
             warnings.warn(WORKER_WARNING, stacklevel=2)
-        numbers = range(step.done + (step.anchor + w - step.done) % k, step.total, k)
+        divided = src.blocks and k > 1  # streamed shards: the rank's workers divide its run
+        if step.workers != (k if divided else 1):  # a fresh layout for what is left of the epoch
+            step = _Step(step.epoch, self._consumed(self._layout(step)), workers=k if divided else 1)
+        self._resume, self._next_epoch, self._step = None, step.epoch + 1, step
+        share = self.rank_order(step.epoch, step.base)
+        step.total = batch_count(len(share), self.batch_size, self.drop_last)
+        division = None
+        if divided:
+            # Worker w takes part p = anchor + w (mod k) of the rank's batches, k consecutive
+            # parts; the DataLoader collects one batch of each part in turn.
+            p = (step.anchor + w) % k
+            parts = worker_parts(step.total, k)
+            first, count = parts[p]
+            numbers = range(first + delivered(step.done, step.total, k)[p], first + count)
+            # Shards are handed between workers only in an iteration they all start afresh
+            # (after torchdata restores each worker's own snapshot, some are further on).
+            size, handoff = self.batch_size, self._handoff if step.done == 0 else None
+            division = ([(a * size, (a + c) * size) for a, c in parts], p, handoff)
+        else:
+            # Worker w takes the batches numbered anchor + w (mod k), as the DataLoader
+            # collects them round-robin: the same batches in the same order as without workers.
+            numbers = range(step.done + (step.anchor + w - step.done) % k, step.total, k)
         index_batches = src.index_batches(share, numbers, self.batch_size,
-                                          lambda: self.rank_order(step.epoch + 1))
+                                          lambda: self.rank_order(step.epoch + 1), division)
         normalise = None
         if self.normalize and src.dtype == torch.uint8:
             normalise = normalizer(self.info.mean, self.info.std, self.device)
@@ -269,9 +300,17 @@ class FastMNISTLoader(IterableDataset):
                 src.gather(idx, *empty_batch(src.dtype, len(idx), pin=True) if pin else ())
                 for idx in index_batches))
         for number, batch in zip(numbers, batches, strict=True):
-            step.done = number + 1
+            # batches the DataLoader has yielded once it yields this one
+            step.done = (number - first) * k + p + 1 if divided else number + 1
             yield batch
-        step.done = step.total
+        if not divided:
+            step.done = step.total
+
+    def _layout(self, step: "_Step") -> dict:
+        """``step`` with this loader's batch size and split rules, keyed by ``progress.STEP_FIELDS``."""
+        return dict(zip(progress.STEP_FIELDS, [step.base, step.done, step.anchor, self.batch_size,
+                                               self.world_size, self.drop_last, self.even, step.workers],
+                        strict=True))
 
     def __getstate__(self):
         # Workers map the files themselves and share the page cache; never pickle arrays.
@@ -281,14 +320,17 @@ class FastMNISTLoader(IterableDataset):
 @dataclasses.dataclass
 class _Step:
     """An iteration over ``epoch``: of the positions outside ``base``, split among the ranks
-    as the loader splits them, batches ``0 .. done - 1`` are consumed; DataLoader worker
-    ``w`` of ``k`` takes the batches numbered ``anchor + w`` modulo ``k``. ``total``: the
-    batches of this rank, once known."""
+    as the loader splits them, each rank has yielded ``done`` batches. With ``workers`` 1,
+    those are batches ``0 .. done - 1``, and DataLoader worker ``w`` of ``k`` takes the
+    batches numbered ``anchor + w`` modulo ``k``. With ``workers`` k > 1 (streamed shards),
+    worker ``w`` takes part ``anchor + w`` modulo k of ``order.worker_parts`` and the done
+    batches are ``order.delivered``'s. ``total``: the batches of this rank, once known."""
 
     epoch: int
     base: list = dataclasses.field(default_factory=list)
     done: int = 0
     anchor: int = 0
+    workers: int = 1
     total: int | None = None
 
     @property
@@ -325,3 +367,9 @@ def _distributed(rank, world_size) -> tuple[int, int]:
     if not isinstance(rank, int) or not 0 <= rank < world_size:
         raise FastMNISTError(f"rank {rank!r} is out of range for world_size {world_size}")
     return rank, world_size
+
+
+def _remove_dir(path: Path, owner: int) -> None:
+    """Remove ``path`` if this is process ``owner`` (not a forked copy of it)."""
+    if os.getpid() == owner:
+        shutil.rmtree(path, ignore_errors=True)

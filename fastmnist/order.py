@@ -69,3 +69,21 @@ def samples_per_rank(n: int, world_size: int, drop_last: bool, even: bool = True
 
 def batch_count(n: int, batch_size: int, drop_last: bool) -> int:
     return n // batch_size if drop_last else math.ceil(n / batch_size)
+
+
+def worker_parts(batches: int, workers: int) -> list[tuple[int, int]]:
+    """``(first, count)`` of each of ``workers`` consecutive parts of ``batches`` batches,
+    the longer parts first (counts differ by at most one)."""
+    q, m = divmod(batches, workers)
+    return [(p * q + min(p, m), q + (p < m)) for p in range(workers)]
+
+
+def delivered(done: int, batches: int, workers: int) -> list[int]:
+    """How many batches of each part of ``worker_parts(batches, workers)`` a DataLoader has
+    yielded after ``done`` batches, collecting one from each part in turn (skipping the
+    parts already finished, as it skips workers that have stopped)."""
+    q, m = divmod(batches, workers)
+    if done <= q * workers:
+        rounds, extra = divmod(done, workers)
+        return [rounds + (p < extra) for p in range(workers)]
+    return [q + (p < done - q * workers) for p in range(workers)]

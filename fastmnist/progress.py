@@ -13,11 +13,11 @@ import json
 
 from .errors import FastMNISTError
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 MAX_INTERVALS = 1 << 16  # a few per rank per resume; a state with more is not one of ours
 # The "step" of a state: a list rather than an object, so that torchdata's per-batch
 # snapshots (which flatten nested objects key by key) stay cheap.
-STEP_FIELDS = ("base", "batches_done", "anchor", "batch_size", "world_size", "drop_last", "even")
+STEP_FIELDS = ("base", "batches_done", "anchor", "batch_size", "world_size", "drop_last", "even", "workers")
 Intervals = list[list[int]]  # sorted, disjoint, non-empty [start, stop) pairs
 
 
@@ -60,17 +60,12 @@ def pick(consumed: Intervals, n: int, first: int, last: int) -> Intervals:
     return out
 
 
-def consumed_after(base: Intervals, n: int, world_size: int, samples: int,
-                   runs: list[tuple[int, int]] | None = None) -> Intervals:
-    """``base`` plus what every rank's first ``samples`` samples of the rest (the
-    ``n - count(base)`` positions outside ``base``) cover: with the strided split, rank
-    ``r`` has the rest's positions ``r, r + W, ...``; with ``runs``, rank ``r`` has the run
-    of ``runs[r] = (start, size)``. Positions beyond the rest are padding (repeats of its
-    start), already covered."""
+def covered(base: Intervals, n: int, spans: list[tuple[int, int]]) -> Intervals:
+    """``base`` plus the positions that ``spans`` of the rest cover: ``(lo, hi)`` counts
+    the ``n - count(base)`` positions outside ``base`` in order, from 0. Positions beyond
+    the rest are padding (repeats of its start), already covered."""
     rest = n - count(base)
-    if runs is None:
-        return merge(base, pick(base, n, 0, min(samples * world_size, rest)))
-    return merge(base, *(pick(base, n, start, min(start + min(samples, size), rest)) for start, size in runs))
+    return merge(base, *(pick(base, n, lo, min(hi, rest)) for lo, hi in spans))
 
 
 def fingerprint(identity: dict) -> str:
@@ -101,10 +96,11 @@ def check_state(state, expected: dict, n: int) -> dict:
                                  f"got {_shown(step)}")
         step = dict(zip(STEP_FIELDS, step, strict=True))
         _check_intervals(step["base"], n, "step's base")
-        for key in ("batches_done", "anchor", "batch_size", "world_size"):
+        for key, least in (("batches_done", 0), ("anchor", 0), ("batch_size", 1), ("world_size", 1),
+                           ("workers", 1)):
             value = step[key]
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise FastMNISTError(f"state_dict: step's {key} must be a non-negative integer, "
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise FastMNISTError(f"state_dict: step's {key} must be an integer >= {least}, "
                                      f"got {_shown(value)}")
         if not isinstance(step["drop_last"], bool) or not isinstance(step["even"], bool):
             raise FastMNISTError("state_dict: step's drop_last and even must be true or false")

@@ -46,8 +46,9 @@ class ArraySource:
         return epoch_order(self.count, seed, epoch, shuffle)
 
     def index_batches(self, order: torch.Tensor, numbers: Iterable[int], batch_size: int,
-                      upcoming: Callable[[], torch.Tensor]) -> Iterator[torch.Tensor]:
-        """``order[b * batch_size:(b + 1) * batch_size]`` for each ``b`` of ``numbers``."""
+                      upcoming: Callable[[], torch.Tensor], division=None) -> Iterator[torch.Tensor]:
+        """``order[b * batch_size:(b + 1) * batch_size]`` for each ``b`` of ``numbers``
+        (``division`` is for sources that fetch: this one has everything at hand)."""
         order = order.to(self.images.device)
         return (order[b * batch_size:(b + 1) * batch_size] for b in numbers)
 
@@ -88,10 +89,10 @@ class StreamSource:
     blocks = True
 
     def __init__(self, info: SplitInfo, urls: list[str], prefetch: int, verify: bool,
-                 normalize: tuple[float, float] | None, retry: Retry):
+                 normalize: tuple[float, float] | None, retry: Retry, storage_options: dict | None):
         self.info = info
         self.dtype = torch.uint8 if normalize is None else torch.float32
-        self.cache = ShardCache(list(info.shards), urls, prefetch, verify, normalize, retry)
+        self.cache = ShardCache(list(info.shards), urls, prefetch, verify, normalize, retry, storage_options)
 
     @property
     def count(self) -> int:
@@ -101,11 +102,18 @@ class StreamSource:
         return shard_order([s.count for s in self.info.shards], seed, epoch, shuffle)
 
     def index_batches(self, order: torch.Tensor, numbers: Iterable[int], batch_size: int,
-                      upcoming: Callable[[], torch.Tensor]) -> Iterator[np.ndarray]:
+                      upcoming: Callable[[], torch.Tensor], division=None) -> Iterator[np.ndarray]:
         """As :meth:`ArraySource.index_batches`, each batch yielded once its shards are
         loaded; ``upcoming()``, the next epoch's order, tells which shards to fetch ahead
-        near the end."""
-        return self.cache.index_batches(order, numbers, batch_size, then=upcoming())
+        near the end. ``division``: ``(parts, me, where)`` when the rank's DataLoader workers
+        divide ``order`` into ``parts``: then nothing of the next epoch is fetched ahead, and
+        unless ``where`` is None every shard is fetched once by one of the workers (see
+        ``ShardCache.handoff``)."""
+        if division is None:
+            return self.cache.index_batches(order, numbers, batch_size, upcoming())
+        parts, me, where = division
+        handoff = self.cache.handoff(order, parts, me, where) if where is not None else None
+        return self.cache.index_batches(order, numbers, batch_size, None, handoff)
 
     def gather(self, idx: np.ndarray, x_out=None, y_out=None) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cache.gather(idx, x_out, y_out)

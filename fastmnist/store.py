@@ -146,15 +146,18 @@ def verify_shards(root) -> list[str]:
     return problems
 
 
-def open_remote(location, split: str, retry: Retry = DEFAULT_RETRY) -> tuple[SplitInfo, list[str]]:
+def open_remote(location, split: str, retry: Retry = DEFAULT_RETRY,
+                storage_options: dict | None = None) -> tuple[SplitInfo, list[str]]:
     """A split of a set by URL, and the URL of each of its shards. ``location``: the set's
     URL ending in "/" (shard URLs made from the manifest's names), or the split's shard
-    URLs (a list or a brace pattern), every one of them, with ``manifest.json`` beside them."""
+    URLs (a list or a brace pattern), every one of them, with ``manifest.json`` beside them.
+    ``storage_options``: for fsspec URLs, as ``fsspec.filesystem`` takes them."""
     urls = expand_urls(location)
     whole_set = len(urls) == 1 and urls[0].endswith("/")
     base = urls[0] if whole_set else urls[0].rsplit("/", 1)[0] + "/"
     where = base + MANIFEST
-    info = parse_manifest(fetch(where, limit=MAX_MANIFEST_BYTES, retry=retry), where).splits.get(split)
+    text = fetch(where, limit=MAX_MANIFEST_BYTES, retry=retry, storage_options=storage_options)
+    info = parse_manifest(text, where).splits.get(split)
     if info is None:
         raise FastMNISTError(f"{where}: no split {split!r}")
     if not info.shards:

@@ -1,5 +1,7 @@
-"""Where streamed shards come from: ``http(s)://`` and ``file://`` URLs, local paths, and
-``pipe:COMMAND`` (the command's standard output is the object).
+"""Where streamed shards come from: ``http(s)://`` and ``file://`` URLs, local paths,
+``pipe:COMMAND`` (the command's standard output is the object), and every other URL
+through fsspec (``s3://``, ``gs://``, ``az://``, ``hf://``, ``memory://``, ...: the
+``[cloud]`` extra), with its ``storage_options`` (endpoint, credentials, ``anon``).
 
 A ``pipe:`` command is the user's own string; a name taken from a manifest is appended to it
 only shell-quoted, and only after the manifest has checked it against the converter's names.
@@ -9,6 +11,7 @@ import http.client
 import logging
 import os
 import random
+import re
 import shlex
 import subprocess
 import time
@@ -20,13 +23,17 @@ import numpy as np
 
 from .errors import FastMNISTError
 
-SCHEMES = ("http://", "https://", "file://", "pipe:")
 log = logging.getLogger("fastmnist")
+CLOUD_HINT = "pip install 'fastmnist[cloud]' (fsspec and s3fs; other stores need their fsspec backend)"
+SCHEME = r"[a-zA-Z][\w+.-]*://"  # a URL's start, as fsspec reads it
+CHUNK = 1 << 24  # bytes per fsspec read: a failed read resumes from the last whole chunk
 
 
 def is_url(source) -> bool:
-    """True for a URL of a scheme in ``SCHEMES``, or a list of them."""
-    return isinstance(source, (list, tuple)) or (isinstance(source, str) and source.startswith(SCHEMES))
+    """True for ``pipe:COMMAND``, a ``scheme://`` URL, or a list of them."""
+    if isinstance(source, (list, tuple)):
+        return True
+    return isinstance(source, str) and (source.startswith("pipe:") or re.match(SCHEME, source) is not None)
 
 
 def expand_urls(source) -> list[str]:
@@ -45,12 +52,13 @@ def join(base: str, name: str) -> str:
 
 @dataclass(frozen=True)
 class Retry:
-    """How fetches over HTTP(S) ride out transient failures: connections reset or refused,
-    reads that stall for ``timeout_s``, HTTP 408, 429 and 5xx (S3's 503 SlowDown among them).
-    At most ``attempts`` tries and ``total_s`` seconds per object, waiting ``backoff_s``,
-    then twice as long each time (times a random 0.5-1.5), and resuming from the byte
-    reached (HTTP Range; from the start where the server ignores ranges). Other HTTP errors
-    (404, 403, ...) fail at once."""
+    """How remote fetches ride out transient failures: connections reset or refused, reads
+    that stall for ``timeout_s``, HTTP 408, 429 and 5xx (S3's 503 SlowDown among them), and
+    fsspec's I/O errors. At most ``attempts`` tries and ``total_s`` seconds per object,
+    waiting ``backoff_s``, then twice as long each time (times a random 0.5-1.5), and
+    resuming from the byte reached (HTTP Range, from the start where the server ignores
+    ranges; fsspec: from the last whole ``CHUNK``). Other errors (404, 403, missing
+    credentials, ...) fail at once."""
 
     attempts: int = 8
     total_s: float = 300.0
@@ -62,11 +70,12 @@ TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 DEFAULT_RETRY = Retry()
 
 
-def fetch(url: str, size: int | None = None, limit: int | None = None, retry: Retry = DEFAULT_RETRY):
-    """The whole object at ``url`` (a path, ``file://``, ``http(s)://`` or ``pipe:COMMAND``).
-    With ``size`` it is read straight into one uint8 array and must have exactly that many
-    bytes; otherwise it is bytes, and more than ``limit`` bytes is an error. HTTP(S)
-    fetches retry as ``retry`` says."""
+def fetch(url: str, size: int | None = None, limit: int | None = None, retry: Retry = DEFAULT_RETRY,
+          storage_options: dict | None = None):
+    """The whole object at ``url`` (a path, ``file://``, ``http(s)://``, ``pipe:COMMAND`` or
+    an fsspec URL opened with ``storage_options``). With ``size`` it is read straight into
+    one uint8 array and must have exactly that many bytes; otherwise it is bytes, and more
+    than ``limit`` bytes is an error. Remote fetches retry as ``retry`` says."""
     try:
         if url.startswith("pipe:"):
             done = subprocess.run(url[5:], shell=True, capture_output=True, check=False)
@@ -80,7 +89,9 @@ def fetch(url: str, size: int | None = None, limit: int | None = None, retry: Re
                 raise FastMNISTError(f"{url}: more than {limit} bytes")
             return np.frombuffer(data, np.uint8) if size is not None else data
         if url.startswith(("http://", "https://")):
-            return _fetch_http(url, size, limit, retry)
+            return _retrying(url, retry, _http_attempts(url, size, limit, retry))
+        if not url.startswith("file://") and is_url(url):
+            return _retrying(url, retry, _fsspec_attempts(url, size, limit, storage_options))
         with urllib.request.urlopen(url, timeout=retry.timeout_s) if url.startswith("file://") \
                 else open(url, "rb") as f:
             return _read(url, f, size, limit, _announced_length(f), 0, None)[1]
@@ -92,10 +103,40 @@ def fetch(url: str, size: int | None = None, limit: int | None = None, retry: Re
         raise FastMNISTError(f"{url}: cannot read: {getattr(e, 'reason', e)}") from None
 
 
-def _fetch_http(url: str, size: int | None, limit: int | None, retry: Retry):
-    """``fetch`` over HTTP(S), retrying transient failures and resuming from the byte reached."""
-    start, got, buf, error = time.monotonic(), 0, None, None
-    for attempt in range(1, retry.attempts + 1):
+class _Transient(Exception):
+    """A failed attempt worth retrying; the next one starts at byte ``got``."""
+
+    def __init__(self, error: str, got: int = 0):
+        super().__init__(error)
+        self.error, self.got = error, got
+
+
+def _retrying(url: str, retry: Retry, attempt):
+    """``attempt()``'s result, calling it again (after a backoff) while it raises
+    ``_Transient``, within ``retry``'s bounds; then a FastMNISTError with the last error."""
+    start = time.monotonic()
+    for n in range(1, retry.attempts + 1):
+        try:
+            return attempt()
+        except _Transient as e:
+            error, got = e.error, e.got
+        wait = retry.backoff_s * 2 ** (n - 1) * random.uniform(0.5, 1.5)
+        if n == retry.attempts or time.monotonic() - start + wait > retry.total_s:
+            break
+        log.warning("%s: attempt %d of %d failed (%s); retrying in %.2f s from byte %d",
+                    url, n, retry.attempts, error, wait, got)
+        time.sleep(wait)
+    raise FastMNISTError(f"{url}: failed after {n} attempts in {time.monotonic() - start:.1f} s "
+                         f"(at most {retry.attempts} in {retry.total_s:g} s); last error: {error}")
+
+
+def _http_attempts(url: str, size: int | None, limit: int | None, retry: Retry):
+    """One attempt at fetching ``url`` over HTTP(S) per call, each resuming from the byte
+    the last one reached."""
+    got, buf = 0, None
+
+    def attempt():
+        nonlocal got, buf
         try:
             headers = {"Range": f"bytes={got}-"} if got and size is not None else {}
             with urllib.request.urlopen(urllib.request.Request(url, headers=headers),
@@ -108,19 +149,81 @@ def _fetch_http(url: str, size: int | None, limit: int | None, retry: Retry):
         except urllib.error.HTTPError as e:
             if e.code not in TRANSIENT_STATUS:
                 raise FastMNISTError(f"{url}: HTTP error {e.code} {e.reason}") from None
-            error = f"HTTP error {e.code} {e.reason}"
+            raise _Transient(f"HTTP error {e.code} {e.reason}", got) from None
         except _Partial as e:  # the connection ended early: keep what arrived
-            got, buf, error = e.got, e.buf, e.error
+            got, buf = e.got, e.buf
+            raise _Transient(e.error, got) from None
         except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
-            error = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
-        wait = retry.backoff_s * 2 ** (attempt - 1) * random.uniform(0.5, 1.5)
-        if attempt == retry.attempts or time.monotonic() - start + wait > retry.total_s:
-            break
-        log.warning("%s: attempt %d of %d failed (%s); retrying in %.2f s from byte %d",
-                    url, attempt, retry.attempts, error, wait, got)
-        time.sleep(wait)
-    raise FastMNISTError(f"{url}: failed after {attempt} attempts in {time.monotonic() - start:.1f} s "
-                         f"(at most {retry.attempts} in {retry.total_s:g} s); last error: {error}")
+            raise _Transient(f"{type(e).__name__}: {getattr(e, 'reason', e)}", got) from None
+
+    return attempt
+
+
+def filesystem(url: str, storage_options: dict | None = None):
+    """``(fsspec file system, path)`` for ``url``; errors say what to install."""
+    try:
+        import fsspec
+    except ImportError:
+        raise FastMNISTError(f"{url}: reading this URL needs fsspec: {CLOUD_HINT}") from None
+    try:
+        return fsspec.core.url_to_fs(url, **(storage_options or {}))
+    except ImportError as e:
+        raise FastMNISTError(f"{url}: {e}; {CLOUD_HINT}") from None
+    except (ValueError, TypeError) as e:
+        raise FastMNISTError(f"{url}: {e}") from None
+
+
+def store_error(url: str, e: Exception) -> FastMNISTError:
+    """The FastMNISTError for a failure of an fsspec file system that is not worth retrying."""
+    if isinstance(e, FileNotFoundError):
+        return FastMNISTError(f"{url}: not found")
+    if isinstance(e, PermissionError):
+        return FastMNISTError(f"{url}: access denied ({e}); check the credentials in storage_options")
+    hint = "; pass credentials in storage_options (or anon=True)" if "credential" in str(e).lower() else ""
+    return FastMNISTError(f"{url}: {type(e).__name__}: {e}{hint}")
+
+
+def _fsspec_attempts(url: str, size: int | None, limit: int | None, storage_options: dict | None):
+    """One attempt at fetching ``url`` through fsspec per call, in ``CHUNK`` reads, each
+    attempt resuming from the last whole chunk."""
+    fs, path = filesystem(url, storage_options)
+    got, buf = 0, None
+
+    def attempt():
+        nonlocal got, buf
+        try:
+            if buf is None:
+                length = fs.size(path)
+                if size is None:
+                    if limit is not None and length > limit:
+                        raise FastMNISTError(f"{url}: more than {limit} bytes")
+                    return bytes(fs.cat_file(path, start=0, end=length))
+                _check_length(url, length, size)  # before allocating
+                buf = np.empty(size, np.uint8)
+            while got < size:
+                chunk = fs.cat_file(path, start=got, end=min(got + CHUNK, size))
+                if not chunk:
+                    raise FastMNISTError(f"{url}: truncated: {got} bytes, the manifest says {size}")
+                buf[got:got + len(chunk)] = np.frombuffer(chunk, np.uint8)
+                got += len(chunk)
+            return buf
+        except FastMNISTError:
+            raise
+        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
+            raise store_error(url, e) from None
+        except (OSError, TimeoutError) as e:  # connection and server errors, as backends raise them
+            raise _Transient(f"{type(e).__name__}: {e}", got) from None
+        except Exception as e:  # a backend's own exception (missing credentials, ...): not transient
+            raise store_error(url, e) from None
+
+    return attempt
+
+
+def _check_length(url: str, length: int, size: int) -> None:
+    """Refuse an object whose announced ``length`` is not the ``size`` the manifest says."""
+    if length != size:
+        problem = "truncated" if length < size else "longer than the manifest says"
+        raise FastMNISTError(f"{url}: {problem}: {length} bytes, the manifest says {size}")
 
 
 class _Partial(Exception):
@@ -146,9 +249,8 @@ def _read(url: str, f, size: int | None, limit: int | None, length: int | None, 
         except (OSError, http.client.HTTPException) as e:
             raise _Partial(0, None, f"{type(e).__name__}: {e}") from None
         return len(data), bytes(data)
-    if length is not None and length != size:  # before allocating
-        problem = "truncated" if length < size else "longer than the manifest says"
-        raise FastMNISTError(f"{url}: {problem}: {length} bytes, the manifest says {size}")
+    if length is not None:
+        _check_length(url, length, size)  # before allocating
     if buf is None:
         buf = np.empty(size, np.uint8)  # unlike bytearray, not zeroed while holding the GIL
     view = memoryview(buf)

@@ -14,10 +14,12 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from fastmnist import FastMNISTError, FastMNISTLoader, Retry, convert
+from fastmnist.order import worker_parts
 
-from .conftest import INDEXED_N, indexed_images, write_split
+from .conftest import INDEXED_N, batch_indices, indexed_images, write_split
 
 FAST = Retry(attempts=30, total_s=60, timeout_s=0.5, backoff_s=0.005)
 
@@ -25,13 +27,13 @@ FAST = Retry(attempts=30, total_s=60, timeout_s=0.5, backoff_s=0.005)
 class _Faults:
     """What the server does to each request: a fixed-seed draw of 20% cut mid-body and 10%
     503, one stall longer than the client's read timeout, and ``broken`` paths that always
-    answer 503. Counts what it injected and the ranges it was asked for."""
+    answer 503. Counts what it injected, the ranges it was asked for and the bytes it sent."""
 
     def __init__(self, seed=0, cut=0.2, unavailable=0.1, stall_s=1.5):
         self.rng, self.lock = random.Random(seed), threading.Lock()
         self.cut, self.unavailable, self.stall_s = cut, unavailable, stall_s
         self.stalled, self.broken = False, set()
-        self.injected, self.requests, self.ranges = Counter(), Counter(), []
+        self.injected, self.requests, self.ranges, self.sent = Counter(), Counter(), [], Counter()
 
     def decide(self, path: str) -> str:
         with self.lock:
@@ -75,7 +77,10 @@ class _FaultyHandler(http.server.BaseHTTPRequestHandler):
         try:
             if fault == "stall":
                 time.sleep(faults.stall_s)
-            self.wfile.write(body[: len(body) // 2] if fault == "cut" else body)
+            sent = body[: len(body) // 2] if fault == "cut" else body
+            self.wfile.write(sent)
+            with faults.lock:
+                faults.sent[self.path] += len(sent)
         except OSError:  # the client gave up on a stalled response
             pass
         self.close_connection = fault != "ok"
@@ -139,3 +144,29 @@ def test_permanent_errors_fail_at_once(faulty):
     with pytest.raises(FastMNISTError, match="nowhere/manifest.json: HTTP error 404"):
         FastMNISTLoader(url + "nowhere/", retry=FAST)
     assert faults.requests["/set/nowhere/manifest.json"] == 1
+
+
+@pytest.mark.parametrize("workers", [2, 4])
+def test_workers_fetch_each_shard_once_per_rank_and_epoch(faulty, workers):
+    """2 ranks, each in a DataLoader with 2 or 4 persistent workers, 2 epochs: the bytes the
+    server sends per rank and epoch are the rank's shards once, and the batches are the
+    rank's batches without workers, collected one from each worker's part in turn."""
+    url, faults, _ = faulty
+    faults.cut = faults.unavailable = 0.0
+    faults.stalled = True
+    sizes = {f"/set/{s.file}": s.size for s in FastMNISTLoader(url).info.shards}
+    for rank in range(2):
+        loader = FastMNISTLoader(url, batch_size=64, seed=3, rank=rank, world_size=2, normalize=False)
+        dl = DataLoader(loader, batch_size=None, num_workers=workers, persistent_workers=True)
+        for epoch in range(2):
+            faults.sent.clear()
+            got = batch_indices(dl)
+            sent = dict(faults.sent)
+            share = loader.rank_order(epoch).tolist()  # what the rank's epoch visits, in order
+            expected = [share[i:i + 64] for i in range(0, len(share), 64)]  # its batches without workers
+            parts = [expected[first:first + count] for first, count in worker_parts(len(expected), workers)]
+            assert got == [part[r] for r in range(len(parts[0])) for part in parts if r < len(part)]
+            firsts = np.array([s.first for s in loader.info.shards])
+            touched = {loader.info.shards[s].file for s in
+                       np.searchsorted(firsts, [i for b in expected for i in b], side="right") - 1}
+            assert sent == {f"/set/{name}": sizes[f"/set/{name}"] for name in touched}

@@ -180,6 +180,31 @@ def test_stateful_dataloader_resumes_exactly_with_2_and_3_workers(synth_shards, 
     assert sum(map(len, head + rest)) == 60000
 
 
+@pytest.mark.parametrize("every", [1, 4])
+@pytest.mark.parametrize("stop", [1, 21, 40])
+def test_stateful_dataloader_over_streamed_shards_divided_between_workers(streamed, every, stop):
+    """Streamed over HTTP, 2 workers divide the rank's run (each shard fetched once): saved
+    after ``stop`` of 63 batches, torchdata's own restore continues the uninterrupted run
+    batch for batch; through the loader, 3 workers finish the epoch exactly once."""
+    def make(workers, loader=None):
+        loader = loader or FastMNISTLoader(streamed, batch_size=16, seed=2, normalize=False)
+        return StatefulDataLoader(loader, batch_size=None, num_workers=workers, snapshot_every_n_steps=every)
+
+    reference = batch_indices(make(2))
+    dl = make(2)
+    it = iter(dl)
+    head = batch_indices(next(it) for _ in range(stop))
+    saved = json.loads(json.dumps(dl.state_dict()))
+    del it
+    same = make(2)
+    same.load_state_dict(saved)
+    assert head + batch_indices(same) == reference
+    loader = FastMNISTLoader(streamed, batch_size=16, seed=2, normalize=False)
+    loader.load_state_dict(saved)
+    rest = batch_indices(make(3, loader))
+    assert sorted(i for b in head + rest for i in b) == list(range(INDEXED_N))
+
+
 def test_refusals_say_what_differs(indexed_shards, tmp_path):
     state = _first_batches(indexed_shards, 1, 0, 50, 3)[1]
     with pytest.raises(FastMNISTError, match="saved with seed=5, this loader has seed=6"):
