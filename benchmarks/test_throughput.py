@@ -17,7 +17,8 @@ from fastmnist.store import open_shards
 
 NAMES = [SEED, "seed pipeline, workers=2", "TensorDataset + DataLoader", "index_select floor",
          "fastmnist float32", "fastmnist uint8", "stock webdataset", "fastmnist wds local",
-         "fastmnist wds over HTTP"]
+         "fastmnist wds over HTTP", "fastmnist wds over HTTP, faults injected",
+         "fastmnist wds over S3 (local moto server)"]
 if torch.cuda.is_available():
     NAMES += ["fastmnist cuda pinned", "fastmnist cuda resident", "seed pipeline to cuda, workers=2"]
 

@@ -8,6 +8,7 @@ shuffled epoch of ``(x, y)`` batches: float32
 
 import atexit
 import functools
+import importlib.util
 import json
 import os
 import socket
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 import warnings
 from collections.abc import Callable, Iterable
@@ -25,8 +27,11 @@ import torch
 
 from .loader import FastMNISTLoader
 from .store import open_shards
+from .transport import Retry
 
 SEED = "seed pipeline, workers=0"  # the reference every ratio is taken against
+# the fault row's retries: 0.5 s read timeout (the server stalls once for 1 s), short backoff
+FAST_RETRY = Retry(attempts=30, total_s=60, timeout_s=0.5, backoff_s=0.005)
 FLOOR = "index_select floor"
 
 
@@ -78,6 +83,11 @@ def pipelines(raw_root: Path, shards: Path, cuda: bool | None = None
                                                                   format="wds")
         found["fastmnist wds over HTTP"] = lambda bs: FastMNISTLoader(
             _served(shards), batch_size=bs)
+        found["fastmnist wds over HTTP, faults injected"] = lambda bs: FastMNISTLoader(
+            _served(shards, faulty=True), batch_size=bs, retry=FAST_RETRY)
+        if importlib.util.find_spec("moto") and importlib.util.find_spec("s3fs"):
+            found["fastmnist wds over S3 (local moto server)"] = lambda bs: FastMNISTLoader(
+                _in_s3(shards)[0], batch_size=bs, storage_options=_in_s3(shards)[1])
     if torch.cuda.is_available() if cuda is None else cuda:
         found["fastmnist cuda pinned"] = lambda bs: _Epochs(_synced, FastMNISTLoader(
             shards, batch_size=bs, device="cuda"))
@@ -170,24 +180,54 @@ def sparse_set(directory: Path, n: int) -> Path:
 
 
 @functools.cache
-def _served(directory: Path) -> str:
-    """The URL of ``directory`` served by ``python -m http.server`` on 127.0.0.1, started
-    once in a subprocess and stopped when this process exits."""
+def _served(directory: Path, faulty: bool = False) -> str:
+    """The URL of ``directory`` served on 127.0.0.1 by ``python -m http.server`` (or, if
+    ``faulty``, by ``fastmnist.faulty_server``: 20% of responses cut, 10% 503, one 1 s
+    stall), started once in a subprocess and stopped when this process exits."""
+    port = _free_port()
+    command = ["-m", "fastmnist.faulty_server", str(directory), str(port), "--stall-s", "1"] if faulty \
+        else ["-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(directory)]
+    _start([sys.executable, *command], f"http://127.0.0.1:{port}/manifest.json")
+    return f"http://127.0.0.1:{port}/"
+
+
+@functools.cache
+def _in_s3(directory: Path) -> tuple[str, dict]:
+    """``directory`` pushed to a bucket of a moto S3 server on 127.0.0.1 (a subprocess,
+    stopped when this process exits): its URL and storage options."""
+    from .push import push
+
+    port = _free_port()
+    _start([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+           f"http://127.0.0.1:{port}/")
+    options = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "bench", "secret": "bench"}
+    import fsspec
+
+    fsspec.filesystem("s3", **options).mkdir("fastmnist-bench")
+    push(directory, "s3://fastmnist-bench/set/", options, progress=False)
+    return "s3://fastmnist-bench/set/", options
+
+
+def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind",
-                               "127.0.0.1", "--directory", str(directory)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return probe.getsockname()[1]
+
+
+def _start(command: list[str], ready_url: str) -> None:
+    """Start a server ``command`` (terminated when this process exits); wait until
+    ``ready_url`` answers."""
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     atexit.register(server.terminate)
-    url = f"http://127.0.0.1:{port}/"
-    for _ in range(100):
+    for _ in range(200):
         try:
-            urllib.request.urlopen(url + "manifest.json", timeout=1).close()
-            return url
+            urllib.request.urlopen(ready_url, timeout=1).close()
+            return
+        except urllib.error.HTTPError:
+            return  # it answers
         except OSError:
             time.sleep(0.05)
-    raise RuntimeError(f"the HTTP server for {directory} did not start")
+    raise RuntimeError(f"{' '.join(command)}: did not start")
 
 
 class _Epochs:

@@ -3,13 +3,8 @@ mid-body, answers 503 and stalls past the read timeout. Epochs come out bit-iden
 the clean ones, each retry is logged, a partial shard resumes from the byte it reached, and a
 shard that always fails gives a clear error within the configured bound."""
 
-import http.server
 import logging
-import random
-import re
-import threading
 import time
-from collections import Counter
 
 import numpy as np
 import pytest
@@ -17,76 +12,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from fastmnist import FastMNISTError, FastMNISTLoader, Retry, convert
+from fastmnist.faulty_server import Faults, serve
 from fastmnist.order import worker_parts
 
 from .conftest import INDEXED_N, batch_indices, indexed_images, write_split
 
 FAST = Retry(attempts=30, total_s=60, timeout_s=0.5, backoff_s=0.005)
-
-
-class _Faults:
-    """What the server does to each request: a fixed-seed draw of 20% cut mid-body and 10%
-    503, one stall longer than the client's read timeout, and ``broken`` paths that always
-    answer 503. Counts what it injected, the ranges it was asked for and the bytes it sent."""
-
-    def __init__(self, seed=0, cut=0.2, unavailable=0.1, stall_s=1.5):
-        self.rng, self.lock = random.Random(seed), threading.Lock()
-        self.cut, self.unavailable, self.stall_s = cut, unavailable, stall_s
-        self.stalled, self.broken = False, set()
-        self.injected, self.requests, self.ranges, self.sent = Counter(), Counter(), [], Counter()
-
-    def decide(self, path: str) -> str:
-        with self.lock:
-            if path in self.broken:
-                fault = "503"
-            elif not self.stalled and path.endswith(".tar"):
-                self.stalled, fault = True, "stall"
-            else:
-                draw = self.rng.random()
-                fault = "cut" if draw < self.cut else "503" if draw < self.cut + self.unavailable else "ok"
-            if fault != "ok":
-                self.injected[fault] += 1
-            return fault
-
-
-class _FaultyHandler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        faults, root = self.server.faults, self.server.root
-        with faults.lock:
-            faults.requests[self.path] += 1
-        path = root / self.path.lstrip("/")
-        if not path.is_file():
-            self.send_error(404)
-            return
-        fault = faults.decide(self.path)
-        if fault == "503":
-            self.send_response(503, "Slow Down")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
-        data = path.read_bytes()
-        start = int(m.group(1)) if (m := re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))) else 0
-        if start:
-            faults.ranges.append((self.path, start))
-        body = data[start:]
-        self.send_response(206 if start else 200)
-        self.send_header("Content-Length", str(len(body)))
-        if start:
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        self.end_headers()
-        try:
-            if fault == "stall":
-                time.sleep(faults.stall_s)
-            sent = body[: len(body) // 2] if fault == "cut" else body
-            self.wfile.write(sent)
-            with faults.lock:
-                faults.sent[self.path] += len(sent)
-        except OSError:  # the client gave up on a stalled response
-            pass
-        self.close_connection = fault != "ok"
-
-    def log_message(self, *args):
-        pass
 
 
 @pytest.fixture()
@@ -95,9 +26,7 @@ def faulty(tmp_path):
     (its set URL, the faults, the file:// URL of the same set)."""
     write_split(tmp_path, "train", indexed_images(INDEXED_N), np.arange(INDEXED_N) % 10)
     convert(tmp_path, tmp_path / "set", format="wds", shard_size=100, progress=False)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FaultyHandler)
-    server.faults, server.root = _Faults(), tmp_path
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = serve(tmp_path, Faults())
     yield f"http://127.0.0.1:{server.server_address[1]}/set/", server.faults, f"file://{tmp_path}/set/"
     server.shutdown()
     server.server_close()
@@ -161,7 +90,7 @@ def test_workers_fetch_each_shard_once_per_rank_and_epoch(faulty, workers):
         for epoch in range(2):
             faults.sent.clear()
             got = batch_indices(dl)
-            sent = dict(faults.sent)
+            sent = {path: n for path, n in faults.sent.items() if path.endswith(".tar")}
             share = loader.rank_order(epoch).tolist()  # what the rank's epoch visits, in order
             expected = [share[i:i + 64] for i in range(0, len(share), 64)]  # its batches without workers
             parts = [expected[first:first + count] for first, count in worker_parts(len(expected), workers)]
