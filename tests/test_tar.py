@@ -95,3 +95,16 @@ def test_pixels_are_not_checked_but_hashed():
     flipped = _edit(data, 2 * RECORD + 1536 + 128 + 10, data[2 * RECORD + 1536 + 128 + 10] ^ 1)
     assert decode_shard(flipped, FIRST, 4, "s.tar")[0][2, 0, 0, 10] != images[2, 0, 0, 10]
     assert hashlib.sha256(flipped).hexdigest() != hashlib.sha256(data).hexdigest()
+
+
+def test_every_byte_outside_the_pixels_is_checked():
+    """Each byte of a record but its pixels, changed on its own (the label digit to a
+    non-digit), is refused, naming the record."""
+    images, labels = _samples(3)
+    data = _ours(FIRST, images, labels)
+    pixels = range(1536 + 128, 1536 + 128 + 784)
+    for column in (c for c in range(RECORD) if c not in pixels):
+        offset = RECORD + column
+        damaged = _edit(data, offset, data[offset] ^ (0xFF if column == 512 else 1))
+        with pytest.raises(FastMNISTError, match="s.tar: sample 1: "):
+            decode_shard(damaged, FIRST, 3, "s.tar")
