@@ -158,6 +158,19 @@ def state_dict_cost(shards: Path, calls: int = 2000) -> dict:
         return out
 
 
+def copy_bandwidth(megabytes: int = 256, rounds: int = 5) -> float:
+    """Bytes per second one ``copy_`` of a ``megabytes`` tensor moves (each byte read once and
+    written once), median of ``rounds``: the memory bandwidth a gather can hope for."""
+    src = torch.ones(megabytes << 20, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(rounds + 1):  # the first touches the pages
+        t = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t)
+    return src.numel() / statistics.median(times[1:])
+
+
 def sparse_set(directory: Path, n: int) -> Path:
     """A set of ``n`` samples (uint8 images and labels, train split) whose files have the
     right headers and sizes but are sparse: zero bytes, nothing written, nothing cached."""

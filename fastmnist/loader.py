@@ -28,6 +28,7 @@ from .sources import ArraySource, StreamSource, empty_batch, local_arrays
 from .store import Split, open_remote, open_shards
 from .transport import DEFAULT_RETRY, Retry, is_url
 
+GROUP_SAMPLES = 1024  # on the CPU, samples gathered per call (each batch is then a slice)
 WORKER_WARNING = (
     "FastMNISTLoader runs in a DataLoader worker, where it has nothing to gain: a batch of "
     "mapped arrays takes microseconds to gather, and each one now crosses a process boundary "
@@ -296,9 +297,12 @@ class FastMNISTLoader(IterableDataset):
                     return x
                 return normalise(x).pin_memory() if pin else normalise(x)
 
-            batches = ((finish(x), y) for x, y in (
-                src.gather(idx, *empty_batch(src.dtype, len(idx), pin=True) if pin else ())
-                for idx in index_batches))
+            if isinstance(src, ArraySource) and k == 1 and not pin and self.device.type == "cpu":
+                batches = _grouped(src, share, numbers, self.batch_size, finish)
+            else:
+                batches = ((finish(x), y) for x, y in (
+                    src.gather(idx, *empty_batch(src.dtype, len(idx), pin=True) if pin else ())
+                    for idx in index_batches))
         for number, batch in zip(numbers, batches, strict=True):
             # batches the DataLoader has yielded once it yields this one
             step.done = (number - first) * k + p + 1 if divided else number + 1
@@ -336,6 +340,19 @@ class _Step:
     @property
     def finished(self) -> bool:
         return self.total is not None and self.done >= self.total
+
+
+def _grouped(src: ArraySource, share: torch.Tensor, numbers: range, size: int, finish):
+    """The batches ``numbers`` (consecutive) of ``share``, gathered (and ``finish``ed) about
+    ``GROUP_SAMPLES`` samples at a time: at small batch sizes the cost is per call, not per
+    byte. Each batch is its own slice of a group's fresh tensors, never written again."""
+    group = max(1, GROUP_SAMPLES // size)
+    for start in range(0, len(numbers), group):
+        part = numbers[start:start + group]
+        x, y = src.gather(share[part[0] * size:(part[-1] + 1) * size])
+        x = finish(x)
+        for i in range(len(part)):
+            yield x[i * size:(i + 1) * size], y[i * size:(i + 1) * size]
 
 
 def _loader_states(state) -> tuple[list, int]:

@@ -15,10 +15,11 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
-from .bench import FLOOR, SEED, measure, pipelines, rss_bytes, run_epoch, state_dict_cost
+from .bench import FLOOR, SEED, copy_bandwidth, measure, pipelines, rss_bytes, run_epoch, state_dict_cost
 from .loader import FastMNISTLoader
 from .store import open_shards
 
+IMAGE_BYTES = 28 * 28 * 4  # one float32 image
 SLOW = ("seed pipeline", "stock webdataset")  # measured with --seed-rounds epochs
 WORKERS_2, STATEFUL_2 = "fastmnist in DataLoader, workers=2", "fastmnist in StatefulDataLoader, workers=2"
 STATEFUL_2_64 = STATEFUL_2 + ", snapshot every 64 steps"
@@ -49,6 +50,7 @@ def run_report(raw_root: Path, shards: Path, out_dir: Path, batch_sizes=(64, 256
         "conversion": _conversion(raw_root, rows),
         "memory": _memory_over_epochs(shards, memory_epochs),
         "state_dict": state_dict_cost(shards),
+        "copy_bandwidth_bytes_per_s": copy_bandwidth(),
     }
     (out_dir / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
     (out_dir / "bench.md").write_text(markdown(result))
@@ -152,6 +154,13 @@ def markdown(result: dict) -> str:
             f"{v['state_dict_us']:.1f} us at {v['samples']:,} samples" for v in result["state_dict"].values())
         + " (median of 2,000 calls).",
     ]
+    bandwidth = result["copy_bandwidth_bytes_per_s"]
+    for r in result["rows"]:
+        if r["pipeline"] == "fastmnist float32":  # each sample's 3,136 image bytes read and written once
+            lines.append(f"Batch {r['batch_size']}: fastmnist float32 gathers "
+                         f"{r['samples_per_s'] * IMAGE_BYTES / 1e9:.2f} GB/s of images, "
+                         f"{r['samples_per_s'] * IMAGE_BYTES / bandwidth:.2f} of this machine's "
+                         f"copy bandwidth ({bandwidth / 1e9:.1f} GB/s: one 256 MB copy_, median of 5).")
     for bs in dict.fromkeys(r["batch_size"] for r in result["rows"]):
         group = {r["pipeline"]: r["samples_per_s"] for r in result["rows"] if r["batch_size"] == bs}
         if WORKERS_2 in group and STATEFUL_2 in group and STATEFUL_2_64 in group:

@@ -19,7 +19,7 @@ from fastmnist import FastMNISTError, FastMNISTLoader, convert
 from fastmnist.normalize import normalize_u8, normalize_u8_numpy
 from fastmnist.order import epoch_order, rank_share
 
-from .conftest import INDEXED_N, batch_indices, seed_pipeline
+from .conftest import INDEXED_N, batch_indices, decode_indices, seed_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available here")
@@ -322,3 +322,16 @@ def test_workers_are_warned_about_once(indexed_shards):
                           text=True, cwd=REPO, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == str(INDEXED_N), done.stderr
     assert done.stderr.count(WORKER_WARNING) == 1  # from worker 0 only; none in-process
+
+
+@pytest.mark.parametrize("batch_size", [7, 64, 1000, 1024, 1100])
+def test_batches_gathered_in_groups_are_the_order_and_stay_as_yielded(indexed_shards, batch_size):
+    """On the CPU about 1,024 samples are gathered per call and each batch is a slice: the
+    batches are still the epoch's order cut at ``batch_size``, each contiguous, and none
+    changes after it was yielded."""
+    loader = FastMNISTLoader(indexed_shards, batch_size=batch_size, seed=5, normalize=False)
+    kept = [(x, x.clone()) for x, _ in loader]
+    order = loader.rank_order(0).tolist()
+    assert [decode_indices(x) for x, _ in kept] == [order[i:i + batch_size]
+                                                    for i in range(0, len(order), batch_size)]
+    assert all(x.is_contiguous() and torch.equal(x, copy) for x, copy in kept)
