@@ -58,14 +58,15 @@ class ConvertResult:
 
 
 def convert(root, out, dataset: str = "mnist", *, splits=None, mean=None, std=None,
-            format: str = "npy", shard_size: int = 10000, force: bool = False,
+            format: str = "npy", shard_size: int = 10000, float32: bool = True, force: bool = False,
             download: bool = False, progress: bool = True) -> ConvertResult:
     """Convert the raw files under ``root`` (torchvision layout) into the set at ``out``.
 
     ``splits``: names to convert (default: every split whose files are present).
     ``mean``/``std``: normalisation (default: MNIST's 0.1307/0.3081, else the train split's).
     ``format``: "npy" (memory-mapped arrays), "wds" (WebDataset tar shards of ``shard_size``
-    samples) or "both".
+    samples) or "both". ``float32``: False writes no pre-normalised float32 array (4x less
+    disk and page cache; the loader then normalises uint8 per batch, to the same bits).
     Returns without writing when ``out`` already holds this conversion, unless ``force``.
     """
     start = time.perf_counter()
@@ -78,6 +79,8 @@ def convert(root, out, dataset: str = "mnist", *, splits=None, mean=None, std=No
     sources = _find_sources(root, spec, splits, download)
     options = {"dataset": spec.name, "splits": sorted(sources), "mean": mean, "std": std,
                "format": format, "shard_size": shard_size if format != "npy" else None}
+    if not float32 and format != "wds":
+        options["float32"] = False  # absent: the float32 array is written
     fingerprint = {key: _fingerprint(path, spec) for key, path in _source_items(sources)}
     _prepare_parent(out)
     with _lock(out):
@@ -108,7 +111,7 @@ def convert(root, out, dataset: str = "mnist", *, splits=None, mean=None, std=No
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         try:
             tmp.chmod(0o755)  # mkdtemp makes it private; the set is meant to be shared
-            passes = {"npy": 2, "wds": 1, "both": 3}[format]
+            passes = {"npy": 1 + float32, "wds": 1, "both": 2 + float32}[format]
             total = passes * sum(len(labels) for _, labels in data.values())
             with _progress_bar(total, f"convert {spec.name}", progress) as bar, BackgroundWriter() as writer:
                 for split, (images, labels) in data.items():
@@ -116,7 +119,8 @@ def convert(root, out, dataset: str = "mnist", *, splits=None, mean=None, std=No
                             "mean": norm[0], "std": norm[1], "num_classes": spec.num_classes,
                             "files": {}}
                     if format in ("npy", "both"):
-                        info["files"] = _write_arrays(tmp, split, images, labels, *norm, bar, writer)
+                        info["files"] = _write_arrays(tmp, split, images, labels, *norm, float32, bar,
+                                                      writer)
                     if format in ("wds", "both"):
                         info["wds"] = {"shard_size": shard_size, "shards": _write_shards(
                             tmp, split, images, labels, shard_size, bar, writer)}
@@ -270,9 +274,9 @@ def _normalisation(spec: DatasetSpec, data: dict, mean, std) -> tuple[float, flo
 
 
 def _write_arrays(tmp: Path, split: str, images: np.ndarray, labels: np.ndarray,
-                  mean: float, std: float, bar, writer: BackgroundWriter) -> dict:
-    """The split's three ``.npy`` files; returns their manifest entries, complete once
-    ``writer`` is done."""
+                  mean: float, std: float, float32: bool, bar, writer: BackgroundWriter) -> dict:
+    """The split's ``.npy`` files (the float32 one only if ``float32``); returns their
+    manifest entries, complete once ``writer`` is done."""
 
     def normalised():
         for i in range(0, len(images), _CHUNK):
@@ -286,11 +290,11 @@ def _write_arrays(tmp: Path, split: str, images: np.ndarray, labels: np.ndarray,
             yield part
             bar.update(len(part))
 
-    return {
-        "images_u8": _write_npy(tmp, split, "images_u8", images.shape, chunks(images), writer),
-        "images_f32": _write_npy(tmp, split, "images_f32", images.shape, normalised(), writer),
-        "labels": _write_npy(tmp, split, "labels", labels.shape, [labels.astype(np.int64)], writer),
-    }
+    files = {"images_u8": _write_npy(tmp, split, "images_u8", images.shape, chunks(images), writer)}
+    if float32:
+        files["images_f32"] = _write_npy(tmp, split, "images_f32", images.shape, normalised(), writer)
+    files["labels"] = _write_npy(tmp, split, "labels", labels.shape, [labels.astype(np.int64)], writer)
+    return files
 
 
 def _write_npy(tmp: Path, split: str, array: str, shape, parts, writer: BackgroundWriter) -> dict:

@@ -59,7 +59,8 @@ class FastMNISTLoader(IterableDataset):
     shuffled within each shard; ranks take consecutive runs of it, so each rank fetches
     only the shards its run covers.
     ``source``: which data to read, "float32" (pre-normalised; the default on the CPU) or
-    "uint8" (normalised on ``device``; the default on CUDA: 4x fewer bytes to copy).
+    "uint8" (normalised on ``device``; the default on CUDA, 4x fewer bytes to copy, and for
+    sets converted with ``--no-float32``).
     ``resident``: copy the whole split onto ``device`` once and gather there.
     ``pin_memory``: put host batches in pinned memory (default: when CUDA is available).
     ``retry``: how remote fetches ride out transient failures (``transport.Retry``).
@@ -89,6 +90,7 @@ class FastMNISTLoader(IterableDataset):
             pin_memory = torch.cuda.is_available()
         elif pin_memory and not torch.cuda.is_available():
             raise FastMNISTError("pin_memory=True needs CUDA, which is not available here")
+        chosen = source is not None
         if source is None:
             source = "uint8" if self.device.type == "cuda" or not normalize else "float32"
         if source not in ("float32", "uint8") or (source == "float32" and not normalize):
@@ -113,6 +115,8 @@ class FastMNISTLoader(IterableDataset):
             if self.format not in local.formats:
                 raise FastMNISTError(f"{path}: split {split!r} has no {self.format!r} data "
                                      f"(it has {', '.join(local.formats)})")
+            if not chosen and self.format == "npy" and "images_f32" not in self.info.arrays:
+                source = "uint8"  # a set converted with --no-float32: normalised per batch
             array = "images_f32" if source == "float32" else "images_u8"
             if self.format == "npy" and array not in self.info.arrays:
                 raise FastMNISTError(f"{path}: split {split!r} has no {array} array for "

@@ -14,7 +14,7 @@ import torch
 import torchvision
 from torchvision import transforms
 
-from fastmnist import FastMNISTError, convert, open_shards, verify_shards
+from fastmnist import FastMNISTError, FastMNISTLoader, convert, open_shards, verify_shards
 from fastmnist.cli import main
 from fastmnist.synth import write_raw
 
@@ -249,3 +249,21 @@ def test_cli_info_synth_and_errors(tmp_path, capsys):
     assert main(["convert", "--root", str(tmp_path / "empty"), "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert "no MNIST raw files found" in err and "fastmnist synth" in err
+
+
+def test_no_float32_keeps_uint8_only_and_the_loader_gives_the_same_bits(synth_root, synth_shards, tmp_path):
+    """``--no-float32``: no float32 array (4x less disk); the loader then reads uint8 by
+    default and normalises it per batch to exactly the pre-normalised set's tensors."""
+    out = tmp_path / "u8"
+    done = subprocess.run([sys.executable, "-m", "fastmnist.cli", "convert", "--root", str(synth_root),
+                           "--out", str(out), "--no-float32", "--quiet"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert not list(out.glob("*_f32.npy")) and (out / "train_images_u8.npy").exists()
+    assert open_shards(out, verify=True).split("train").info.arrays.keys() == {"images_u8", "labels"}
+    lean = FastMNISTLoader(out, batch_size=256, seed=9)
+    full = FastMNISTLoader(synth_shards, batch_size=256, seed=9)
+    assert lean.source == "uint8" and full.source == "float32"
+    for (x, y), (fx, fy) in zip(lean, full, strict=True):
+        assert x.dtype == torch.float32 and torch.equal(x, fx) and torch.equal(y, fy)
+    with pytest.raises(FastMNISTError, match="no images_f32 array"):
+        FastMNISTLoader(out, source="float32")
