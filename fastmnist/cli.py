@@ -166,8 +166,11 @@ def _push(args) -> int:
         except ValueError:
             options[key] = value
     done = push(args.path, args.url, options, progress=not args.quiet)
-    print(f"{done.url}: uploaded {len(done.uploaded)} files ({done.bytes_uploaded / 1e6:.1f} MB), "
-          f"kept {len(done.kept)} already there; manifest.json written last and read back")
+    if not done.uploaded:
+        print(f"{done.url}: up to date: its manifest and all {len(done.kept)} files match; nothing uploaded")
+    else:
+        print(f"{done.url}: uploaded {len(done.uploaded)} files ({done.bytes_uploaded / 1e6:.1f} MB), "
+              f"kept {len(done.kept)} already there; manifest.json written last and read back")
     return 0
 
 

@@ -38,6 +38,8 @@ def push(root, url: str, storage_options: dict | None = None, progress: bool = T
     url = url if url.endswith("/") else url + "/"
     fs, prefix = filesystem(url, storage_options)
     prefix = prefix.rstrip("/")
+    if "file" in fs.protocol:  # a local directory must exist; object stores have no directories
+        fs.makedirs(prefix, exist_ok=True)
     files = list(local.manifest.files())
     remote = {m.file: f"{prefix}/{m.file}" for m in files} | {MANIFEST: f"{prefix}/{MANIFEST}"}
     try:

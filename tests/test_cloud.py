@@ -130,10 +130,11 @@ def test_push_killed_mid_upload_leaves_no_manifest_listing_a_missing_file(s3, in
     assert sorted(i for batch in batch_indices(loader) for i in batch) == list(range(INDEXED_N))
 
 
-def test_memory_urls_and_clear_errors(s3, indexed_set, monkeypatch):
-    push(indexed_set, "memory://fastmnist/set", progress=False)
-    loader = FastMNISTLoader("memory://fastmnist/set/", normalize=False)
-    assert sorted(i for batch in batch_indices(loader) for i in batch) == list(range(INDEXED_N))
+def test_memory_and_local_urls_and_clear_errors(s3, indexed_set, monkeypatch, tmp_path):
+    for url in ("memory://fastmnist/set", f"file://{tmp_path}/new/dir"):
+        push(indexed_set, url, progress=False)
+        loader = FastMNISTLoader(url + "/", normalize=False, verify=True)
+        assert sorted(i for batch in batch_indices(loader) for i in batch) == list(range(INDEXED_N))
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
