@@ -244,9 +244,9 @@ def _demo(args) -> int:
                   f"MNIST-format data in {args.data}.\n! Every figure below is measured on "
                   f"generated digits, not on MNIST.\n{'!' * 78}\n", file=sys.stderr)
             write_raw(args.data)
-    _convert(argparse.Namespace(root=args.data, out=args.shards, dataset="mnist", split=None,
-                                mean=None, std=None, format="both", shard_size=10000,
-                                force=False, download=False, quiet=False))
+    # the convert command's own defaults, as `fastmnist convert` would take them
+    _convert(_parser().parse_args(["convert", "--root", str(args.data), "--out", str(args.shards),
+                                   "--format", "both"]))
     args.raw = args.data
     return _bench(args)
 

@@ -267,3 +267,15 @@ def test_no_float32_keeps_uint8_only_and_the_loader_gives_the_same_bits(synth_ro
         assert x.dtype == torch.float32 and torch.equal(x, fx) and torch.equal(y, fy)
     with pytest.raises(FastMNISTError, match="no images_f32 array"):
         FastMNISTLoader(out, source="float32")
+
+
+def test_demo_converts_with_the_convert_commands_own_defaults(tmp_path, monkeypatch):
+    """The main job's convert step (its benchmark replaced: measured elsewhere) takes the
+    convert command's defaults, whatever options it gains."""
+    import fastmnist.cli
+
+    write_raw(tmp_path / "data", n_train=300, n_test=50)
+    monkeypatch.setattr(fastmnist.cli, "_bench", lambda args: 0)
+    assert main(["demo", "--data", str(tmp_path / "data"), "--shards", str(tmp_path / "shards")]) == 0
+    split = open_shards(tmp_path / "shards", verify=True).split("train")
+    assert split.formats == ["npy", "wds"] and set(split.info.arrays) == {"images_u8", "images_f32", "labels"}
