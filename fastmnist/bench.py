@@ -22,6 +22,7 @@ import urllib.request
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -87,7 +88,7 @@ def pipelines(raw_root: Path, shards: Path, cuda: bool | None = None
             _served(shards, faulty=True), batch_size=bs, retry=FAST_RETRY)
         if importlib.util.find_spec("moto") and importlib.util.find_spec("s3fs"):
             found["fastmnist wds over S3 (local moto server)"] = lambda bs: FastMNISTLoader(
-                _in_s3(shards)[0], batch_size=bs, storage_options=_in_s3(shards)[1])
+                _in_s3(shards).url, batch_size=bs, storage_options=_in_s3(shards).options)
     if torch.cuda.is_available() if cuda is None else cuda:
         found["fastmnist cuda pinned"] = lambda bs: _Epochs(_synced, FastMNISTLoader(
             shards, batch_size=bs, device="cuda"))
@@ -205,9 +206,9 @@ def _served(directory: Path, faulty: bool = False) -> str:
 
 
 @functools.cache
-def _in_s3(directory: Path) -> tuple[str, dict]:
+def _in_s3(directory: Path) -> "_Bucket":
     """``directory`` pushed to a bucket of a moto S3 server on 127.0.0.1 (a subprocess,
-    stopped when this process exits): its URL and storage options."""
+    stopped when this process exits), made once per process."""
     from .push import push
 
     port = _free_port()
@@ -218,7 +219,14 @@ def _in_s3(directory: Path) -> tuple[str, dict]:
 
     fsspec.filesystem("s3", **options).mkdir("fastmnist-bench")
     push(directory, "s3://fastmnist-bench/set/", options, progress=False)
-    return "s3://fastmnist-bench/set/", options
+    return _Bucket("s3://fastmnist-bench/set/", options)
+
+
+class _Bucket(NamedTuple):
+    """A set pushed to the benchmark's S3 server: its URL and the storage options to read it."""
+
+    url: str
+    options: dict
 
 
 def _free_port() -> int:

@@ -28,8 +28,8 @@ class ShardCache:
     """``shards``: the split's shards and the URL of each. ``verify``: check each shard's
     sha256 as it arrives (a mismatch after a complete download is an error at once).
     ``retry``: how remote fetches ride out transient failures; ``storage_options``: for
-    fsspec URLs. ``normalize``: ``(mean,
-    std)`` to gather float32 normalised images, or None to gather uint8. Gathering runs in
+    fsspec URLs. ``normalize``: ``(mean, std)`` to gather float32 normalised images, or
+    None to gather uint8. Gathering runs in
     numpy, single-threaded: torch's intra-op threads stall whenever a fetching thread holds
     a core.
     """
