@@ -4,6 +4,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .datasets import DATASETS
 from .errors import FastMNISTError
 
 
@@ -43,10 +44,12 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("synth", help="write generated MNIST-format raw files (offline demos)")
     s.add_argument("--root", type=Path, required=True, help="torchvision-style root to write")
-    s.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist", "kmnist"])
+    s.add_argument("--dataset", default="mnist", choices=list(DATASETS))
     s.add_argument("--train", type=int, default=60000, help="train samples (default 60000)")
     s.add_argument("--test", type=int, default=10000, help="test samples (default 10000)")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--extracted-only", action="store_true",
+                   help="skip the compressed copies (faster for millions of images)")
     s.set_defaults(func=_synth)
 
     b = sub.add_parser("bench", help="compare FastMNISTLoader with the usual pipelines")
@@ -82,11 +85,12 @@ def add_bench_args(b: argparse.ArgumentParser) -> None:
 def add_convert_args(c: argparse.ArgumentParser) -> None:
     """The ``convert`` options, shared with ``tools/convert.py``."""
     c.add_argument("--root", type=Path, required=True,
-                   help="torchvision root: files under ROOT/<Dataset>/raw/, .gz or not")
+                   help="torchvision root: files under ROOT/<Dataset>/raw/, compressed or not")
     c.add_argument("--out", type=Path, required=True, help="directory of the shard set")
-    c.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist", "kmnist"])
-    c.add_argument("--split", action="append", choices=["train", "test"],
-                   help="split to convert (repeatable; default: all present)")
+    c.add_argument("--dataset", default="mnist", choices=list(DATASETS))
+    c.add_argument("--split", action="append",
+                   help="split to convert (repeatable; default: train and test, and QMNIST's nist, "
+                        "those present; QMNIST also has test10k and test50k)")
     c.add_argument("--mean", type=float, help="normalisation mean (default: dataset's)")
     c.add_argument("--std", type=float, help="normalisation std (default: dataset's)")
     c.add_argument("--no-float32", action="store_true",
@@ -177,7 +181,8 @@ def _push(args) -> int:
 def _synth(args) -> int:
     from .synth import write_raw
 
-    paths = write_raw(args.root, args.train, args.test, args.dataset, args.seed)
+    paths = write_raw(args.root, args.train, args.test, args.dataset, args.seed,
+                      compressed=not args.extracted_only)
     print(f"wrote SYNTHETIC {args.dataset} raw files ({args.train} train, {args.test} test) "
           f"under {paths[0].parent}; these are generated digits, not real data")
     return 0

@@ -11,8 +11,9 @@ class SplitDataset(torch.utils.data.Dataset):
     """A loader's split as a map-style dataset, as ``torchvision.datasets.MNIST`` with
     ``ToTensor()`` + ``Normalize`` is: ``len()`` is the split's sample count (all ranks
     together, as ``len(DataLoader.dataset)``); ``ds[i]`` is ``(x, label)``, x float32
-    ``[1, 28, 28]`` (uint8 with ``normalize=False``) and label an int; ``targets`` the int64
-    labels ``(N,)``. Indexing needs a local set: streamed shards have no random access."""
+    ``[1, 28, 28]`` (uint8 with ``normalize=False``) and label an int (int64 ``[8]`` for
+    ``qmnist-extended``); ``targets`` the int64 labels ``(N,)`` (``(N, 8)``). Indexing needs
+    a local set: streamed shards have no random access."""
 
     def __init__(self, loader):
         self.loader = loader
@@ -20,7 +21,7 @@ class SplitDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.loader.info.count
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int | torch.Tensor]:
         n = len(self)
         if not isinstance(index, int) or not -n <= index < n:
             raise IndexError(f"sample index {index!r} out of range for {n} samples")
@@ -30,7 +31,7 @@ class SplitDataset(torch.utils.data.Dataset):
             from .normalize import normalize_u8
 
             x = normalize_u8(x.cpu(), loader.info.mean, loader.info.std)
-        return x[0], int(y[0])
+        return x[0], int(y[0]) if y.dim() == 1 else y[0]  # qmnist-extended: int64 (8,)
 
     @property
     def targets(self) -> torch.Tensor:

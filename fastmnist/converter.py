@@ -13,7 +13,6 @@ import ctypes
 import errno
 import fcntl
 import hashlib
-import itertools
 import json
 import os
 import shutil
@@ -25,11 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from .datasets import SPLITS, DatasetSpec, get_spec
+from . import __version__, tar
+from .datasets import COMPRESSIONS, DatasetSpec, RawFiles, get_spec
 from .errors import FastMNISTError
 from .files import BackgroundWriter
-from .idx import read_images, read_labels
+from .idx import IMAGE_SIDE, IMAGES, IdxReader, check_classes, label_kind
 from .manifest import (
     ARRAYS,
     FORMAT_VERSION,
@@ -43,7 +42,6 @@ from .manifest import (
 from .normalize import normalize_u8_numpy
 from .store import open_shards, read_manifest
 from .synth import SYNTHETIC_MARKER
-from .tar import shard_chunks
 
 _CHUNK = 1000  # samples per chunk: 3 MB of float32, cache-sized
 FORMATS = ("npy", "wds", "both")
@@ -62,7 +60,9 @@ def convert(root, out, dataset: str = "mnist", *, splits=None, mean=None, std=No
             download: bool = False, progress: bool = True) -> ConvertResult:
     """Convert the raw files under ``root`` (torchvision layout) into the set at ``out``.
 
-    ``splits``: names to convert (default: every split whose files are present).
+    ``dataset``: a name of ``datasets.DATASETS`` ('mnist', 'emnist-letters', 'qmnist', ...).
+    ``splits``: names to convert (default: those of the dataset's ``default_splits`` whose
+    files are present).
     ``mean``/``std``: normalisation (default: MNIST's 0.1307/0.3081, else the train split's).
     ``format``: "npy" (memory-mapped arrays), "wds" (WebDataset tar shards of ``shard_size``
     samples) or "both". ``float32``: False writes no pre-normalised float32 array (4x less
@@ -75,6 +75,9 @@ def convert(root, out, dataset: str = "mnist", *, splits=None, mean=None, std=No
         raise FastMNISTError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
     if shard_size < 1:
         raise FastMNISTError(f"shard_size must be positive, got {shard_size}")
+    if spec.extended and format != "npy":
+        raise FastMNISTError(f"{spec.name}: its labels are 8 numbers per sample, which tar shards "
+                             "(one class per sample) cannot hold; convert with format 'npy'")
     root, out = Path(root), Path(out)
     sources = _find_sources(root, spec, splits, download)
     options = {"dataset": spec.name, "splits": sorted(sources), "mean": mean, "std": std,
@@ -90,15 +93,8 @@ def convert(root, out, dataset: str = "mnist", *, splits=None, mean=None, std=No
         if out.exists() and not (out / MANIFEST).exists() and any(out.iterdir()):
             raise FastMNISTError(f"{out}: refusing to replace a non-empty directory that is "
                                  "not a fastmnist set")
-        data = {split: (read_images(p["images"]), read_labels(p["labels"], spec.num_classes))
-                for split, p in sources.items()}
-        for split, (images, labels) in data.items():
-            if len(images) != len(labels):
-                raise FastMNISTError(
-                    f"{sources[split]['images']}: {len(images)} images but "
-                    f"{sources[split]['labels']} has {len(labels)} labels"
-                )
-        norm = _normalisation(spec, data, mean, std)
+        inputs = _open_inputs(sources, spec)
+        norm = _normalisation(spec, inputs, mean, std)
         manifest = {
             "format_version": FORMAT_VERSION,
             "created_by": f"fastmnist {__version__}",
@@ -111,20 +107,15 @@ def convert(root, out, dataset: str = "mnist", *, splits=None, mean=None, std=No
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         try:
             tmp.chmod(0o755)  # mkdtemp makes it private; the set is meant to be shared
-            passes = {"npy": 1 + float32, "wds": 1, "both": 2 + float32}[format]
-            total = passes * sum(len(labels) for _, labels in data.values())
+            total = sum(inp.count for inp in inputs.values())
             with _progress_bar(total, f"convert {spec.name}", progress) as bar, BackgroundWriter() as writer:
-                for split, (images, labels) in data.items():
-                    info = {"count": len(labels), "image_shape": list(images.shape[1:]),
-                            "mean": norm[0], "std": norm[1], "num_classes": spec.num_classes,
-                            "files": {}}
-                    if format in ("npy", "both"):
-                        info["files"] = _write_arrays(tmp, split, images, labels, *norm, float32, bar,
-                                                      writer)
-                    if format in ("wds", "both"):
-                        info["wds"] = {"shard_size": shard_size, "shards": _write_shards(
-                            tmp, split, images, labels, shard_size, bar, writer)}
-                    manifest["splits"][split] = info
+                for split, inp in inputs.items():
+                    out_files = _SplitWriter(tmp, split, inp.count, spec.label_shape, format, float32,
+                                             shard_size, norm, writer)
+                    for first, images, labels in _samples(inp, spec):
+                        out_files.add(first, images, labels)
+                        bar.update(len(labels))
+                    manifest["splits"][split] = out_files.finish(spec.num_classes)
             text = json.dumps(manifest, indent=2) + "\n"
             written = parse_manifest(text, tmp / MANIFEST)  # what every reader will check
             _write_manifest(tmp, text)
@@ -147,18 +138,18 @@ def _progress_bar(total: int, desc: str, shown: bool):
 
 
 def _find_sources(root: Path, spec: DatasetSpec, splits, download: bool) -> dict:
-    """{split: {"images": Path, "labels": Path}}, preferring the ``.gz`` torchvision ships."""
+    """{split: {"images": Path, "labels": Path}}, preferring the compressed files torchvision
+    downloads (their md5s are published) to the extracted ones."""
     raw = root / spec.folder / "raw"
-    wanted = list(splits) if splits else list(SPLITS)
+    wanted = list(splits) if splits else list(spec.default_splits)
     for split in wanted:
-        if split not in SPLITS:
-            raise FastMNISTError(f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")
+        if split not in spec.splits:
+            raise FastMNISTError(f"unknown split {split!r} of {spec.name}: expected one of "
+                                 f"{', '.join(spec.splits)}")
 
     def locate(split, kind):
-        for name in (spec.stem(split, kind) + ".gz", spec.stem(split, kind)):
-            if (raw / name).exists():
-                return raw / name
-        return None
+        stem = getattr(spec.splits[split], kind)
+        return next((raw / (stem + c) for c in COMPRESSIONS if (raw / (stem + c)).exists()), None)
 
     found = {s: {k: locate(s, k) for k in ("images", "labels")} for s in wanted}
     if download and not all(all(p.values()) for p in found.values()):
@@ -166,16 +157,18 @@ def _find_sources(root: Path, spec: DatasetSpec, splits, download: bool) -> dict
         found = {s: {k: locate(s, k) for k in ("images", "labels")} for s in wanted}
     sources = {}
     for split, paths in found.items():
-        missing = [raw / (spec.stem(split, k) + "[.gz]") for k, p in paths.items() if p is None]
+        missing = [raw / (getattr(spec.splits[split], k) + "[.gz|.xz]")
+                   for k, p in paths.items() if p is None]
         if not missing:
             sources[split] = paths
         elif splits or len(missing) == 1:  # asked for explicitly, or half a split present
             raise FastMNISTError(f"{missing[0]}: file not found (needed for the {split} split)")
     if not sources:
+        names = sorted({getattr(f, k) for f in spec.splits.values() for k in ("images", "labels")})
         raise FastMNISTError(
-            f"{raw}: no {spec.folder} raw files found; put torchvision's files "
-            f"({', '.join(spec.md5)}) there, run with --download, or make synthetic ones "
-            f"with `fastmnist synth --root {root}`"
+            f"{raw}: no {spec.folder} raw files found for {spec.name}; put torchvision's files "
+            f"({', '.join(names)}, or compressed) there, run with --download, or make synthetic "
+            f"ones with `fastmnist synth --dataset {spec.name} --root {root}`"
         )
     return sources
 
@@ -188,12 +181,13 @@ def _download(root: Path, spec: DatasetSpec) -> None:
                              "installed (pip install torchvision, or 'fastmnist[bench]')") from None
 
     try:
-        getattr(torchvision.datasets, spec.folder)(str(root), train=True, download=True)
+        for kwargs in spec.download_args:
+            getattr(torchvision.datasets, spec.folder)(str(root), download=True, **kwargs)
     except Exception as e:
         raise FastMNISTError(
             f"{root}: download of {spec.folder} failed ({type(e).__name__}: {' '.join(str(e).split())}); "
             f"offline, "
-            f"copy torchvision's files ({', '.join(spec.md5)}) into "
+            f"copy torchvision's raw files into "
             f"{root / spec.folder / 'raw'} and convert without --download"
         ) from None
 
@@ -260,64 +254,123 @@ def _up_to_date(out: Path, fingerprint: dict, options: dict) -> bool:
     return same_sources and m.options == options
 
 
-def _normalisation(spec: DatasetSpec, data: dict, mean, std) -> tuple[float, float]:
+@dataclass(frozen=True)
+class _Input:
+    """A split's raw files (headers checked) and the ``count`` rows of them it takes."""
+
+    images: Path
+    labels: Path
+    files: RawFiles
+    count: int
+
+
+def _open_inputs(sources: dict, spec: DatasetSpec) -> dict[str, _Input]:
+    """Every split's files, their headers checked against each other before anything is read."""
+    inputs = {}
+    for split, paths in sources.items():
+        with IdxReader(paths["images"], IMAGES) as images, \
+                IdxReader(paths["labels"], label_kind(spec.label_columns)) as labels:
+            if images.count != labels.count:
+                raise FastMNISTError(f"{paths['images']}: {images.count} images but "
+                                     f"{paths['labels']} has {labels.count} labels")
+        files = spec.splits[split]
+        count = len(range(images.count)[files.start:files.stop])
+        inputs[split] = _Input(paths["images"], paths["labels"], files, count)
+    return inputs
+
+
+def _samples(inp: _Input, spec: DatasetSpec):
+    """The split's samples ``_CHUNK`` at a time, validated: ``(first, images, labels)``, uint8
+    images ``(n, 1, 28, 28)`` and int64 labels ``(n, *spec.label_shape)``."""
+    start, stop = inp.files.start, inp.files.stop
+    with IdxReader(inp.images, IMAGES) as fi, IdxReader(inp.labels, label_kind(spec.label_columns)) as fl:
+        first = 0
+        for images, labels in zip(fi.chunks(_CHUNK, start, stop), fl.chunks(_CHUNK, start, stop),
+                                  strict=True):
+            classes = labels[:, 0] if spec.label_columns else labels
+            check_classes(inp.labels, classes, spec.num_classes, start + first)
+            kept = labels if spec.extended else classes
+            yield first, images.reshape(len(images), 1, IMAGE_SIDE, IMAGE_SIDE), kept.astype(np.int64)
+            first += len(images)
+
+
+def _normalisation(spec: DatasetSpec, inputs: dict, mean, std) -> tuple[float, float]:
     if mean is not None and std is not None:
         return float(mean), float(std)
     if spec.mean is not None and mean is None and std is None:
         return spec.mean, spec.std
-    if "train" not in data:
+    if "train" not in inputs:
         raise FastMNISTError(f"{spec.name}: mean/std come from the train split, which is "
                              "not being converted; pass --mean and --std")
-    pixels = data["train"][0].astype(np.float64) / 255
-    return (float(pixels.mean()) if mean is None else float(mean),
-            float(pixels.std()) if std is None else float(std))
+    # From a histogram of the pixel values, so memory stays flat: exact sums, in float64.
+    counts = np.zeros(256, np.int64)
+    with IdxReader(inputs["train"].images, IMAGES) as f:
+        for chunk in f.chunks(_CHUNK, inputs["train"].files.start, inputs["train"].files.stop):
+            counts += np.bincount(chunk.reshape(-1), minlength=256)
+    values, n = np.arange(256) / 255, max(int(counts.sum()), 1)
+    computed_mean = float((counts * values).sum() / n)
+    computed_std = float(np.sqrt((counts * (values - computed_mean) ** 2).sum() / n))
+    return (computed_mean if mean is None else float(mean), computed_std if std is None else float(std))
 
 
-def _write_arrays(tmp: Path, split: str, images: np.ndarray, labels: np.ndarray,
-                  mean: float, std: float, float32: bool, bar, writer: BackgroundWriter) -> dict:
-    """The split's ``.npy`` files (the float32 one only if ``float32``); returns their
-    manifest entries, complete once ``writer`` is done."""
+class _SplitWriter:
+    """A split's files, written from its samples in order (chunks of ``add``): the ``.npy``
+    arrays (the float32 one only if ``float32``) and/or the tar shards of ``shard_size``."""
 
-    def normalised():
-        for i in range(0, len(images), _CHUNK):
-            part = images[i:i + _CHUNK]
-            yield normalize_u8_numpy(part, mean, std, out=np.empty(part.shape, np.float32))
-            bar.update(len(part))
+    def __init__(self, tmp: Path, split: str, count: int, label_shape: tuple, format: str,
+                 float32: bool, shard_size: int, norm: tuple[float, float], writer: BackgroundWriter):
+        self.tmp, self.split, self.count, self.label_shape = tmp, split, count, label_shape
+        self.shard_size, self.norm, self.writer = shard_size, norm, writer
+        self.arrays, self.shards, self.shard = {}, [], None
+        if format in ("npy", "both"):
+            names = ["images_u8", *(["images_f32"] if float32 else []), "labels"]
+            for name in names:
+                shape = (count, *label_shape) if name == "labels" else (count, 1, IMAGE_SIDE, IMAGE_SIDE)
+                entry = {"file": array_file_name(split, name), "dtype": ARRAYS[name], "shape": list(shape)}
+                self.arrays[name] = writer.open(tmp / entry["file"], entry)
+                writer.append(self.arrays[name], npy_header(ARRAYS[name], shape))
+        self.wds = format in ("wds", "both")
 
-    def chunks(array):
-        for i in range(0, len(array), _CHUNK):
-            part = np.ascontiguousarray(array[i:i + _CHUNK])
-            yield part
-            bar.update(len(part))
+    def add(self, first: int, images: np.ndarray, labels: np.ndarray) -> None:
+        """Samples ``first, first + 1, ...``: uint8 images ``(n, 1, 28, 28)``, int64 labels."""
+        w = self.writer
+        for name, target in self.arrays.items():
+            if name == "images_f32":
+                w.append(target, normalize_u8_numpy(images, *self.norm,
+                                                    out=np.empty(images.shape, np.float32)))
+            else:
+                w.append(target, images if name == "images_u8" else labels)
+        at, end = first, first + len(labels)
+        while self.wds and at < end:
+            number = at // self.shard_size
+            shard_first = number * self.shard_size
+            shard_stop = min(shard_first + self.shard_size, self.count)
+            if self.shard is None:
+                entry = {"file": shard_file_name(self.split, number), "first": shard_first,
+                         "count": shard_stop - shard_first}
+                self.shard = w.open(self.tmp / entry["file"], entry)
+                self.shards.append(entry)
+            stop = min(end, shard_stop)
+            part = slice(at - first, stop - first)
+            w.append(self.shard, tar.records(at, images[part], labels[part]))
+            if stop == shard_stop:
+                w.append(self.shard, tar.archive_padding(shard_stop - shard_first))
+                w.close(self.shard)
+                self.shard = None
+            at = stop
 
-    files = {"images_u8": _write_npy(tmp, split, "images_u8", images.shape, chunks(images), writer)}
-    if float32:
-        files["images_f32"] = _write_npy(tmp, split, "images_f32", images.shape, normalised(), writer)
-    files["labels"] = _write_npy(tmp, split, "labels", labels.shape, [labels.astype(np.int64)], writer)
-    return files
-
-
-def _write_npy(tmp: Path, split: str, array: str, shape, parts, writer: BackgroundWriter) -> dict:
-    """Write ``array`` of ``split`` as an ``.npy`` from C-contiguous parts of its dtype;
-    returns its manifest entry, complete once ``writer`` is done."""
-    dtype = ARRAYS[array]
-    entry = {"file": array_file_name(split, array), "dtype": dtype, "shape": list(shape)}
-    writer.write(tmp / entry["file"], itertools.chain([npy_header(dtype, shape)], parts), entry)
-    return entry
-
-
-def _write_shards(tmp: Path, split: str, images: np.ndarray, labels: np.ndarray,
-                  shard_size: int, bar, writer: BackgroundWriter) -> list[dict]:
-    """The split's tar shards of ``shard_size`` samples; returns their manifest entries,
-    complete once ``writer`` is done."""
-    shards = []
-    for number, first in enumerate(range(0, len(labels), shard_size)):
-        stop = min(first + shard_size, len(labels))
-        entry = {"file": shard_file_name(split, number), "first": first, "count": stop - first}
-        writer.write(tmp / entry["file"], shard_chunks(first, images[first:stop], labels[first:stop]), entry)
-        bar.update(stop - first)
-        shards.append(entry)
-    return shards
+    def finish(self, num_classes: int) -> dict:
+        """The split's manifest entry (its files complete once the writer is done)."""
+        for target in self.arrays.values():
+            self.writer.close(target)
+        info = {"count": self.count, "image_shape": [1, IMAGE_SIDE, IMAGE_SIDE], "mean": self.norm[0],
+                "std": self.norm[1], "num_classes": num_classes,
+                "files": {name: target[2] for name, target in self.arrays.items()}}
+        if self.label_shape:
+            info["label_shape"] = list(self.label_shape)
+        if self.wds:
+            info["wds"] = {"shard_size": self.shard_size, "shards": self.shards}
+        return info
 
 
 def _write_manifest(tmp: Path, text: str) -> None:

@@ -16,11 +16,12 @@ def prefetch_to_cuda(
     device: torch.device,
     depth: int,
     finish: Callable[[torch.Tensor], torch.Tensor],
+    label_shape: tuple[int, ...] = (),
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(x, y)`` on ``device`` for each batch of sample indices.
 
     ``gather(idx, x_out, y_out)`` fills pinned host tensors (images ``(len(idx), 1, 28, 28)``
-    of ``dtype``, int64 labels); the copy and ``finish`` (e.g. normalisation,
+    of ``dtype``, int64 labels ``(len(idx), *label_shape)``); the copy and ``finish`` (e.g. normalisation,
     run on the GPU) go on a side stream ``depth`` batches ahead of the consumer. Each of the
     ``depth + 1`` pinned slots is reused only once its previous copy has completed.
     """
@@ -29,7 +30,7 @@ def prefetch_to_cuda(
     pending = deque()
     for i, idx in enumerate(index_batches):
         if len(slots) <= depth:
-            slots.append((*empty_batch(dtype, batch_size, pin=True), torch.cuda.Event()))
+            slots.append((*empty_batch(dtype, batch_size, True, label_shape), torch.cuda.Event()))
         host_x, host_y, copied = slots[i % len(slots)]
         copied.synchronize()  # this slot's previous copy is done (returns at once if none)
         n = len(idx)

@@ -10,7 +10,6 @@ import ctypes
 import hashlib
 import os
 import threading
-from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,16 +24,21 @@ class BackgroundWriter:
         self._open = []
         self._error = None
 
-    def write(self, path: Path, chunks: Iterable, entry: dict) -> None:
-        """Write ``chunks`` (buffers: bytes or C-contiguous arrays, each kept unchanged until
-        written) to a new file at ``path``; once it is on disk, ``entry["size"]`` and
-        ``entry["sha256"]`` (hex) are set."""
+    def open(self, path: Path, entry: dict) -> tuple:
+        """A new file at ``path`` to :meth:`append` to; once :meth:`close` has it on disk,
+        ``entry["size"]`` and ``entry["sha256"]`` (hex) are set."""
         f = open(path, "wb", buffering=0)
         self._open.append(f)
-        sha = hashlib.sha256()
-        for chunk in chunks:
-            self._submit(_append, f, sha, memoryview(chunk).cast("B"))
-        self._submit(_finish, f, sha, entry)
+        return f, hashlib.sha256(), entry
+
+    def append(self, target: tuple, chunk) -> None:
+        """Queue ``chunk`` (bytes or a C-contiguous array, kept unchanged until written)."""
+        f, sha, _ = target
+        view = memoryview(chunk)
+        self._submit(_append, f, sha, view.cast("B") if view.nbytes else view[:0])
+
+    def close(self, target: tuple) -> None:
+        self._submit(_finish, *target)
 
     def _submit(self, fn, *args) -> None:
         if self._error is not None:

@@ -39,8 +39,9 @@ WORKER_WARNING = (
 class FastMNISTLoader(IterableDataset):
     """Batches ``(x, y)`` of a split: x float32 ``[B, 1, 28, 28]`` normalised exactly like
     ``ToTensor()`` + ``Normalize((mean,), (std,))`` (uint8 if ``normalize=False``), y int64
-    ``[B]``. Iterate it directly, or wrap it in ``DataLoader(loader, batch_size=None,
-    num_workers=k)``; either way the batches and their order are the same.
+    ``[B]`` (``[B, 8]`` for ``qmnist-extended``, as QMNIST with ``compat=False``). Iterate
+    it directly, or wrap it in ``DataLoader(loader, batch_size=None, num_workers=k)``;
+    either way the batches and their order are the same.
 
     Order: a fresh permutation per epoch from ``(seed, epoch)``; each ``iter()`` starts the
     next epoch unless ``set_epoch`` chose one. Ranks split each epoch as
@@ -292,7 +293,8 @@ class FastMNISTLoader(IterableDataset):
             normalise = normalizer(self.info.mean, self.info.std, self.device)
         if self.device.type == "cuda" and not self.resident:
             batches = prefetch_to_cuda(index_batches, src.gather, src.dtype, self.batch_size,
-                                       self.device, self.prefetch, normalise or (lambda x: x))
+                                       self.device, self.prefetch, normalise or (lambda x: x),
+                                       src.label_shape)
         else:
             pin = self.pin_memory and self.device.type == "cpu"
 
@@ -305,7 +307,7 @@ class FastMNISTLoader(IterableDataset):
                 batches = _grouped(src, share, numbers, self.batch_size, finish)
             else:
                 batches = ((finish(x), y) for x, y in (
-                    src.gather(idx, *empty_batch(src.dtype, len(idx), pin=True) if pin else ())
+                    src.gather(idx, *empty_batch(src.dtype, len(idx), True, src.label_shape) if pin else ())
                     for idx in index_batches))
         for number, batch in zip(numbers, batches, strict=True):
             # batches the DataLoader has yielded once it yields this one

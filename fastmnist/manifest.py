@@ -24,7 +24,8 @@ MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 16 << 20
 MAX_SAMPLES = 100_000_000  # per split (MNIST8M has 8.1M)
 MAX_SHARD_SAMPLES = 1_000_000
-MAX_CLASSES = 1000
+MAX_CLASSES = 1000  # tar shards hold labels of up to 3 digits
+MAX_LABEL_COLUMNS = 64  # qmnist-extended has 8
 IMAGE_SHAPE = (1, tar.SIDE, tar.SIDE)
 ARRAYS = {"images_u8": "uint8", "images_f32": "float32", "labels": "int64"}  # name -> dtype
 _SPLIT_NAME = re.compile(r"[a-z][a-z0-9]{0,31}")
@@ -79,7 +80,8 @@ class Shard:
 @dataclass(frozen=True)
 class SplitInfo:
     """One split: ``count`` samples normalised with ``mean``/``std``, stored as ``arrays``
-    (name -> file; empty when the set has no .npy data) and/or tar ``shards``."""
+    (name -> file; empty when the set has no .npy data) and/or tar ``shards``; each label is
+    one class (``label_shape`` ``()``) or, for ``qmnist-extended``, ``label_shape`` numbers."""
 
     name: str
     count: int
@@ -89,6 +91,7 @@ class SplitInfo:
     arrays: dict[str, ArrayFile]
     shards: tuple[Shard, ...]
     shard_size: int | None
+    label_shape: tuple[int, ...] = ()
 
     @property
     def formats(self) -> list[str]:
@@ -216,7 +219,16 @@ class _Reader:
         mean = float(self.get(raw, "mean", field, (int, float), finite, "expected a finite number"))
         std = float(self.get(raw, "std", field, (int, float), lambda v: finite(v) and v > 0,
                              "expected a finite positive number"))
-        arrays = self.arrays(name, count, self.mapping(raw, "files", field), f"{field}.files")
+        label_shape = ()
+        if "label_shape" in raw:
+            label_shape = tuple(self.get(
+                raw, "label_shape", field, list,
+                lambda v: len(v) == 1 and type(v[0]) is int and 1 <= v[0] <= MAX_LABEL_COLUMNS,
+                f"expected [n] with n in 1..{MAX_LABEL_COLUMNS}"))
+            if "wds" in raw:
+                self.fail(f"{field}.label_shape", "tar shards hold one class per sample, not "
+                                                  f"{label_shape[0]} numbers")
+        arrays = self.arrays(name, count, label_shape, self.mapping(raw, "files", field), f"{field}.files")
         shards, shard_size = (), None
         if "wds" in raw:
             wds = self.mapping(raw, "wds", field)
@@ -226,9 +238,10 @@ class _Reader:
         if not arrays and not shards and count:
             self.fail(field, "neither .npy arrays nor tar shards")
         return SplitInfo(name, count, mean, std, self.count(raw, "num_classes", field, 1, MAX_CLASSES),
-                         arrays, shards, shard_size)
+                         arrays, shards, shard_size, label_shape)
 
-    def arrays(self, split: str, count: int, raw: dict, field: str) -> dict[str, ArrayFile]:
+    def arrays(self, split: str, count: int, label_shape: tuple, raw: dict,
+               field: str) -> dict[str, ArrayFile]:
         for key in raw:
             if key not in ARRAYS:
                 self.fail(field, f"unknown array {_shown(key)}; expected {', '.join(ARRAYS)}")
@@ -239,7 +252,7 @@ class _Reader:
             if key not in raw:
                 continue
             path, meta = f"{field}.{key}", self.mapping(raw, key, field)
-            shape = (count,) if key == "labels" else (count, *IMAGE_SHAPE)
+            shape = (count, *label_shape) if key == "labels" else (count, *IMAGE_SHAPE)
             name = array_file_name(split, key)
             self.get(meta, "file", path, str, lambda v, n=name: v == n, f"expected {name!r}")
             self.get(meta, "dtype", path, str, lambda v, d=dtype: v == d, f"expected {dtype!r}")

@@ -26,8 +26,8 @@ from .transport import Retry, fetch
 
 
 class ArraySource:
-    """Images ``(N, 1, 28, 28)`` (float32 or uint8) and int64 labels ``(N,)``, as tensors on
-    one device; an epoch visits them in a permutation of ``0..N-1``."""
+    """Images ``(N, 1, 28, 28)`` (float32 or uint8) and int64 labels ``(N, *label_shape)``,
+    as tensors on one device; an epoch visits them in a permutation of ``0..N-1``."""
 
     blocks = False
 
@@ -41,6 +41,10 @@ class ArraySource:
     @property
     def dtype(self) -> torch.dtype:
         return self.images.dtype
+
+    @property
+    def label_shape(self) -> tuple[int, ...]:
+        return tuple(self.labels.shape[1:])
 
     def order(self, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
         return epoch_order(self.count, seed, epoch, shuffle)
@@ -87,6 +91,7 @@ class StreamSource:
     or as uint8 when it is None."""
 
     blocks = True
+    label_shape = ()  # tar shards hold one class per sample
 
     def __init__(self, info: SplitInfo, urls: list[str], prefetch: int, verify: bool,
                  normalize: tuple[float, float] | None, retry: Retry, storage_options: dict | None):
@@ -119,8 +124,9 @@ class StreamSource:
         return self.cache.gather(idx, x_out, y_out)
 
 
-def empty_batch(dtype: torch.dtype, n: int, pin: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def empty_batch(dtype: torch.dtype, n: int, pin: bool, label_shape: tuple[int, ...] = ()
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Uninitialised host tensors for ``n`` samples: images ``(n, 1, 28, 28)`` of ``dtype``
-    and int64 labels ``(n,)``, pinned if ``pin``."""
+    and int64 labels ``(n, *label_shape)``, pinned if ``pin``."""
     return (torch.empty((n, *IMAGE_SHAPE), dtype=dtype, pin_memory=pin),
-            torch.empty(n, dtype=torch.int64, pin_memory=pin))
+            torch.empty((n, *label_shape), dtype=torch.int64, pin_memory=pin))

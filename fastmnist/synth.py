@@ -5,13 +5,15 @@ thicknesses, shifted by a few pixels and scaled in brightness: learnable, but no
 A marker file in the raw folder makes every set converted from them say ``synthetic``.
 """
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-from .datasets import get_spec
-from .idx import IMAGE_SIDE, write_idx
+from .datasets import COMPRESSIONS, get_spec
+from .idx import IMAGE_SIDE, IMAGES, IdxWriter, label_kind
 
 SYNTHETIC_MARKER = "fastmnist-synthetic.json"
 
@@ -65,41 +67,78 @@ def _templates() -> np.ndarray:
     return out
 
 
-def generate(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` images uint8 ``(n, 28, 28)`` and labels uint8 ``(n,)``, a pure function of the seed."""
+def _crops() -> np.ndarray:
+    """uint8 ``(10, len(_SLANTS), len(_THICKNESS), 2 * _PAD + 1, 2 * _PAD + 1, 28, 28)``: every
+    glyph at every shift, at full brightness."""
+    t = _templates()
+    shifts = 2 * _PAD + 1
+    out = np.empty((*t.shape[:3], shifts, shifts, IMAGE_SIDE, IMAGE_SIDE), np.uint8)
+    for dy in range(shifts):
+        for dx in range(shifts):
+            out[:, :, :, dy, dx] = np.rint(t[..., dy:dy + IMAGE_SIDE, dx:dx + IMAGE_SIDE] * 255)
+    return out
+
+
+def generate(n: int, seed: int, num_classes: int = 10, chunk: int = 1 << 14
+             ) -> tuple[np.ndarray, Iterator[np.ndarray]]:
+    """Labels uint8 ``(n,)`` in ``0..num_classes - 1`` and an iterator of their images, uint8
+    ``(r, 28, 28)`` chunks of up to ``chunk`` (each glyph the label's last digit): a pure
+    function of the arguments, about a second per million images."""
     rng = np.random.default_rng(seed)
-    templates = _templates()
-    labels = rng.integers(0, 10, n, dtype=np.uint8)
-    slant = rng.integers(0, len(_SLANTS), n)
-    thick = rng.integers(0, len(_THICKNESS), n)
-    dy, dx = rng.integers(0, 2 * _PAD + 1, (2, n))
-    gain = rng.uniform(0.7, 1.0, n).astype(np.float32)
-    images = np.empty((n, IMAGE_SIDE, IMAGE_SIDE), np.uint8)
-    rows = np.arange(IMAGE_SIDE)
-    for start in range(0, n, 8192):
-        sl = slice(start, min(start + 8192, n))
-        glyph = templates[labels[sl], slant[sl], thick[sl]]  # (b, 36, 36)
-        ri = (dy[sl, None] + rows)[:, :, None]
-        ci = (dx[sl, None] + rows)[:, None, :]
-        crop = glyph[np.arange(len(glyph))[:, None, None], ri, ci]
-        images[sl] = np.rint(crop * gain[sl, None, None] * 255).astype(np.uint8)
-    return images, labels
+    crops = _crops()
+    flat = crops.reshape(-1, IMAGE_SIDE, IMAGE_SIDE)
+    labels = rng.integers(0, num_classes, n, dtype=np.uint8)
+    # one index into the crops per image: glyph, slant, thickness, vertical and horizontal shift
+    glyph = np.ravel_multi_index((labels % 10, *(rng.integers(0, k, n) for k in crops.shape[1:5])),
+                                 crops.shape[:5])
+    gain = rng.integers(179, 256, n, dtype=np.uint16)  # brightness 0.7 .. 1.0, in 255ths
+
+    def images():
+        x = np.empty((chunk, IMAGE_SIDE, IMAGE_SIDE), np.uint16)
+        for start in range(0, n, chunk):
+            b = min(chunk, n - start)
+            np.copyto(x[:b], np.take(flat, glyph[start:start + b], axis=0))
+            x[:b] *= gain[start:start + b, None, None]  # at most 255 * 255
+            x[:b] += 128
+            x[:b] += x[:b] >> 8
+            x[:b] >>= 8  # = round(pixel * gain / 255), exactly, for every uint16 product
+            yield x[:b].astype(np.uint8)
+
+    return labels, images()
+
+
+def _qmnist_columns(classes: np.ndarray, seed: int) -> np.ndarray:
+    """int32 ``(n, 8)`` labels in QMNIST's layout: the class, then made-up writer metadata
+    (HSF series, writer, digit index, NIST class code, global index, duplicate flag, 0)."""
+    rng = np.random.default_rng(seed)
+    n = len(classes)
+    return np.stack([classes, rng.integers(0, 8, n), rng.integers(0, 4000, n), rng.integers(0, 150, n),
+                     classes + 0x30, np.arange(n), np.zeros(n), np.zeros(n)], 1).astype(np.int32)
 
 
 def write_raw(root: Path, n_train: int = 60000, n_test: int = 10000, dataset: str = "mnist",
-              seed: int = 0) -> list[Path]:
-    """Write IDX files in torchvision's layout after a download, ``root/<Folder>/raw``, each as
-    ``.gz`` and extracted; returns the paths written."""
+              seed: int = 0, compressed: bool = True) -> list[Path]:
+    """Write the train and test raw files of ``dataset`` in torchvision's layout after a
+    download, ``root/<Folder>/raw``: extracted, and (if ``compressed``) compressed too where
+    torchvision keeps the compressed download (MNIST, QMNIST); returns the paths written."""
     spec = get_spec(dataset)
     raw = Path(root) / spec.folder / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     written = []
     for split, n, split_seed in (("train", n_train, seed), ("test", n_test, seed + 1)):
-        images, labels = generate(n, split_seed)
-        for kind, array in (("images", images), ("labels", labels)):
-            for name in (spec.stem(split, kind), spec.stem(split, kind) + ".gz"):
-                written.append(write_idx(raw / name, array))
+        files = spec.splits[split]
+        labels, images = generate(n, split_seed, spec.num_classes)
+        label_rows = _qmnist_columns(labels, split_seed) if spec.label_columns else labels
+        for stem, kind, chunks in ((files.images, IMAGES, images),
+                                   (files.labels, label_kind(spec.label_columns), [label_rows])):
+            paths = [raw / (stem + c) for c in COMPRESSIONS if c == "" or compressed and stem + c in spec.md5]
+            with contextlib.ExitStack() as stack:
+                writers = [stack.enter_context(IdxWriter(p, kind, n)) for p in paths]
+                for chunk in chunks:
+                    for w in writers:
+                        w.write(chunk)
+            written += paths
     marker = raw / SYNTHETIC_MARKER
-    marker.write_text(json.dumps({"generator": "fastmnist.synth", "seed": seed,
+    marker.write_text(json.dumps({"generator": "fastmnist.synth", "dataset": spec.name, "seed": seed,
                                   "train": n_train, "test": n_test}) + "\n")
     return written + [marker]

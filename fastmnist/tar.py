@@ -1,11 +1,12 @@
 """WebDataset tar shards in one fixed layout, written and read as whole arrays of bytes.
 
 Each sample is two tar members, in the order webdataset's ``TarWriter`` writes them (sorted
-by extension): ``{key}.cls``, the label as one ASCII digit, and ``{key}.npy``, the uint8
-``(28, 28)`` image as ``np.save`` writes it. The key is the sample's 8-digit index in its
-split, every modification time is 0, and every member has the same size, so sample ``i``
-of a shard is the ``RECORD`` bytes at ``i * RECORD``, equal to every other record but for
-its key, checksums, label digit and pixels. The bytes are those ``TarWriter(f, mtime=0)``
+by extension): ``{key}.cls``, the label in ASCII decimal (1 to 3 digits, as ``str(label)``),
+and ``{key}.npy``, the uint8 ``(28, 28)`` image as ``np.save`` writes it. The key is the
+sample's 8-digit index in its split and every modification time is 0; every member fills
+the same number of blocks, so sample ``i`` of a shard is the ``RECORD`` bytes at
+``i * RECORD``, equal to every other record but for its key, checksums, label (its digits
+and the .cls size) and pixels. The bytes are those ``TarWriter(f, mtime=0)``
 writes for the same samples (a test proves it), so stock webdataset and ``tarfile`` read
 the shards; fastmnist writes and checks them without a per-sample Python loop.
 """
@@ -26,6 +27,8 @@ PIXELS = SIDE * SIDE
 NAME = slice(0, KEY_DIGITS)  # the key; the extension follows it
 CHECKSUM = slice(148, 156)  # six octal digits, NUL, space
 CHECKSUM_DIGITS = 6
+SIZE_DIGIT = 134  # the last octal digit of the member's size field (bytes 124..135)
+LABEL_DIGITS = 3  # labels 0..999
 END_OF_ARCHIVE = 2 * BLOCK  # zero blocks after the last member
 ARCHIVE_UNIT = tarfile.RECORDSIZE  # 10240: tarfile pads a closed archive to a multiple of this
 
@@ -43,7 +46,7 @@ _NPY_BLOCKS = -(-NPY_SIZE // BLOCK)
 
 # Offsets inside one sample's record.
 CLS_MEMBER = 0  # header block of {key}.cls
-LABEL = CLS_MEMBER + BLOCK  # its one data block: the digit, then zeros
+LABEL = CLS_MEMBER + BLOCK  # its one data block: the label's digits, then zeros
 NPY_MEMBER = LABEL + BLOCK  # header block of {key}.npy
 IMAGE = NPY_MEMBER + BLOCK + len(NPY_HEADER)  # the pixels, after the .npy header
 RECORD = NPY_MEMBER + BLOCK + _NPY_BLOCKS * BLOCK  # 2560 bytes per sample
@@ -60,7 +63,8 @@ def _member_header(extension: str, size: int) -> np.ndarray:
 
 
 def _template() -> np.ndarray:
-    """uint8 ``(RECORD,)``: the record of sample 0 with label 0, black pixels and blank checksums."""
+    """uint8 ``(RECORD,)``: the record of sample 0 with label 0 (one digit), black pixels and
+    blank checksums."""
     record = np.zeros(RECORD, np.uint8)
     record[CLS_MEMBER:CLS_MEMBER + BLOCK] = _member_header("cls", 1)
     record[LABEL] = ord("0")
@@ -73,31 +77,45 @@ _TEMPLATE = _template()
 _HEADERS = (CLS_MEMBER, NPY_MEMBER)
 _BLANK_SUMS = [int(_TEMPLATE[h:h + BLOCK].sum(dtype=np.int64)) for h in _HEADERS]
 # The columns of a record before its pixels that differ between samples: keys, checksums, label.
-_VARYING = np.array([LABEL, *(h + c for h in _HEADERS for c in (
-    *range(NAME.start, NAME.stop), *range(CHECKSUM.start, CHECKSUM.start + CHECKSUM_DIGITS + 1)))])
+_VARYING = np.array([*range(LABEL, LABEL + LABEL_DIGITS), CLS_MEMBER + SIZE_DIGIT, *(
+    h + c for h in _HEADERS
+    for c in (*range(NAME.start, NAME.stop), *range(CHECKSUM.start, CHECKSUM.start + CHECKSUM_DIGITS + 1)))])
 _HEAD_WORDS = _TEMPLATE[:IMAGE].view(np.uint64)  # IMAGE is a multiple of 8
 
 
-def _keys_and_checksums(first: int, n: int) -> tuple[np.ndarray, list[np.ndarray]]:
+def _keys_and_checksums(first: int, widths: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
     """uint8 ASCII ``(n, KEY_DIGITS)`` keys of samples ``first, first + 1, ...`` and, for each
-    member header, their ``(n, CHECKSUM_DIGITS)`` octal checksums."""
-    keys = first + np.arange(n, dtype=np.int64)
+    member header, their ``(n, CHECKSUM_DIGITS)`` octal checksums, given the number of
+    digits of each label, ``widths`` ``(n,)`` (the .cls size: 1 in the template)."""
+    keys = first + np.arange(len(widths), dtype=np.int64)
     digits = ((keys[:, None] // 10 ** np.arange(KEY_DIGITS - 1, -1, -1)) % 10 + ord("0")).astype(np.uint8)
     key_sum = (digits - ord("0")).sum(1, dtype=np.int64)  # the template's key is "00000000"
     octal = 8 ** np.arange(CHECKSUM_DIGITS - 1, -1, -1)
-    return digits, [((blank + key_sum)[:, None] // octal % 8 + ord("0")).astype(np.uint8)
-                    for blank in _BLANK_SUMS]
+    sums = [_BLANK_SUMS[0] + key_sum + widths - 1, _BLANK_SUMS[1] + key_sum]
+    return digits, [(total[:, None] // octal % 8 + ord("0")).astype(np.uint8) for total in sums]
+
+
+def _label_text(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Labels ``(n,)`` in 0..999 as ``str(label)`` writes them: uint8 ``(n, LABEL_DIGITS)``,
+    the digits left-aligned and zero-padded, and their number ``(n,)``."""
+    labels = np.asarray(labels, np.int64)
+    widths = 1 + (labels >= 10) + (labels >= 100)
+    power = widths[:, None] - 1 - np.arange(LABEL_DIGITS)  # of the digit; negative past the last
+    text = np.where(power >= 0, labels[:, None] // 10 ** np.maximum(power, 0) % 10 + ord("0"), 0)
+    return text.astype(np.uint8), widths
 
 
 def records(first: int, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """uint8 ``(n, RECORD)``: the records of samples ``first, first + 1, ...`` with uint8
-    images ``(n, 1, 28, 28)`` and labels ``(n,)`` in 0..9."""
+    images ``(n, 1, 28, 28)`` and labels ``(n,)`` in 0..999."""
     n = len(labels)
     out = np.empty((n, RECORD), np.uint8)
     out[:] = _TEMPLATE
-    out[:, LABEL] = labels + ord("0")
+    text, widths = _label_text(labels)
+    out[:, LABEL:LABEL + LABEL_DIGITS] = text
+    out[:, CLS_MEMBER + SIZE_DIGIT] = widths + ord("0")
     out[:, IMAGE:IMAGE + PIXELS] = images.reshape(n, PIXELS)
-    digits, checksums = _keys_and_checksums(first, n)
+    digits, checksums = _keys_and_checksums(first, widths)
     for header, checksum in zip(_HEADERS, checksums, strict=True):
         out[:, header + NAME.start:header + NAME.stop] = digits
         out[:, header + CHECKSUM.start:header + CHECKSUM.start + CHECKSUM_DIGITS] = checksum
@@ -110,12 +128,9 @@ def archive_size(count: int) -> int:
     return -(-(count * RECORD + END_OF_ARCHIVE) // ARCHIVE_UNIT) * ARCHIVE_UNIT
 
 
-def shard_chunks(first: int, images: np.ndarray, labels: np.ndarray, chunk: int = 1024):
-    """The bytes of a shard of samples ``first, first + 1, ...`` (uint8 images ``(n, 1, 28,
-    28)``, labels ``(n,)``), as uint8 arrays to write one after the other."""
-    for start in range(0, len(labels), chunk):
-        yield records(first + start, images[start:start + chunk], labels[start:start + chunk])
-    yield np.zeros(archive_size(len(labels)) - len(labels) * RECORD, np.uint8)
+def archive_padding(count: int) -> np.ndarray:
+    """The zero bytes that end a shard of ``count`` samples, after its records."""
+    return np.zeros(archive_size(count) - count * RECORD, np.uint8)
 
 
 def decode_shard(data, first: int, count: int, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -126,14 +141,12 @@ def decode_shard(data, first: int, count: int, name: str) -> tuple[np.ndarray, n
     if len(a) != archive_size(count):
         raise FastMNISTError(f"{name}: {len(a)} bytes, {count} samples make {archive_size(count)}")
     rows = a[:count * RECORD].reshape(count, RECORD)
-    digits = rows[:, LABEL]
-    bad_label = (digits < ord("0")) | (digits > ord("9"))
-    if bad_label.any():
-        raise FastMNISTError(f"{name}: sample {int(np.argmax(bad_label))}: the .cls entry is "
-                             "not a single digit (corrupted)")
-    labels = (digits - ord("0")).astype(np.int64)
+    labels = _labels(rows)
+    if labels is None:
+        raise FastMNISTError(f"{name}: sample {int(np.argmax(~_valid_labels(rows)))}: the .cls "
+                             "entry is not a number from 0 to 999 (corrupted)")
     images = rows[:, IMAGE:IMAGE + PIXELS].reshape(count, 1, SIDE, SIDE).copy()
-    if not _in_layout(rows, first):  # find and name the first difference
+    if not _in_layout(rows, first, labels):  # find and name the first difference
         expected = records(first, images, labels)
         wrong = int(np.argmax((rows != expected).any(1)))
         column = int(np.argmax(rows[wrong] != expected[wrong]))
@@ -146,17 +159,40 @@ def decode_shard(data, first: int, count: int, name: str) -> tuple[np.ndarray, n
     return images, labels
 
 
-def _in_layout(rows: np.ndarray, first: int) -> bool:
-    """Whether every byte of the records ``rows`` (uint8 ``(n, RECORD)``) but their label
-    digits and pixels is the layout's for samples ``first, first + 1, ...``: the keys and
-    checksums compared on their own, the rest against the template 8 bytes at a time."""
+def _valid_labels(rows: np.ndarray) -> np.ndarray:
+    """bool ``(n,)``: whether each record's .cls entry is ``str(label)`` of a label in 0..999."""
+    widths = rows[:, CLS_MEMBER + SIZE_DIGIT].astype(np.int64) - ord("0")
+    text = rows[:, LABEL:LABEL + LABEL_DIGITS]
+    inside = np.arange(LABEL_DIGITS) < widths[:, None]
+    is_digit = (text >= ord("0")) & (text <= ord("9"))
+    return ((widths >= 1) & (widths <= LABEL_DIGITS) & np.where(inside, is_digit, text == 0).all(1)
+            & ((widths == 1) | (text[:, 0] != ord("0"))))  # str() writes no leading zero
+
+
+def _labels(rows: np.ndarray) -> np.ndarray | None:
+    """int64 ``(n,)``: the labels of the records ``rows``, or None where one is malformed."""
+    if not _valid_labels(rows).all():
+        return None
+    text = rows[:, LABEL:LABEL + LABEL_DIGITS].astype(np.int64)
+    value = np.zeros(len(rows), np.int64)
+    for j in range(LABEL_DIGITS):
+        digit = text[:, j] - ord("0")
+        value = np.where(text[:, j] > 0, value * 10 + digit, value)
+    return value
+
+
+def _in_layout(rows: np.ndarray, first: int, labels: np.ndarray) -> bool:
+    """Whether every byte of the records ``rows`` (uint8 ``(n, RECORD)``) but their labels
+    (checked by the caller) and pixels is the layout's for samples ``first, first + 1, ...``:
+    the keys and checksums compared on their own, the rest against the template 8 bytes at
+    a time."""
     head = rows[:, :IMAGE].copy()
-    digits, checksums = _keys_and_checksums(first, len(rows))
+    digits, checksums = _keys_and_checksums(first, _label_text(labels)[1])
     for header, checksum in zip(_HEADERS, checksums, strict=True):
         at = header + CHECKSUM.start
         if not (np.array_equal(head[:, header + NAME.start:header + NAME.stop], digits)
                 and np.array_equal(head[:, at:at + CHECKSUM_DIGITS], checksum)
                 and not head[:, at + CHECKSUM_DIGITS].any()):
             return False
-    head[:, _VARYING] = _TEMPLATE[_VARYING]  # checked above (the label digit by the caller)
+    head[:, _VARYING] = _TEMPLATE[_VARYING]  # checked above
     return bool((head.view(np.uint64) == _HEAD_WORDS).all()) and not rows[:, IMAGE + PIXELS:].any()

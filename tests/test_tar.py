@@ -11,23 +11,24 @@ import pytest
 import webdataset
 
 from fastmnist import FastMNISTError
-from fastmnist.tar import RECORD, archive_size, decode_shard, shard_chunks
+from fastmnist.tar import RECORD, archive_padding, archive_size, decode_shard, records
 
 FIRST = 123_450  # keys need not start at 0: a shard's first sample is its key
 
 
-def _samples(n, seed=0):
+def _samples(n, seed=0, classes=10):
     rng = np.random.default_rng(seed)
-    return rng.integers(0, 256, (n, 1, 28, 28), dtype=np.uint8), rng.integers(0, 10, n)
+    return rng.integers(0, 256, (n, 1, 28, 28), dtype=np.uint8), rng.integers(0, classes, n)
 
 
 def _ours(first, images, labels) -> bytes:
-    return b"".join(bytes(chunk) for chunk in shard_chunks(first, images, labels))
+    return records(first, images, labels).tobytes() + archive_padding(len(labels)).tobytes()
 
 
-@pytest.mark.parametrize("n", [1, 3, 1024, 1500])  # 1024 and 1500 cross the writer's chunks
-def test_writer_gives_webdatasets_tarwriter_bytes(n):
-    images, labels = _samples(n)
+@pytest.mark.parametrize("n, classes", [(1, 10), (3, 10), (1500, 10), (1500, 62), (3000, 1000)])
+def test_writer_gives_webdatasets_tarwriter_bytes(n, classes):
+    """Labels of 1, 2 and 3 digits (EMNIST byclass has 62 classes) included."""
+    images, labels = _samples(n, classes=classes)
     stock = io.BytesIO()
     with webdataset.TarWriter(stock, mtime=0) as writer:
         for i in range(n):
@@ -37,20 +38,21 @@ def test_writer_gives_webdatasets_tarwriter_bytes(n):
 
 
 def test_python_tarfile_and_np_load_read_a_shard():
-    images, labels = _samples(25)
+    images, labels = _samples(25, classes=1000)
     with tarfile.open(fileobj=io.BytesIO(_ours(FIRST, images, labels))) as archive:
         members = archive.getmembers()
         assert [m.name for m in members[:4]] == [f"{FIRST:08d}.cls", f"{FIRST:08d}.npy",
                                                  f"{FIRST + 1:08d}.cls", f"{FIRST + 1:08d}.npy"]
         assert len(members) == 50 and all(m.mtime == 0 and m.isfile() for m in members)
-        for i in range(25):
+        for i in range(25):  # labels 0..999: str(label), as webdataset's decoder reads it
             assert archive.extractfile(members[2 * i]).read() == str(labels[i]).encode()
             image = np.load(io.BytesIO(archive.extractfile(members[2 * i + 1]).read()))
             assert image.dtype == np.uint8 and np.array_equal(image, images[i, 0])
 
 
-def test_decode_returns_the_samples():
-    images, labels = _samples(300)
+@pytest.mark.parametrize("classes", [10, 62, 1000])
+def test_decode_returns_the_samples(classes):
+    images, labels = _samples(300, classes=classes)
     got_images, got_labels = decode_shard(_ours(FIRST, images, labels), FIRST, 300, "s.tar")
     assert np.array_equal(got_images, images) and got_images.flags.c_contiguous
     assert got_labels.dtype == np.int64 and np.array_equal(got_labels, labels)
@@ -65,8 +67,11 @@ def _edit(data: bytes, offset: int, value: int) -> bytes:
 @pytest.mark.parametrize("offset, value, message", [
     (5 * RECORD + 7, ord("9"), "sample 5: unexpected bytes in the .cls member header at offset 7"),
     (5 * RECORD + 150, ord("7"), "sample 5: unexpected bytes in the .cls member header at offset 150"),
-    (5 * RECORD + 512, ord("x"), "sample 5: the .cls entry is not a single digit"),
-    (5 * RECORD + 513, ord("1"), "sample 5: unexpected bytes in the .cls data at offset 513"),
+    (5 * RECORD + 512, ord("x"), "sample 5: the .cls entry is not a number from 0 to 999"),
+    (5 * RECORD + 513, ord("1"), "sample 5: the .cls entry is not a number"),  # 2 digits, size 1
+    (5 * RECORD + 134, ord("2"), "sample 5: the .cls entry is not a number"),  # size 2, 1 digit
+    (5 * RECORD + 514, ord("1"), "sample 5: the .cls entry is not a number"),
+    (5 * RECORD + 520, ord("1"), "sample 5: unexpected bytes in the .cls data at offset 520"),
     (5 * RECORD + 1030, ord("a"), "sample 5: unexpected bytes in the .npy member header"),
     (5 * RECORD + 1540, 0, "sample 5: unexpected bytes in the .npy data at offset 1540"),  # its header
     (5 * RECORD + 2500, 1, "sample 5: unexpected bytes in the .npy data"),  # padding after the pixels
@@ -106,5 +111,6 @@ def test_every_byte_outside_the_pixels_is_checked():
     for column in (c for c in range(RECORD) if c not in pixels):
         offset = RECORD + column
         damaged = _edit(data, offset, data[offset] ^ (0xFF if column == 512 else 1))
+        assert damaged != data
         with pytest.raises(FastMNISTError, match="s.tar: sample 1: "):
             decode_shard(damaged, FIRST, 3, "s.tar")
