@@ -11,6 +11,7 @@ import hashlib
 import os
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +44,6 @@ class ShardCache:
         self.firsts = np.array([s.first for s in shards])
         self.loaded = {}  # shard number -> (images, labels): uint8 (n,1,28,28), int64 (n,)
         self.pending = {}  # shard number -> Future of (images, labels)
-        self.pool = None
         self.in_use = []  # the shards of the batch index_batches yielded last
 
     def index_batches(self, order: torch.Tensor, batches: range, batch_size: int, then: torch.Tensor | None,
@@ -129,11 +129,7 @@ class ShardCache:
                 del held[s]
         for s in ahead:
             if s not in self.loaded and s not in self.pending:
-                if self.pool is None:
-                    from concurrent.futures import ThreadPoolExecutor
-
-                    self.pool = ThreadPoolExecutor(self.prefetch, thread_name_prefix="fastmnist-fetch")
-                self.pending[s] = self.pool.submit(self._load, s, handoff)
+                self.pending[s] = _in_background(self._load, s, handoff)
         for s in in_use:
             if s not in self.loaded:
                 future = self.pending.pop(s, None)
@@ -150,6 +146,21 @@ class ShardCache:
         if handoff is not None and s in handoff.gives:
             handoff.give(s, images, labels)
         return images, labels
+
+
+def _in_background(fn, *args) -> Future:
+    """``fn(*args)`` on a new daemon thread: a fetch still retrying when the program ends
+    (its server gone) does not hold up the exit, as a thread pool's workers would."""
+    future = Future()
+
+    def run():
+        try:
+            future.set_result(fn(*args))
+        except BaseException as e:
+            future.set_exception(e)
+
+    threading.Thread(target=run, name="fastmnist-fetch", daemon=True).start()
+    return future
 
 
 @dataclass(frozen=True)
