@@ -23,7 +23,7 @@ from .compat import EpochSampler, SplitDataset
 from .device import prefetch_to_cuda
 from .errors import FastMNISTError
 from .normalize import normalizer
-from .order import batch_count, delivered, rank_share, runs, samples_per_rank, worker_parts
+from .order import batch_count, block_order, delivered, rank_share, runs, samples_per_rank, worker_parts
 from .sources import ArraySource, StreamSource, empty_batch, local_arrays
 from .store import Split, open_remote, open_shards
 from .transport import DEFAULT_RETRY, Retry, is_url
@@ -67,6 +67,9 @@ class FastMNISTLoader(IterableDataset):
     ``retry``: how remote fetches ride out transient failures (``transport.Retry``).
     ``even``: False gives ranks disjoint shares with no padding or dropping (exact
     evaluation; batch counts may then differ by one between ranks).
+    ``locality``: for a local set larger than the page cache, visit it in
+    ``order.block_order`` (blocks of ``locality`` consecutive samples shuffled, then samples
+    shuffled within windows of 8 blocks) instead of a full permutation; None: the latter.
 
     Like a ``DataLoader`` it has ``dataset`` (``len()`` is the split's sample count;
     indexing gives one normalised sample), ``sampler`` (``set_epoch``; ``len()`` is this
@@ -81,7 +84,10 @@ class FastMNISTLoader(IterableDataset):
                  world_size: int | None = None, device="cpu", source: str | None = None,
                  normalize: bool = True, resident: bool = False, pin_memory: bool | None = None,
                  prefetch: int = 2, verify: bool = False, format: str | None = None, even: bool = True,
-                 retry: Retry | None = None, storage_options: dict | None = None):
+                 retry: Retry | None = None, storage_options: dict | None = None,
+                 locality: int | None = None):
+        if locality is not None and (type(locality) is not int or locality < 1):
+            raise FastMNISTError(f"locality must be a positive number of samples or None, got {locality!r}")
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise FastMNISTError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.device = torch.device(device)
@@ -101,6 +107,9 @@ class FastMNISTLoader(IterableDataset):
             raise FastMNISTError(f"prefetch must be a positive integer, got {prefetch!r}")
         rank, world_size = _distributed(rank, world_size)
         if is_url(path):
+            if locality is not None:
+                raise FastMNISTError("locality is for local sets: streamed shards are already read "
+                                     "a shard at a time")
             if resident or format not in (None, "wds"):
                 raise FastMNISTError("shard URLs stream tar shards: format='wds' only, and "
                                      "resident=True needs a local set")
@@ -126,9 +135,10 @@ class FastMNISTLoader(IterableDataset):
         self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
         self.rank, self.world_size = rank, world_size
         self.source, self.normalize, self.resident = source, normalize, resident
-        self.pin_memory, self.prefetch, self.even = pin_memory, prefetch, even
+        self.pin_memory, self.prefetch, self.even, self.locality = pin_memory, prefetch, even, locality
         self._identity = {"set": progress.fingerprint(dataclasses.asdict(self.info)),
-                          "order": "shards" if self._urls is not None else "samples",
+                          "order": "shards" if self._urls is not None else
+                          f"blocks of {locality}" if locality else "samples",
                           "seed": seed, "shuffle": shuffle}
         self._next_epoch = 0
         self._resume = None  # _Step the next iter() continues, from load_state_dict
@@ -250,7 +260,10 @@ class FastMNISTLoader(IterableDataset):
         """int64 sample indices this rank visits in ``epoch``, in order; of the positions
         outside ``base`` (consumed ones) only."""
         src = self.batch_source
-        order = src.order(self.seed, epoch, self.shuffle)
+        if self.locality:
+            order = block_order(src.count, self.seed, epoch, self.shuffle, self.locality)
+        else:
+            order = src.order(self.seed, epoch, self.shuffle)
         if base:
             keep = progress.gaps(list(base), len(order))
             order = torch.cat([order[a:b] for a, b in keep])

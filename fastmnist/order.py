@@ -19,6 +19,26 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool, *stream: int) -> t
     return torch.from_numpy(rng.permutation(n))
 
 
+LOCALITY_WINDOW = 8  # blocks whose samples block_order shuffles together
+
+
+def block_order(n: int, seed: int, epoch: int, shuffle: bool, block: int) -> torch.Tensor:
+    """int64 ``(n,)``: the quasi-random order for sets larger than the page cache. The
+    blocks of ``block`` consecutive samples are shuffled, then the samples of each window of
+    ``LOCALITY_WINDOW`` successive blocks (in that order) are shuffled among themselves, so
+    a reader works through ``LOCALITY_WINDOW * block`` samples at a time. ``0..n-1``
+    unshuffled."""
+    if not shuffle:
+        return torch.arange(n)
+    blocks = epoch_order(-(-n // block), seed, epoch, True, 2).numpy()
+    parts = []
+    for w in range(0, len(blocks), LOCALITY_WINDOW):
+        members = np.concatenate([np.arange(b * block, min((b + 1) * block, n))
+                                  for b in blocks[w:w + LOCALITY_WINDOW]])
+        parts.append(members[epoch_order(len(members), seed, epoch, True, 3, w).numpy()])
+    return torch.from_numpy(np.concatenate(parts)) if parts else torch.arange(0)
+
+
 def shard_order(counts: list[int], seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
     """int64 ``(sum(counts),)``: the shards in a shuffled order, each shard's samples shuffled
     within it, so a reader needs only one shard at a time (the order for streamed shards)."""

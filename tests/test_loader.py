@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from fastmnist import FastMNISTError, FastMNISTLoader, convert
 from fastmnist.normalize import normalize_u8, normalize_u8_numpy
-from fastmnist.order import epoch_order, rank_share
+from fastmnist.order import LOCALITY_WINDOW, block_order, epoch_order, rank_share
 
 from .conftest import INDEXED_N, batch_indices, decode_indices, seed_pipeline
 
@@ -335,3 +335,45 @@ def test_batches_gathered_in_groups_are_the_order_and_stay_as_yielded(indexed_sh
     assert [decode_indices(x) for x, _ in kept] == [order[i:i + batch_size]
                                                     for i in range(0, len(order), batch_size)]
     assert all(x.is_contiguous() and torch.equal(x, copy) for x, copy in kept)
+
+
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_locality_order_is_exactly_once_local_and_resumable(indexed_shards, world_size):
+    """Blocks of 50: each window of 8 blocks' worth of positions draws from 8 whole blocks
+    (n a multiple of 50: windows start at multiples of 400); the epoch is exactly once
+    across ranks; a state resumes it; the full order is another."""
+    block = 50
+    aligned = block_order(1000, 5, 0, True, block).tolist()
+    for start in range(0, 1000, LOCALITY_WINDOW * block):
+        part = aligned[start:start + LOCALITY_WINDOW * block]
+        assert len({i // block for i in part}) == len(part) // block
+    order = block_order(INDEXED_N, 5, 0, True, block).tolist()
+    assert sorted(order) == list(range(INDEXED_N)) and order != sorted(order)
+    assert block_order(INDEXED_N, 5, 1, True, block).tolist() != order
+    seen = []
+    for rank in range(world_size):
+        loader = FastMNISTLoader(indexed_shards, batch_size=32, seed=5, normalize=False, locality=block,
+                                 rank=rank, world_size=world_size)
+        seen += [i for b in batch_indices(loader) for i in b]
+    padding = order[:math.ceil(INDEXED_N / world_size) * world_size - INDEXED_N]
+    assert Counter(seen) == Counter(order + padding)
+    if world_size == 1:
+        assert seen == order
+    first = FastMNISTLoader(indexed_shards, batch_size=32, seed=5, normalize=False, locality=block)
+    it = iter(first)
+    head = [i for _ in range(5) for i in decode_indices(next(it)[0])]
+    resumed = FastMNISTLoader(indexed_shards, batch_size=32, seed=5, normalize=False, locality=block)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    rest = [i for b in batch_indices(resumed) for i in b]
+    assert head + rest == order
+    full = FastMNISTLoader(indexed_shards, batch_size=32, seed=5, normalize=False)
+    with pytest.raises(FastMNISTError, match="state_dict was saved with order='blocks of 50', this loader "
+                                             "has order='samples'"):
+        full.load_state_dict(first.state_dict())
+
+
+def test_locality_is_for_local_sets(indexed_shards):
+    with pytest.raises(FastMNISTError, match="locality must be a positive number of samples"):
+        FastMNISTLoader(indexed_shards, locality=0)
+    with pytest.raises(FastMNISTError, match="locality is for local sets"):
+        FastMNISTLoader("http://127.0.0.1:9/set/", locality=100)
