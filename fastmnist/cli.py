@@ -58,6 +58,14 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--raw", type=Path, required=True, help="the raw root it was converted from")
     b.set_defaults(func=_bench)
 
+    g = sub.add_parser("scale", help="the cost curve: synth, convert and read N generated images")
+    g.add_argument("--work", type=Path, default=Path("scale-work"),
+                   help="scratch directory (needs about 10 GB for 6M images; emptied as it goes)")
+    g.add_argument("--out", type=Path, default=Path("docs"), help="where scale.json and scale.png go")
+    g.add_argument("--sizes", default="60000,600000,6000000", help="comma-separated N")
+    g.add_argument("--rounds", type=int, default=3, help="warm epochs timed per size")
+    g.set_defaults(func=_scale)
+
     d = sub.add_parser("demo", help="the main job: get data, convert, then benchmark")
     add_bench_args(d)
     d.add_argument("--data", type=Path, default=Path("data"), help="raw root (default data/)")
@@ -222,6 +230,15 @@ def _bench(args) -> int:
     if args.check:
         return _report(check(result, json.loads(args.check.read_text()), args.tolerance),
                        "REGRESSION", f"gate: every fastmnist ratio is within tolerance of {args.check}")
+    return 0
+
+
+def _scale(args) -> int:
+    from .scale import markdown, run_scale
+
+    result = run_scale(args.work, args.out, [int(n) for n in args.sizes.split(",")], args.rounds)
+    print(markdown(result))
+    print(f"wrote {args.out / 'scale.json'}, {args.out / 'scale.png'}")
     return 0
 
 

@@ -2,28 +2,11 @@
 on 2,000,000 generated images (npy with float32, and tar shards) stays flat, within 2x."""
 
 import shutil
-import subprocess
-import sys
 
 import pytest
 
+from fastmnist.scale import run_measured
 from fastmnist.synth import write_raw
-
-# VmHWM, the process's own peak (getrusage's ru_maxrss would include the forking parent's)
-MEASURE = """
-import sys
-from fastmnist.cli import main
-code = main(sys.argv[1:])
-status = open("/proc/self/status").read()
-print(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))  # KiB
-sys.exit(code)
-"""
-
-
-def _peak_rss_mib(*args: str) -> float:
-    """Peak RSS of a fresh process running ``fastmnist`` with ``args``."""
-    done = subprocess.run([sys.executable, "-c", MEASURE, *args], capture_output=True, text=True, check=True)
-    return int(done.stdout.split()[-1]) / 1024
 
 
 @pytest.fixture
@@ -39,11 +22,11 @@ def test_peak_memory_is_flat_from_60k_to_2m_images(scratch, format):
         root = scratch / f"raw{n}"
         write_raw(root, n, 1000, compressed=False)
         out = scratch / f"set{n}"
-        peaks[n] = _peak_rss_mib("convert", "--root", str(root), "--out", str(out), "--format", format,
-                                 "--quiet")
+        _, peaks[n] = run_measured("convert", "--root", str(root), "--out", str(out), "--format", format,
+                                   "--quiet")
         assert (out / "manifest.json").exists()
         shutil.rmtree(out)
         shutil.rmtree(root)
-    print(f"peak RSS of convert ({format}): {peaks}")
+    print(f"peak RSS of convert ({format}), MiB: {peaks}")
     assert peaks[2_000_000] < 2 * peaks[60_000], peaks
     assert peaks[2_000_000] < 100, "tens of MB, not the 1.5 GB of the images"
