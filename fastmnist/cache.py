@@ -45,6 +45,8 @@ class ShardCache:
         self.loaded = {}  # shard number -> (images, labels): uint8 (n,1,28,28), int64 (n,)
         self.pending = {}  # shard number -> Future of (images, labels)
         self.in_use = []  # the shards of the batch index_batches yielded last
+        self.stopped = threading.Event()  # set when the loader is gone: fetches still retrying give up
+        self.slots = threading.Semaphore(prefetch)  # fetches running at once
 
     def index_batches(self, order: torch.Tensor, batches: range, batch_size: int, then: torch.Tensor | None,
                       handoff: "Handoff | None" = None):
@@ -129,7 +131,7 @@ class ShardCache:
                 del held[s]
         for s in ahead:
             if s not in self.loaded and s not in self.pending:
-                self.pending[s] = _in_background(self._load, s, handoff)
+                self.pending[s] = _in_background(self.slots, self._load, s, handoff)
         for s in in_use:
             if s not in self.loaded:
                 future = self.pending.pop(s, None)
@@ -139,7 +141,8 @@ class ShardCache:
         shard, url = self.shards[s], self.urls[s]
         if handoff is not None and s in handoff.takes and (got := handoff.take(s, shard.count)) is not None:
             return got
-        data = fetch(url, shard.size, retry=self.retry, storage_options=self.storage_options)
+        data = fetch(url, shard.size, retry=self.retry, storage_options=self.storage_options,
+                     stop=self.stopped)
         if self.verify and hashlib.sha256(data).hexdigest() != shard.sha256:
             raise FastMNISTError(f"{url}: sha256 differs from the manifest (corrupted)")
         images, labels = decode_shard(data, shard.first, shard.count, url)
@@ -148,14 +151,16 @@ class ShardCache:
         return images, labels
 
 
-def _in_background(fn, *args) -> Future:
-    """``fn(*args)`` on a new daemon thread: a fetch still retrying when the program ends
-    (its server gone) does not hold up the exit, as a thread pool's workers would."""
+def _in_background(slots: threading.Semaphore, fn, *args) -> Future:
+    """``fn(*args)`` on a new daemon thread once it holds one of ``slots`` (as a thread pool
+    of that many workers would run it; but a fetch still retrying when the program ends, its
+    server gone, does not hold up the exit as a pool's workers would)."""
     future = Future()
 
     def run():
         try:
-            future.set_result(fn(*args))
+            with slots:
+                future.set_result(fn(*args))
         except BaseException as e:
             future.set_exception(e)
 

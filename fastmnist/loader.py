@@ -173,6 +173,7 @@ class FastMNISTLoader(IterableDataset):
                 self._batch_source = StreamSource(self.info, self._urls, self.prefetch, self.verify,
                                                   (self.info.mean, self.info.std) if on_cpu else None,
                                                   self.retry, self.storage_options)
+                weakref.finalize(self, self._batch_source.cache.stopped.set)
             else:
                 self._batch_source = local_arrays(Split(self._root, self.info), self.format, self.source,
                                                   self.device if self.resident else None)

@@ -59,13 +59,14 @@ def run_report(raw_root: Path, shards: Path, out_dir: Path, batch_sizes=(64, 256
 
 
 def reference_from(result: dict, tolerance: float) -> dict:
-    """The gate's reference: this run's ratios for every fastmnist pipeline (a fraction of
-    the floor above 1 is noise in the floor's timing, so it is kept as 1)."""
+    """The gate's reference: this run's fraction of the floor for every fastmnist pipeline
+    (above 1 is noise in the floor's timing, so it is kept as 1). Not the ratio to the seed
+    pipeline: the seed's per-sample Python ran at 3.3k samples/s one day and 26k another on
+    the same machine, the floor far less apart."""
     ratios = {}
     for r in result["rows"]:
         if r["pipeline"].startswith("fastmnist"):
-            ratios.setdefault(str(r["batch_size"]), {})[r["pipeline"]] = {
-                "x_seed": r["x_seed"], "of_floor": min(r["of_floor"], 1.0)}
+            ratios.setdefault(str(r["batch_size"]), {})[r["pipeline"]] = {"of_floor": min(r["of_floor"], 1.0)}
     return {"machine": result["machine"], "tolerance": tolerance, "ratios": ratios}
 
 

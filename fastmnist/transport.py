@@ -14,6 +14,7 @@ import random
 import re
 import shlex
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -71,11 +72,12 @@ DEFAULT_RETRY = Retry()
 
 
 def fetch(url: str, size: int | None = None, limit: int | None = None, retry: Retry = DEFAULT_RETRY,
-          storage_options: dict | None = None):
+          storage_options: dict | None = None, stop: threading.Event | None = None):
     """The whole object at ``url`` (a path, ``file://``, ``http(s)://``, ``pipe:COMMAND`` or
     an fsspec URL opened with ``storage_options``). With ``size`` it is read straight into
     one uint8 array and must have exactly that many bytes; otherwise it is bytes, and more
-    than ``limit`` bytes is an error. Remote fetches retry as ``retry`` says."""
+    than ``limit`` bytes is an error. Remote fetches retry as ``retry`` says, unless ``stop``
+    is set (whoever wanted the object is gone)."""
     try:
         if url.startswith("pipe:"):
             done = subprocess.run(url[5:], shell=True, capture_output=True, check=False)
@@ -89,9 +91,9 @@ def fetch(url: str, size: int | None = None, limit: int | None = None, retry: Re
                 raise FastMNISTError(f"{url}: more than {limit} bytes")
             return np.frombuffer(data, np.uint8) if size is not None else data
         if url.startswith(("http://", "https://")):
-            return _retrying(url, retry, _http_attempts(url, size, limit, retry))
+            return _retrying(url, retry, _http_attempts(url, size, limit, retry), stop)
         if not url.startswith("file://") and is_url(url):
-            return _retrying(url, retry, _fsspec_attempts(url, size, limit, storage_options))
+            return _retrying(url, retry, _fsspec_attempts(url, size, limit, storage_options), stop)
         with urllib.request.urlopen(url, timeout=retry.timeout_s) if url.startswith("file://") \
                 else open(url, "rb") as f:
             return _read(url, f, size, limit, _announced_length(f), 0, None)[1]
@@ -111,9 +113,10 @@ class _Transient(Exception):
         self.error, self.got = error, got
 
 
-def _retrying(url: str, retry: Retry, attempt):
+def _retrying(url: str, retry: Retry, attempt, stop: threading.Event | None = None):
     """``attempt()``'s result, calling it again (after a backoff) while it raises
-    ``_Transient``, within ``retry``'s bounds; then a FastMNISTError with the last error."""
+    ``_Transient``, within ``retry``'s bounds and until ``stop`` is set; then a
+    FastMNISTError with the last error."""
     start = time.monotonic()
     for n in range(1, retry.attempts + 1):
         try:
@@ -121,11 +124,15 @@ def _retrying(url: str, retry: Retry, attempt):
         except _Transient as e:
             error, got = e.error, e.got
         wait = retry.backoff_s * 2 ** (n - 1) * random.uniform(0.5, 1.5)
-        if n == retry.attempts or time.monotonic() - start + wait > retry.total_s:
+        if n == retry.attempts or time.monotonic() - start + wait > retry.total_s \
+                or stop is not None and stop.is_set():
             break
         log.warning("%s: attempt %d of %d failed (%s); retrying in %.2f s from byte %d",
                     url, n, retry.attempts, error, wait, got)
-        time.sleep(wait)
+        if stop is None:
+            time.sleep(wait)
+        elif stop.wait(wait):
+            break
     raise FastMNISTError(f"{url}: failed after {n} attempts in {time.monotonic() - start:.1f} s "
                          f"(at most {retry.attempts} in {retry.total_s:g} s); last error: {error}")
 

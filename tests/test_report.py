@@ -60,7 +60,7 @@ def test_gate_flags_a_ratio_below_tolerance(quick_report):
     _, result = quick_report
     reference = reference_from(result, tolerance=0.5)
     assert check(result, reference) == []
-    reference["ratios"]["64"]["fastmnist float32"]["x_seed"] = result["rows"][0]["x_seed"] * 1e6
+    reference["ratios"]["64"]["fastmnist float32"]["of_floor"] = 1e6
     failures = check(result, reference)
-    assert len(failures) == 1 and "batch 64 fastmnist float32: x_seed" in failures[0]
+    assert len(failures) == 1 and "batch 64 fastmnist float32: of_floor" in failures[0]
     assert "more than 50% below the reference" in failures[0]
