@@ -265,9 +265,12 @@ def test_persistent_workers_memory_is_flat_over_many_epochs(synth_shards):
 
 
 WORKER_SCRIPT = """
-import sys, os, time
+import signal, sys, os, time
 from torch.utils.data import DataLoader
 from fastmnist import FastMNISTLoader
+# Ctrl-C raises KeyboardInterrupt, as in a terminal, even when the tests run as a background
+# job (which starts with SIGINT ignored, and Python then leaves it so)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 dl = DataLoader(FastMNISTLoader(sys.argv[1], batch_size=64), batch_size=None, num_workers=2,
                 persistent_workers=True)
 for i, (x, y) in enumerate(dl):
