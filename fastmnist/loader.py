@@ -370,9 +370,7 @@ def _grouped(src: ArraySource, share: torch.Tensor, numbers: range, size: int, f
     for start in range(0, len(numbers), group):
         part = numbers[start:start + group]
         x, y = src.gather(share[part[0] * size:(part[-1] + 1) * size])
-        x = finish(x)
-        for i in range(len(part)):
-            yield x[i * size:(i + 1) * size], y[i * size:(i + 1) * size]
+        yield from zip(finish(x).split(size), y.split(size), strict=True)
 
 
 def _loader_states(state) -> tuple[list, int]:
