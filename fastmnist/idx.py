@@ -104,7 +104,7 @@ class IdxReader:
         native = self.kind.dtype.newbyteorder("=")
         position = 0
         while position < self.count:
-            n = min(rows, self.count - position, max(start - position, 0) or rows)
+            n = min(rows, self.count - position)
             want = n * self.row_bytes
             data = self._read(want)
             if len(data) != want:

@@ -136,7 +136,10 @@ class FastMNISTLoader(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.source, self.normalize, self.resident = source, normalize, resident
         self.pin_memory, self.prefetch, self.even, self.locality = pin_memory, prefetch, even, locality
-        self._identity = {"set": progress.fingerprint(dataclasses.asdict(self.info)),
+        described = dataclasses.asdict(self.info)
+        if not described["label_shape"]:  # as before label_shape existed: older states still match
+            del described["label_shape"]
+        self._identity = {"set": progress.fingerprint(described),
                           "order": "shards" if self._urls is not None else
                           f"blocks of {locality}" if locality else "samples",
                           "seed": seed, "shuffle": shuffle}
