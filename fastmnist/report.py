@@ -61,8 +61,8 @@ def run_report(raw_root: Path, shards: Path, out_dir: Path, batch_sizes=(64, 256
 def reference_from(result: dict, tolerance: float) -> dict:
     """The gate's reference: this run's fraction of the floor for every fastmnist pipeline
     (above 1 is noise in the floor's timing, so it is kept as 1). Not the ratio to the seed
-    pipeline: the seed's per-sample Python ran at 3.3k samples/s one day and 26k another on
-    the same machine, the floor far less apart."""
+    pipeline: the seed's per-sample Python ran at 3.3k samples/s on one project machine and
+    26k on another of the same description, the floor far less apart."""
     ratios = {}
     for r in result["rows"]:
         if r["pipeline"].startswith("fastmnist"):

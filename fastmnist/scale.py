@@ -106,7 +106,7 @@ def read_ahead_kb(path: Path) -> int | None:
 def _quality(shards: Path, n: int) -> dict:
     """``label_mixing`` at batch 256 of the full random and the locality order (and of no
     shuffle), on the labels as stored and sorted by class."""
-    stored = np.load(shards / "train_labels.npy")
+    stored = np.load(shards / "train_labels.npy")  # generated MNIST: 10 classes
     orders = {"random": epoch_order(n, 0, 0, True).numpy(),
               "locality": block_order(n, 0, 0, True, LOCALITY).numpy(), "unshuffled": np.arange(n)}
     return {f"{kind}_{name}": label_mixing(labels[order], BATCH, 10)
