@@ -131,6 +131,7 @@ def one_size(work: Path, n: int, rounds: int) -> dict:
            "cold_random": _cold(shards, None), "cold_locality": _cold(shards, LOCALITY),
            "shuffle_quality": _quality(shards, n)}
     shutil.rmtree(shards)
+    (work / f".{shards.name}.lock").unlink(missing_ok=True)  # the converter's lock beside the set
     return row
 
 
