@@ -1,6 +1,8 @@
 """The IDX reader: real files read right, every malformed input gets a clear FastMNISTError."""
 
 import gzip
+import lzma
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -9,7 +11,7 @@ import torchvision
 
 from fastmnist import FastMNISTError
 from fastmnist.datasets import DATASETS
-from fastmnist.idx import read_images, read_labels, write_idx
+from fastmnist.idx import XZ_MEMORY_LIMIT, read_images, read_labels, write_idx
 
 
 def test_md5_table_is_torchvisions():
@@ -113,3 +115,26 @@ def test_not_gzip_at_all(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(FastMNISTError, match="nope: file not found"):
         read_images(tmp_path / "nope")
+
+
+def test_xz_reads_like_the_extracted_file_and_refuses_hostile_streams(tmp_path):
+    """xz (QMNIST's nist files): read as the extracted file reads; a 60-byte file whose header
+    asks the decoder for a 1.5 GiB dictionary is refused without allocating it; data cut
+    short or followed by more data is refused, naming the file."""
+    images = np.random.default_rng(0).integers(0, 256, (300, 28, 28), dtype=np.uint8)
+    path = write_idx(tmp_path / "img.xz", images)
+    assert np.array_equal(read_images(path)[:, 0], images)
+    body = lzma.decompress(path.read_bytes())
+    hostile = tmp_path / "huge-dictionary.xz"
+    hostile.write_bytes(lzma.compress(body, filters=[{"id": lzma.FILTER_LZMA2, "dict_size": 1536 << 20}]))
+    tracemalloc.start()
+    with pytest.raises(FastMNISTError, match=r"huge-dictionary\.xz: cannot read: Memory usage limit"):
+        read_images(hostile)
+    assert tracemalloc.get_traced_memory()[1] < XZ_MEMORY_LIMIT
+    tracemalloc.stop()
+    (tmp_path / "trailing.xz").write_bytes(path.read_bytes() + b"more")
+    with pytest.raises(FastMNISTError, match=r"trailing\.xz: cannot read: data after the end of the xz"):
+        read_images(tmp_path / "trailing.xz")
+    (tmp_path / "cut.xz").write_bytes(path.read_bytes()[:-30])
+    with pytest.raises(FastMNISTError, match=r"cut\.xz: cannot read: compressed data ended"):
+        read_images(tmp_path / "cut.xz")

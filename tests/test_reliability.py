@@ -3,6 +3,7 @@ conversions, a file size limit, and DataLoader workers over many epochs."""
 
 import gzip
 import json
+import lzma
 import os
 import resource
 import signal
@@ -19,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fastmnist import FastMNISTError, FastMNISTLoader, convert, open_shards, verify_shards
-from fastmnist.idx import read_images, read_labels
+from fastmnist.idx import QMNIST_LABELS, XZ_MEMORY_LIMIT, IdxReader, read_images, read_labels
 
 REPO = Path(__file__).resolve().parents[1]
 FUZZ = settings(max_examples=400, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -31,12 +32,26 @@ def _valid_images(n=3) -> bytes:
             + rng.integers(0, 256, n * 784, dtype=np.uint8).tobytes())
 
 
+RATIO = {"": 1, ".gz": 1032, ".xz": 7000}  # the most each can expand (xz: 6,843 for zeros)
+
+
+def _compressed(data: bytes, suffix: str) -> bytes:
+    return {"": bytes, ".gz": gzip.compress, ".xz": lzma.compress}[suffix](bytes(data))
+
+
+def _read_qmnist_labels(path: Path) -> None:
+    with IdxReader(path, QMNIST_LABELS) as f:
+        for _ in f.chunks(4096):
+            pass
+
+
 def _read_bounded(path: Path, size: int) -> None:
-    """Read with both readers; only FastMNISTError may escape, and the peak Python
-    allocation stays within what ``size`` bytes can decompress to."""
+    """Read with every reader (images, labels, QMNIST's int32 labels); only FastMNISTError
+    may escape, and the peak Python allocation stays within what ``size`` bytes can
+    decompress to (plus, for xz, the decoder's own memory, bounded by ``XZ_MEMORY_LIMIT``)."""
     tracemalloc.start()
     try:
-        for reader in (read_images, read_labels):
+        for reader in (read_images, read_labels, _read_qmnist_labels):
             try:
                 reader(path)
             except FastMNISTError:
@@ -44,41 +59,44 @@ def _read_bounded(path: Path, size: int) -> None:
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert peak < 2_000_000 + 2 * 1032 * size
+    assert peak < 2_000_000 + 2 * RATIO[path.suffix] * size + (XZ_MEMORY_LIMIT if path.suffix == ".xz" else 0)
+
+
+SUFFIXES = st.sampled_from(list(RATIO))
 
 
 @FUZZ
-@given(data=st.binary(max_size=4000), gz=st.booleans())
-def test_fuzz_random_bytes(tmp_path, data, gz):
-    path = tmp_path / ("f.gz" if gz else "f")
-    path.write_bytes(gzip.compress(data) if gz else data)
+@given(data=st.binary(max_size=4000), suffix=SUFFIXES)
+def test_fuzz_random_bytes(tmp_path, data, suffix):
+    path = tmp_path / f"f{suffix}"
+    path.write_bytes(_compressed(data, suffix))
     _read_bounded(path, path.stat().st_size)
 
 
 @FUZZ
 @given(edits=st.lists(st.tuples(st.integers(0, 3 * 784 + 15), st.integers(0, 255)), max_size=8),
-       cut=st.integers(0, 3 * 784 + 16), gz=st.booleans(), compress_then_edit=st.booleans())
-def test_fuzz_mutated_valid_files(tmp_path, edits, cut, gz, compress_then_edit):
+       cut=st.integers(0, 3 * 784 + 16), suffix=SUFFIXES, compress_then_edit=st.booleans())
+def test_fuzz_mutated_valid_files(tmp_path, edits, cut, suffix, compress_then_edit):
     data = bytearray(_valid_images())
-    if gz and compress_then_edit:
-        data = bytearray(gzip.compress(bytes(data)))
+    if compress_then_edit:
+        data = bytearray(_compressed(data, suffix))
     for pos, value in edits:
         data[pos % len(data)] = value
     data = data[:cut] if cut < len(data) else data
-    if gz and not compress_then_edit:
-        data = gzip.compress(bytes(data))
-    path = tmp_path / ("f.gz" if gz else "f")
+    if not compress_then_edit:
+        data = _compressed(data, suffix)
+    path = tmp_path / f"f{suffix}"
     path.write_bytes(bytes(data))
     _read_bounded(path, len(data))
 
 
 @FUZZ
-@given(count=st.integers(0, 2**31 - 1), rows=st.integers(-(2**31), 2**31 - 1), gz=st.booleans())
-def test_fuzz_header_claims(tmp_path, count, rows, gz):
+@given(count=st.integers(0, 2**31 - 1), rows=st.integers(-(2**31), 2**31 - 1), suffix=SUFFIXES)
+def test_fuzz_header_claims(tmp_path, count, rows, suffix):
     data = b"\x00\x00\x08\x03" + count.to_bytes(4, "big") + rows.to_bytes(4, "big", signed=True) * 2
     data += bytes(100)
-    path = tmp_path / ("f.gz" if gz else "f")
-    path.write_bytes(gzip.compress(data) if gz else data)
+    path = tmp_path / f"f{suffix}"
+    path.write_bytes(_compressed(data, suffix))
     _read_bounded(path, len(data))
 
 
