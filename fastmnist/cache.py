@@ -30,16 +30,16 @@ class ShardCache:
     sha256 as it arrives (a mismatch after a complete download is an error at once).
     ``retry``: how remote fetches ride out transient failures; ``storage_options``: for
     fsspec URLs. ``normalize``: ``(mean, std)`` to gather float32 normalised images, or
-    None to gather uint8. Gathering runs in
-    numpy, single-threaded: torch's intra-op threads stall whenever a fetching thread holds
-    a core.
+    None to gather uint8. A label of ``num_classes`` or more is a corrupted shard. Gathering
+    runs in numpy, single-threaded: torch's intra-op threads stall whenever a fetching
+    thread holds a core.
     """
 
     def __init__(self, shards: list[Shard], urls: list[str], prefetch: int, verify: bool,
                  normalize: tuple[float, float] | None, retry: Retry = DEFAULT_RETRY,
-                 storage_options: dict | None = None):
+                 storage_options: dict | None = None, num_classes: int = 10):
         self.shards, self.urls, self.prefetch, self.verify, self.retry = shards, urls, prefetch, verify, retry
-        self.storage_options = storage_options
+        self.storage_options, self.num_classes = storage_options, num_classes
         self.normalize = normalize
         self.firsts = np.array([s.first for s in shards])
         self.loaded = {}  # shard number -> (images, labels): uint8 (n,1,28,28), int64 (n,)
@@ -145,7 +145,7 @@ class ShardCache:
                      stop=self.stopped)
         if self.verify and hashlib.sha256(data).hexdigest() != shard.sha256:
             raise FastMNISTError(f"{url}: sha256 differs from the manifest (corrupted)")
-        images, labels = decode_shard(data, shard.first, shard.count, url)
+        images, labels = decode_shard(data, shard.first, shard.count, url, self.num_classes)
         if handoff is not None and s in handoff.gives:
             handoff.give(s, images, labels)
         return images, labels

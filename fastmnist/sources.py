@@ -72,7 +72,7 @@ def local_arrays(split: Split, format: str, dtype: str, device: torch.device | N
         labels = torch.from_numpy(split.array("labels", mode="c"))
     else:
         paths = [str(split.path(s.file)) for s in split.shards]
-        parts = [decode_shard(fetch(path, s.size), s.first, s.count, path)
+        parts = [decode_shard(fetch(path, s.size), s.first, s.count, path, split.info.num_classes)
                  for path, s in zip(paths, split.shards, strict=True)]
         images = torch.from_numpy(np.concatenate([p[0] for p in parts]))
         labels = torch.from_numpy(np.concatenate([p[1] for p in parts]))
@@ -97,7 +97,8 @@ class StreamSource:
                  normalize: tuple[float, float] | None, retry: Retry, storage_options: dict | None):
         self.info = info
         self.dtype = torch.uint8 if normalize is None else torch.float32
-        self.cache = ShardCache(list(info.shards), urls, prefetch, verify, normalize, retry, storage_options)
+        self.cache = ShardCache(list(info.shards), urls, prefetch, verify, normalize, retry, storage_options,
+                                info.num_classes)
 
     @property
     def count(self) -> int:

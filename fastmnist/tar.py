@@ -133,10 +133,12 @@ def archive_padding(count: int) -> np.ndarray:
     return np.zeros(archive_size(count) - count * RECORD, np.uint8)
 
 
-def decode_shard(data, first: int, count: int, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """Check a shard's bytes against the layout (keys ``first..first + count - 1``) and
-    return its uint8 images ``(count, 1, 28, 28)`` and int64 labels ``(count,)``, both
-    copies (so ``data`` can be freed); errors name the shard and the sample."""
+def decode_shard(data, first: int, count: int, name: str, num_classes: int = 10 ** LABEL_DIGITS
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Check a shard's bytes against the layout (keys ``first..first + count - 1``, labels
+    below ``num_classes``) and return its uint8 images ``(count, 1, 28, 28)`` and int64
+    labels ``(count,)``, both copies (so ``data`` can be freed); errors name the shard and
+    the sample."""
     a = np.frombuffer(data, np.uint8)
     if len(a) != archive_size(count):
         raise FastMNISTError(f"{name}: {len(a)} bytes, {count} samples make {archive_size(count)}")
@@ -145,6 +147,10 @@ def decode_shard(data, first: int, count: int, name: str) -> tuple[np.ndarray, n
     if labels is None:
         raise FastMNISTError(f"{name}: sample {int(np.argmax(~_valid_labels(rows)))}: the .cls "
                              "entry is not a number from 0 to 999 (corrupted)")
+    if (labels >= num_classes).any():
+        wrong = int(np.argmax(labels >= num_classes))
+        raise FastMNISTError(f"{name}: sample {wrong}: label {labels[wrong]} is not a class of this set "
+                             f"(0..{num_classes - 1}; corrupted)")
     images = rows[:, IMAGE:IMAGE + PIXELS].reshape(count, 1, SIDE, SIDE).copy()
     if not _in_layout(rows, first, labels):  # find and name the first difference
         expected = records(first, images, labels)

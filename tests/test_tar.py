@@ -114,3 +114,14 @@ def test_every_byte_outside_the_pixels_is_checked():
         assert damaged != data
         with pytest.raises(FastMNISTError, match="s.tar: sample 1: "):
             decode_shard(damaged, FIRST, 3, "s.tar")
+
+
+def test_decode_refuses_a_label_the_set_does_not_have():
+    """A well-formed record whose label is not one of the set's classes (62 in a 10-class
+    set: only its sha256 would otherwise tell) is refused, naming the sample."""
+    images, labels = _samples(10)
+    labels[4] = 62
+    data = _ours(FIRST, images, labels)
+    assert decode_shard(data, FIRST, 10, "s.tar", num_classes=100)[1][4] == 62
+    with pytest.raises(FastMNISTError, match=r"s\.tar: sample 4: label 62 is not a class of this set"):
+        decode_shard(data, FIRST, 10, "s.tar", num_classes=10)
