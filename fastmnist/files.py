@@ -34,8 +34,7 @@ class BackgroundWriter:
     def append(self, target: tuple, chunk) -> None:
         """Queue ``chunk`` (bytes or a C-contiguous array, kept unchanged until written)."""
         f, sha, _ = target
-        view = memoryview(chunk)
-        self._submit(_append, f, sha, view.cast("B") if view.nbytes else view[:0])
+        self._submit(_append, f, sha, memoryview(chunk).cast("B"))
 
     def close(self, target: tuple) -> None:
         self._submit(_finish, *target)
