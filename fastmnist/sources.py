@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .cache import ShardCache
+from .idx import check_classes
 from .manifest import IMAGE_SHAPE, SplitInfo
 from .normalize import normalize_u8
 from .order import epoch_order, shard_order
@@ -69,7 +70,11 @@ def local_arrays(split: Split, format: str, dtype: str, device: torch.device | N
     if format == "npy":
         # copy-on-write mappings: writable for torch, and never written back
         images = torch.from_numpy(split.array("images_f32" if dtype == "float32" else "images_u8", mode="c"))
-        labels = torch.from_numpy(split.array("labels", mode="c"))
+        mapped = split.array("labels", mode="c")
+        # a hostile or damaged file must not hand a training loop a class it does not have
+        check_classes(split.path("labels"), mapped[:, 0] if mapped.ndim > 1 else mapped,
+                      split.info.num_classes)
+        labels = torch.from_numpy(mapped)
     else:
         paths = [str(split.path(s.file)) for s in split.shards]
         parts = [decode_shard(fetch(path, s.size), s.first, s.count, path, split.info.num_classes)

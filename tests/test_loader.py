@@ -252,6 +252,23 @@ def test_cuda_without_cuda_is_a_clear_error(indexed_shards):
         FastMNISTLoader(indexed_shards, pin_memory=True)
 
 
+@pytest.mark.parametrize("bad", [10, -1, 2**40])
+def test_label_array_with_a_class_the_set_lacks(tmp_path, indexed_shards, bad):
+    """A labels file of the right size and shape but a class outside 0..9 (damaged or
+    hostile; only ``verify=True`` hashes files) is refused before any batch, naming it."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(indexed_shards, copy)
+    labels = np.load(copy / "train_labels.npy", mmap_mode="r+")
+    labels[37] = bad
+    labels.flush()
+    del labels
+    message = f"train_labels.npy: label 37: expected a class in 0..9, found {bad}"
+    with pytest.raises(FastMNISTError, match=message):
+        next(iter(FastMNISTLoader(copy)))
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda p: p.write_bytes(p.read_bytes()[:-1]), "size .* manifest says .* \\(truncated or replaced\\)"),
     (lambda p: p.unlink(), "missing shard file listed in the manifest"),
