@@ -107,7 +107,7 @@ def generate(n: int, seed: int, num_classes: int = 10, chunk: int = 1 << 14
     return labels, images()
 
 
-def _qmnist_columns(classes: np.ndarray, seed: int) -> np.ndarray:
+def qmnist_columns(classes: np.ndarray, seed: int) -> np.ndarray:
     """int32 ``(n, 8)`` labels in QMNIST's layout: the class, then made-up writer metadata
     (HSF series, writer, digit index, NIST class code, global index, duplicate flag, 0)."""
     rng = np.random.default_rng(seed)
@@ -128,7 +128,7 @@ def write_raw(root: Path, n_train: int = 60000, n_test: int = 10000, dataset: st
     for split, n, split_seed in (("train", n_train, seed), ("test", n_test, seed + 1)):
         files = spec.splits[split]
         labels, images = generate(n, split_seed, spec.num_classes)
-        label_rows = _qmnist_columns(labels, split_seed) if spec.label_columns else labels
+        label_rows = qmnist_columns(labels, split_seed) if spec.label_columns else labels
         for stem, kind, chunks in ((files.images, IMAGES, images),
                                    (files.labels, label_kind(spec.label_columns), [label_rows])):
             paths = [raw / (stem + c) for c in COMPRESSIONS if c == "" or compressed and stem + c in spec.md5]

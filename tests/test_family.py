@@ -16,6 +16,7 @@ from torchvision import transforms
 from fastmnist import FastMNISTError, FastMNISTLoader, convert
 from fastmnist.datasets import DATASETS, get_spec
 from fastmnist.idx import read_images, read_labels, write_idx
+from fastmnist.synth import qmnist_columns
 
 from .conftest import batch_indices, indexed_images, served
 
@@ -95,15 +96,6 @@ def test_emnist_is_bit_exact_to_torchvision(emnist_root, tmp_path, name):
         assert int(y_ref.max()) == 61
 
 
-def _qmnist_columns(classes: np.ndarray, seed: int) -> np.ndarray:
-    """int32 ``(n, 8)`` in QMNIST's label layout, with values as large as the real ones."""
-    rng = np.random.default_rng(seed)
-    n = len(classes)
-    return np.stack([classes, rng.integers(0, 4, n), rng.integers(0, 4000, n), rng.integers(0, 150, n),
-                     classes + 30, rng.integers(0, 402953, n), rng.integers(0, 2, n), np.zeros(n)],
-                    1).astype(np.int32)
-
-
 @pytest.fixture(scope="module")
 def qmnist_root(digits, tmp_path_factory):
     """QMNIST's raw files as torchvision leaves them, extracted beside the downloads (.gz,
@@ -118,7 +110,7 @@ def qmnist_root(digits, tmp_path_factory):
         compressed = ".xz" if split == "nist" else ".gz"
         x = images[index] if split != "test" else np.concatenate([images, images[:2000].transpose(0, 2, 1)])
         _write(raw, spec.splits[split].images, x, ("", compressed))
-        _write(raw, spec.splits[split].labels, _qmnist_columns(labels[index], seed), ("", compressed))
+        _write(raw, spec.splits[split].labels, qmnist_columns(labels[index], seed), ("", compressed))
     return root
 
 
@@ -157,7 +149,7 @@ def test_qmnist_extended_labels_refuse_tar_shards(qmnist_root, tmp_path):
 def test_qmnist_label_out_of_range_names_the_file_and_row(qmnist_root, tmp_path):
     raw = tmp_path / "QMNIST" / "raw"
     spec = get_spec("qmnist")
-    columns = _qmnist_columns(np.arange(20) % 10, 0)
+    columns = qmnist_columns(np.arange(20) % 10, 0)
     columns[13, 0] = 10
     _write(raw, spec.splits["train"].images, np.zeros((20, 28, 28), np.uint8))
     _write(raw, spec.splits["train"].labels, columns)
