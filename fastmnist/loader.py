@@ -19,9 +19,11 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from . import progress
+from .buffers import BufferPool
 from .compat import EpochSampler, SplitDataset
 from .device import prefetch_to_cuda
 from .errors import FastMNISTError
+from .manifest import IMAGE_SHAPE
 from .normalize import normalizer
 from .order import batch_count, block_order, delivered, rank_share, runs, samples_per_rank, worker_parts
 from .sources import ArraySource, StreamSource, empty_batch, local_arrays
@@ -147,6 +149,7 @@ class FastMNISTLoader(IterableDataset):
         self._resume = None  # _Step the next iter() continues, from load_state_dict
         self._step = None  # _Step of the iteration in progress (or last run)
         self._batch_source = None  # made on first use in each process
+        self._group_buffers = None  # BufferPools of _pools, made on first use in each process
 
     def __len__(self) -> int:
         """Batches this rank yields per epoch."""
@@ -321,7 +324,7 @@ class FastMNISTLoader(IterableDataset):
                 return normalise(x).pin_memory() if pin else normalise(x)
 
             if isinstance(src, ArraySource) and k == 1 and not pin and self.device.type == "cpu":
-                batches = _grouped(src, share, numbers, self.batch_size, finish)
+                batches = _grouped(src, share, numbers, self.batch_size, normalise, self._pools(src.dtype))
             else:
                 batches = ((finish(x), y) for x, y in (
                     src.gather(idx, *empty_batch(src.dtype, len(idx), True, src.label_shape) if pin else ())
@@ -333,6 +336,14 @@ class FastMNISTLoader(IterableDataset):
         if not divided:
             step.done = step.total
 
+    def _pools(self, dtype: torch.dtype) -> dict[torch.dtype, BufferPool]:
+        """Group buffers of this process for ``_grouped``, by dtype (``dtype`` gathered, and
+        float32 normalised), kept across epochs."""
+        if self._group_buffers is None:
+            rows = self.batch_size * max(1, GROUP_SAMPLES // self.batch_size)
+            self._group_buffers = {d: BufferPool(rows, IMAGE_SHAPE, d) for d in {dtype, torch.float32}}
+        return self._group_buffers
+
     def _layout(self, step: "_Step") -> dict:
         """``step`` with this loader's batch size and split rules, keyed by ``progress.STEP_FIELDS``."""
         return dict(zip(progress.STEP_FIELDS, [step.base, step.done, step.anchor, self.batch_size,
@@ -341,7 +352,7 @@ class FastMNISTLoader(IterableDataset):
 
     def __getstate__(self):
         # Workers map the files themselves and share the page cache; never pickle arrays.
-        return {**self.__dict__, "_batch_source": None}
+        return {**self.__dict__, "_batch_source": None, "_group_buffers": None}
 
 
 @dataclasses.dataclass
@@ -365,15 +376,20 @@ class _Step:
         return self.total is not None and self.done >= self.total
 
 
-def _grouped(src: ArraySource, share: torch.Tensor, numbers: range, size: int, finish):
-    """The batches ``numbers`` (consecutive) of ``share``, gathered (and ``finish``ed) about
-    ``GROUP_SAMPLES`` samples at a time: at small batch sizes the cost is per call, not per
-    byte. Each batch is its own slice of a group's fresh tensors, never written again."""
+def _grouped(src: ArraySource, share: torch.Tensor, numbers: range, size: int, normalise,
+             pools: dict[torch.dtype, BufferPool]):
+    """The batches ``numbers`` (consecutive) of ``share``, gathered (and ``normalise``d unless
+    that is None) about ``GROUP_SAMPLES`` samples at a time: at small batch sizes the cost is
+    per call, not per byte. Each batch is a slice of a group tensor from ``pools`` (by dtype),
+    never written again while any batch of it is alive."""
     group = max(1, GROUP_SAMPLES // size)
     for start in range(0, len(numbers), group):
         part = numbers[start:start + group]
-        x, y = src.gather(share[part[0] * size:(part[-1] + 1) * size])
-        yield from zip(finish(x).split(size), y.split(size), strict=True)
+        idx = share[part[0] * size:(part[-1] + 1) * size]
+        x, y = src.gather(idx, pools[src.dtype].take(len(idx)))
+        if normalise is not None:
+            x = normalise(x, out=pools[torch.float32].take(len(idx)))
+        yield from zip(x.split(size), y.split(size), strict=True)
 
 
 def _loader_states(state) -> tuple[list, int]:

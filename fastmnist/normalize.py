@@ -25,23 +25,24 @@ def lookup_table(mean: float, std: float) -> np.ndarray:
     return normalize_u8_numpy(pixels, mean, std, out=np.empty(256, np.float32))
 
 
-def normalize_u8(images, mean, std):
-    """uint8 torch tensor of any shape -> float32, as ``normalize_u8_numpy`` computes it,
-    with torch's operations (multi-threaded on the CPU). ``mean``/``std``: floats or float32
-    scalar tensors (made once by a caller that normalises many batches)."""
+def normalize_u8(images, mean, std, out=None):
+    """uint8 torch tensor of any shape -> float32 (into ``out``, same shape, when given), as
+    ``normalize_u8_numpy`` computes it, with torch's operations (multi-threaded on the CPU).
+    ``mean``/``std``: floats or float32 scalar tensors (made once by a caller that
+    normalises many batches)."""
     import torch
 
-    x = images.to(torch.float32).div_(255)
+    x = (images.to(torch.float32) if out is None else out.copy_(images)).div_(255)
     return x.sub_(torch.as_tensor(mean, dtype=torch.float32)).div_(torch.as_tensor(std, dtype=torch.float32))
 
 
 def normalizer(mean: float, std: float, device):
     """A function uint8 torch images on ``device`` -> float32 normalised, equal to the CPU
-    result: the arithmetic on the CPU, a table lookup elsewhere."""
+    result: the arithmetic on the CPU (into ``out=`` when given), a table lookup elsewhere."""
     import torch
 
     if device.type == "cpu":
         m, s = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
-        return lambda x: normalize_u8(x, m, s)
+        return lambda x, out=None: normalize_u8(x, m, s, out)
     table = torch.from_numpy(lookup_table(mean, std)).to(device)
     return lambda x: table[x.long()]

@@ -1,0 +1,81 @@
+"""Reused group buffers: a block is handed out again only once nothing made from it is alive,
+so batches a user keeps never change, and an epoch that keeps nothing reuses a few blocks."""
+
+import numpy as np
+import pytest
+import torch
+
+from fastmnist import FastMNISTLoader
+from fastmnist.buffers import KEEP, BufferPool
+from fastmnist.loader import GROUP_SAMPLES
+
+from .conftest import decode_indices
+
+
+def _block(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("keep_alive", [
+    lambda t: t,  # the tensor itself
+    lambda t: t.split(3)[1],  # a batch sliced from it
+    lambda t: t[2:5].numpy(),  # a numpy view of a batch
+    lambda t: t.untyped_storage(),  # its storage
+    lambda t: [t.view(-1)],  # a view inside a container
+])
+def test_a_block_is_reused_only_once_nothing_uses_it(keep_alive):
+    pool = BufferPool(rows=8, sample_shape=(2,), dtype=torch.float32, keep=2)
+    first = pool.take(8)
+    block = _block(first)
+    held = keep_alive(first)
+    del first
+    second = pool.take(5)
+    assert _block(second) != block and second.shape == (5, 2)
+    del held, second
+    assert _block(pool.take(8)) == block  # nothing uses it now
+
+
+def test_blocks_held_on_to_leave_a_full_pool():
+    pool = BufferPool(rows=4, sample_shape=(), dtype=torch.uint8, keep=2)
+    held = [pool.take(4) for _ in range(5)]  # all in use: each a new block
+    assert len({_block(t) for t in held}) == 5
+    latest = {_block(t) for t in held[-2:]}  # the pool's two now
+    del held[-2:]
+    again = [pool.take(4), pool.take(4)]
+    assert {_block(t) for t in again} == latest
+    assert all(_block(t) not in latest for t in held)
+
+
+@pytest.mark.parametrize("source", ["float32", "uint8"])
+@pytest.mark.parametrize("keeping", [False, True])
+def test_loader_batches_kept_across_epochs_never_change(synth_shards, source, keeping):
+    """Three epochs, keeping (or not) one batch of every third group, one of them as a numpy
+    view: every batch is the float32 source's, each kept batch still equals its copy taken
+    when it was yielded, and new blocks were needed only for the groups kept."""
+    loader = FastMNISTLoader(synth_shards, batch_size=64, seed=3, source=source)
+    reference = FastMNISTLoader(synth_shards, batch_size=64, seed=3, source="float32")
+    per_group = GROUP_SAMPLES // 64
+    kept, blocks, numpy_view = [], set(), None
+    for _ in range(3):
+        for number, ((x, y), (x_ref, _)) in enumerate(zip(loader, reference, strict=True)):
+            assert torch.equal(x, x_ref)  # the same samples, normalised to the same bits
+            blocks.add(_block(x))
+            if keeping and number % (3 * per_group) == 5:
+                if numpy_view is None:
+                    numpy_view = (x.numpy(), x.numpy().copy())
+                else:
+                    kept.append((x, x.clone(), y, y.clone()))
+    assert all(torch.equal(x, c) and torch.equal(y, d) for x, c, y, d in kept)
+    assert numpy_view is None or np.array_equal(*numpy_view)
+    groups_kept = len(kept) + (numpy_view is not None)
+    assert groups_kept == (60 if keeping else 0)
+    assert len(blocks) <= groups_kept + KEEP
+
+
+def test_batches_of_a_reused_block_are_the_order(indexed_shards):
+    """Consumed and dropped batch by batch (blocks reused), the batches are the order."""
+    loader = FastMNISTLoader(indexed_shards, batch_size=100, seed=9, normalize=False)
+    for epoch in range(2):
+        seen = [decode_indices(x) for x, _ in loader]
+        order = loader.rank_order(epoch).tolist()
+        assert seen == [order[i:i + 100] for i in range(0, len(order), 100)]
