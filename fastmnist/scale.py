@@ -141,7 +141,7 @@ def run_scale(work: Path, out_dir: Path, sizes=SIZES, rounds: int = 3) -> dict:
     rows = []
     for n in sizes:
         rows.append(one_size(work, n, rounds))
-        print(markdown_row(rows[-1]), flush=True)
+        print(markdown_row(rows[-1], rows[0]), flush=True)  # as each size is done
     result = {"machine": machine(), "batch_size": BATCH, "cold_batches": COLD_BATCHES, "locality": LOCALITY,
               "read_ahead_kb": read_ahead_kb(work), "rounds": rounds, "rows": rows}
     out_dir.mkdir(parents=True, exist_ok=True)

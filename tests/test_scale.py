@@ -8,7 +8,7 @@ import pytest
 
 from fastmnist.cli import main
 from fastmnist.order import block_order, epoch_order
-from fastmnist.scale import label_mixing
+from fastmnist.scale import label_mixing, markdown_row
 
 
 def test_label_mixing_tells_sorted_from_shuffled():
@@ -38,5 +38,7 @@ def test_scale_command_writes_its_table_json_and_chart(tmp_path, capsys):
         quality = r["shuffle_quality"]
         assert quality["sorted_unshuffled"] > 0.8 and quality["sorted_random"] < 0.2
         assert f"| {r['n']:,} | float32 |" in printed
+    # the row printed as its size is done is the final table's: ratios to the first size
+    assert printed.count(markdown_row(rows[1], rows[0])) == 2
     assert (out / "scale.png").stat().st_size > 10_000
     assert not any((tmp_path / "work").iterdir()), "every size's files are deleted after it"
