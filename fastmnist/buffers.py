@@ -3,7 +3,7 @@
 A loader on the CPU gathers about a thousand samples per call into a new tensor of a few
 megabytes, then yields slices of it. Fresh memory of that size costs page faults: glibc
 returns such blocks to the kernel and the next one is faulted in again (measured here: about
-780 faults for two of every three 1024-sample groups, a fifth of the epoch's time). A
+780 faults for two of every three 1024-sample groups, 1,000-7,000 an epoch). A
 :class:`BufferPool` hands out the same few blocks instead, each only while no tensor that
 shares its memory exists, so a batch a user keeps never changes.
 

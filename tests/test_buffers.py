@@ -79,4 +79,3 @@ def test_batches_of_a_reused_block_are_the_order(indexed_shards):
         seen = [decode_indices(x) for x, _ in loader]
         order = loader.rank_order(epoch).tolist()
         assert seen == [order[i:i + 100] for i in range(0, len(order), 100)]
-
