@@ -31,6 +31,7 @@ from .store import open_shards
 from .transport import Retry
 
 SEED = "seed pipeline, workers=0"  # the reference every ratio is taken against
+COUNTED = "index_select dataset (state: one counter)"  # see _CountedBatches
 # the fault row's retries: 0.5 s read timeout (the server stalls once for 1 s), short backoff
 FAST_RETRY = Retry(attempts=30, total_s=60, timeout_s=0.5, backoff_s=0.005)
 FLOOR = "index_select floor"
@@ -69,6 +70,9 @@ def pipelines(raw_root: Path, shards: Path, cuda: bool | None = None
         "fastmnist float32": lambda bs: FastMNISTLoader(shards, batch_size=bs),
         "fastmnist uint8": lambda bs: FastMNISTLoader(shards, batch_size=bs, source="uint8"),
     }
+    for stateful in (False, True):  # torchdata's cost on its own, beside the loader's rows
+        found[f"{COUNTED} in {'Stateful' if stateful else ''}DataLoader, workers=2"] = (
+            lambda bs, s=stateful: _Epochs(_counted_through_workers, ram_x, ram_y, bs, s))
     for workers, sharing, snapshots in ((1, "file_descriptor", None), (2, "file_descriptor", None),
                                         (2, "file_system", None), (2, "file_descriptor", 1),
                                         (2, "file_descriptor", 64)):
@@ -133,6 +137,43 @@ def _through_workers(shards: Path, batch_size: int, workers: int, sharing: str, 
             yield from DataLoader(loader, batch_size=None, num_workers=workers, **options)
     finally:
         torch.multiprocessing.set_sharing_strategy(previous)
+
+
+class _CountedBatches(torch.utils.data.IterableDataset):
+    """The floor's loop as a dataset for DataLoader workers, whose state is one counter: what
+    torchdata's ``StatefulDataLoader`` costs with the cheapest state there is. Worker ``w``
+    of ``k`` takes batches ``w, w + k, ...`` of one fixed permutation, from batch ``done``
+    (the counter: batches of the epoch started, as the last worker to snapshot saw it)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int):
+        self.x, self.y, self.batch_size, self.done = x, y, batch_size, 0
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        k, w = (1, 0) if info is None else (info.num_workers, info.id)
+        order = torch.randperm(len(self.y), generator=torch.Generator().manual_seed(0))
+        size, start, self.done = self.batch_size, self.done, 0
+        for b in range(start + w, -(-len(order) // size), k):
+            self.done = b + 1
+            idx = order[b * size:(b + 1) * size]
+            yield self.x.index_select(0, idx), self.y.index_select(0, idx)
+
+    def state_dict(self) -> dict:
+        return {"done": self.done}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.done = state["done"]
+
+
+def _counted_through_workers(x: torch.Tensor, y: torch.Tensor, batch_size: int, stateful: bool):
+    """One epoch of :class:`_CountedBatches` over ``x``/``y`` in ``DataLoader(...,
+    batch_size=None, num_workers=2)``, or torchdata's ``StatefulDataLoader`` (snapshotting
+    every step, its default) if ``stateful``."""
+    if stateful:
+        from torchdata.stateful_dataloader import StatefulDataLoader as DataLoader
+    else:
+        from torch.utils.data import DataLoader
+    yield from DataLoader(_CountedBatches(x, y, batch_size), batch_size=None, num_workers=2)
 
 
 def state_dict_cost(shards: Path, calls: int = 2000) -> dict:

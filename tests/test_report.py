@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fastmnist.bench import FLOOR, SEED
+from fastmnist.bench import COUNTED, FLOOR, SEED
 from fastmnist.report import check, reference_from, run_report
 
 REFERENCE = Path(__file__).resolve().parents[1] / "benchmarks" / "reference.json"
@@ -29,7 +29,9 @@ def test_report_files_agree_with_the_run(quick_report):
             "fastmnist in DataLoader, workers=1", "fastmnist in DataLoader, workers=2",
             "fastmnist in DataLoader, workers=2, file_system sharing",
             "fastmnist in StatefulDataLoader, workers=2",
-            "fastmnist in StatefulDataLoader, workers=2, snapshot every 64 steps"} <= set(names)
+            "fastmnist in StatefulDataLoader, workers=2, snapshot every 64 steps",
+            f"{COUNTED} in DataLoader, workers=2",
+            f"{COUNTED} in StatefulDataLoader, workers=2"} <= set(names)
     assert all(r["samples"] == 60000 for r in result["rows"])
     seed = next(r for r in result["rows"] if r["pipeline"] == SEED)
     assert seed["x_seed"] == 1.0
@@ -45,7 +47,7 @@ def test_report_files_agree_with_the_run(quick_report):
     assert [v["samples"] for v in states.values()] == [60000, 6_000_000]
     assert f"{states['6M']['state_dict_us']:.1f} us at 6,000,000 samples" in markdown
     assert "Batch 64: StatefulDataLoader(num_workers=2) runs at " in markdown
-    assert "every 64 steps." in markdown
+    assert "every 64 steps; over an index_select dataset whose state is one counter, " in markdown
     png = (out / "bench.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
     assert len(result["memory"]["rss_mb_after_each"]) == 3
