@@ -319,21 +319,24 @@ def run_epoch(pipeline: Iterable) -> int:
     return sum(len(y) for _, y in pipeline)
 
 
-def measure(factory: Callable[[int], Iterable], batch_size: int, rounds: int) -> dict:
-    """Time from construction to the first batch, then the median samples/s over ``rounds``
-    full epochs of the pipeline built once, and its peak extra resident memory."""
+def measure(factory: Callable[[int], Iterable], batch_size: int, rounds: int, min_seconds: float = 0.0
+            ) -> dict:
+    """Time from construction to the first batch, then the median samples/s over full epochs
+    of the pipeline built once: ``rounds`` of them, more while they add up to less than
+    ``min_seconds`` (a fast pipeline's median then rests on more than a few milliseconds of
+    a noisy machine); and its peak extra resident memory."""
     start = time.perf_counter()
     pipeline = factory(batch_size)
     next(iter(pipeline))
     first_batch_s = time.perf_counter() - start
     seconds, samples = [], 0
     with _PeakRSS() as rss:
-        for _ in range(rounds):
+        while len(seconds) < rounds or sum(seconds) < min_seconds:
             t = time.perf_counter()
             samples = run_epoch(pipeline)
             seconds.append(time.perf_counter() - t)
     median = statistics.median(seconds)
-    return {"samples": samples, "rounds": rounds, "seconds": seconds, "median_s": median,
+    return {"samples": samples, "rounds": len(seconds), "seconds": seconds, "median_s": median,
             "samples_per_s": samples / median, "first_batch_ms": first_batch_s * 1e3,
             "peak_extra_mb": rss.peak_extra / 1e6}
 

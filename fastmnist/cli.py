@@ -79,6 +79,8 @@ def add_bench_args(b: argparse.ArgumentParser) -> None:
                    help="where bench.json, bench.md and bench.png go (default results/)")
     b.add_argument("--batch-sizes", default="64,256,1024", help="comma-separated")
     b.add_argument("--rounds", type=int, default=5, help="epochs timed per fast pipeline")
+    b.add_argument("--min-seconds", type=float, default=1.0,
+                   help="time each pipeline for at least this long: fast ones get more epochs")
     b.add_argument("--seed-rounds", type=int, default=3,
                    help="epochs timed per slow pipeline (seed, stock webdataset)")
     b.add_argument("--memory-epochs", type=int, default=20,
@@ -220,7 +222,7 @@ def _bench(args) -> int:
     extract_for_torchvision(args.raw)
     result = run_report(args.raw, args.shards, args.out,
                         [int(b) for b in args.batch_sizes.split(",")], args.rounds,
-                        args.seed_rounds, args.memory_epochs)
+                        args.seed_rounds, args.memory_epochs, min_seconds=args.min_seconds)
     print(markdown(result))
     print(f"wrote {args.out / 'bench.json'}, {args.out / 'bench.md'}, {args.out / 'bench.png'}")
     if args.write_reference:

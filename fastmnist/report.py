@@ -39,15 +39,16 @@ COUNTED_STATEFUL_2 = f"{COUNTED} in StatefulDataLoader, workers=2"
 
 def run_report(raw_root: Path, shards: Path, out_dir: Path, batch_sizes=(64, 256, 1024),
                rounds: int = 5, seed_rounds: int = 3, memory_epochs: int = 20,
-               progress: bool = True) -> dict:
-    """Measure, then write ``bench.json``, ``bench.md`` and ``bench.png`` into ``out_dir``."""
+               progress: bool = True, min_seconds: float = 1.0) -> dict:
+    """Measure, then write ``bench.json``, ``bench.md`` and ``bench.png`` into ``out_dir``.
+    Every pipeline is timed over at least its rounds and at least ``min_seconds``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     found = pipelines(raw_root, shards)
     plan = [(bs, name, factory) for bs in batch_sizes for name, factory in found.items()]
     rows = []
     for bs, name, factory in tqdm(plan, desc="bench", unit="pipeline", disable=not progress):
         n = seed_rounds if name.startswith(SLOW) else rounds
-        rows.append({"batch_size": bs, "pipeline": name, **measure(factory, bs, n)})
+        rows.append({"batch_size": bs, "pipeline": name, **measure(factory, bs, n, min_seconds)})
     for bs in batch_sizes:
         group = {r["pipeline"]: r for r in rows if r["batch_size"] == bs}
         for r in group.values():
