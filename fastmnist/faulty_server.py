@@ -17,19 +17,23 @@ from pathlib import Path
 
 class Faults:
     """What the server does to each request: a fixed-seed draw of 20% cut mid-body and 10%
-    503, one stall longer than the client's read timeout, and ``broken`` paths that always
-    answer 503. Counts what it injected, the ranges it was asked for and the bytes it sent."""
+    503, one stall longer than the client's read timeout, ``broken`` paths that always
+    answer 503, and ``cut_once`` paths whose next response is cut. Counts what it injected,
+    the ranges it was asked for and the bytes it sent."""
 
     def __init__(self, seed=0, cut=0.2, unavailable=0.1, stall_s=1.5):
         self.rng, self.lock = random.Random(seed), threading.Lock()
         self.cut, self.unavailable, self.stall_s = cut, unavailable, stall_s
-        self.stalled, self.broken = False, set()
+        self.stalled, self.broken, self.cut_once = False, set(), set()
         self.injected, self.requests, self.ranges, self.sent = Counter(), Counter(), [], Counter()
 
     def decide(self, path: str) -> str:
         with self.lock:
             if path in self.broken:
                 fault = "503"
+            elif path in self.cut_once:
+                self.cut_once.discard(path)
+                fault = "cut"
             elif not self.stalled and path.endswith(".tar"):
                 self.stalled, fault = True, "stall"
             else:

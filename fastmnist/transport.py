@@ -255,6 +255,9 @@ def _read(url: str, f, size: int | None, limit: int | None, length: int | None, 
                     raise FastMNISTError(f"{url}: more than {limit} bytes")
         except (OSError, http.client.HTTPException) as e:
             raise _Partial(0, None, f"{type(e).__name__}: {e}") from None
+        # http.client's read(n) ends quietly where a server closed the connection early
+        if isinstance(f, http.client.HTTPResponse) and length is not None and len(data) < length:
+            raise _Partial(0, None, f"connection closed after {len(data)} of {length} bytes")
         return len(data), bytes(data)
     if length is not None:
         _check_length(url, length, size)  # before allocating

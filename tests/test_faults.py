@@ -66,6 +66,23 @@ def test_a_shard_that_always_fails_is_named_within_the_bound(faulty):
     assert faults.requests["/set/train-000004.tar"] == 4
 
 
+def test_a_manifest_cut_mid_body_is_fetched_again(faulty, caplog):
+    """The manifest has no size to check against but the server's Content-Length: a response
+    cut in half is retried (http.client's reads end quietly there), not parsed."""
+    url, faults, clean = faulty
+    faults.cut = faults.unavailable = 0.0
+    faults.stalled = True
+    faults.cut_once.add("/set/manifest.json")
+    with caplog.at_level(logging.WARNING, logger="fastmnist"):
+        loader = FastMNISTLoader(url, batch_size=64, seed=1, retry=FAST)
+    assert faults.injected["cut"] == 1 and faults.requests["/set/manifest.json"] == 2
+    assert any("manifest.json: attempt 1 of 30 failed (connection closed after" in r.getMessage()
+               for r in caplog.records)
+    reference = FastMNISTLoader(clean, batch_size=64, seed=1)
+    for (x, y), (rx, ry) in zip(loader, reference, strict=True):
+        assert torch.equal(x, rx) and torch.equal(y, ry)
+
+
 def test_permanent_errors_fail_at_once(faulty):
     url, faults, _ = faulty
     faults.cut = faults.unavailable = 0.0
