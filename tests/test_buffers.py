@@ -79,3 +79,18 @@ def test_batches_of_a_reused_block_are_the_order(indexed_shards):
         seen = [decode_indices(x) for x, _ in loader]
         order = loader.rank_order(epoch).tolist()
         assert seen == [order[i:i + 100] for i in range(0, len(order), 100)]
+
+
+def test_batches_from_a_worker_reusing_blocks_stay_as_sent(synth_shards):
+    """One persistent DataLoader worker (it gathers in groups from its own pool): 3 epochs of
+    batches, all kept in the main process, equal the loader's own batches of those epochs."""
+    from torch.utils.data import DataLoader
+
+    loader = FastMNISTLoader(synth_shards, batch_size=64, seed=4)
+    through_worker = DataLoader(loader, batch_size=None, num_workers=1, persistent_workers=True)
+    received = [batch for _ in range(3) for batch in through_worker]
+    direct = FastMNISTLoader(synth_shards, batch_size=64, seed=4)
+    expected = [batch for _ in range(3) for batch in direct]
+    assert len(received) == len(expected) == 3 * len(loader)
+    for (x, y), (rx, ry) in zip(received, expected, strict=True):
+        assert torch.equal(x, rx) and torch.equal(y, ry)
