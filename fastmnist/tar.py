@@ -76,23 +76,22 @@ def _template() -> np.ndarray:
 _TEMPLATE = _template()
 _HEADERS = (CLS_MEMBER, NPY_MEMBER)
 _BLANK_SUMS = [int(_TEMPLATE[h:h + BLOCK].sum(dtype=np.int64)) for h in _HEADERS]
-# The columns of a record before its pixels that differ between samples: keys, checksums, label.
-_VARYING = np.array([*range(LABEL, LABEL + LABEL_DIGITS), CLS_MEMBER + SIZE_DIGIT, *(
-    h + c for h in _HEADERS
-    for c in (*range(NAME.start, NAME.stop), *range(CHECKSUM.start, CHECKSUM.start + CHECKSUM_DIGITS + 1)))])
-_HEAD_WORDS = _TEMPLATE[:IMAGE].view(np.uint64)  # IMAGE is a multiple of 8
+_TEMPLATE[[h + CHECKSUM.start + CHECKSUM_DIGITS for h in _HEADERS]] = 0  # the NUL after the digits
+_FOUR_DIGITS = (np.arange(10 ** 4)[:, None] // 10 ** np.arange(3, -1, -1) % 10 + ord("0")).astype(np.uint8)
+_FOUR_DIGIT_SUMS = (_FOUR_DIGITS - ord("0")).sum(1, dtype=np.int64)
+_OCTAL_SHIFTS = 3 * np.arange(CHECKSUM_DIGITS - 1, -1, -1)
+CHECK_CHUNK = 512  # records compared at a time: their 852 KB of headers stay in cache
 
 
 def _keys_and_checksums(first: int, widths: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
     """uint8 ASCII ``(n, KEY_DIGITS)`` keys of samples ``first, first + 1, ...`` and, for each
     member header, their ``(n, CHECKSUM_DIGITS)`` octal checksums, given the number of
     digits of each label, ``widths`` ``(n,)`` (the .cls size: 1 in the template)."""
-    keys = first + np.arange(len(widths), dtype=np.int64)
-    digits = ((keys[:, None] // 10 ** np.arange(KEY_DIGITS - 1, -1, -1)) % 10 + ord("0")).astype(np.uint8)
-    key_sum = (digits - ord("0")).sum(1, dtype=np.int64)  # the template's key is "00000000"
-    octal = 8 ** np.arange(CHECKSUM_DIGITS - 1, -1, -1)
+    high, low = np.divmod(first + np.arange(len(widths), dtype=np.int64), 10 ** 4)
+    digits = np.concatenate([_FOUR_DIGITS[high], _FOUR_DIGITS[low]], axis=1)
+    key_sum = _FOUR_DIGIT_SUMS[high] + _FOUR_DIGIT_SUMS[low]  # the template's key is "00000000"
     sums = [_BLANK_SUMS[0] + key_sum + widths - 1, _BLANK_SUMS[1] + key_sum]
-    return digits, [(total[:, None] // octal % 8 + ord("0")).astype(np.uint8) for total in sums]
+    return digits, [((total[:, None] >> _OCTAL_SHIFTS) & 7 | ord("0")).astype(np.uint8) for total in sums]
 
 
 def _label_text(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -105,21 +104,30 @@ def _label_text(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return text.astype(np.uint8), widths
 
 
+def _varying(first: int, labels: np.ndarray) -> list[tuple[slice, np.ndarray]]:
+    """The bytes in which the records of samples ``first, first + 1, ...`` with labels
+    ``(n,)`` in 0..999 differ from the template: ``(columns, uint8 (n, width))`` pairs."""
+    text, widths = _label_text(labels)
+    digits, checksums = _keys_and_checksums(first, widths)
+    size = CLS_MEMBER + SIZE_DIGIT
+    pairs = [(slice(LABEL, LABEL + LABEL_DIGITS), text),
+             (slice(size, size + 1), (widths + ord("0")).astype(np.uint8)[:, None])]
+    for header, checksum in zip(_HEADERS, checksums, strict=True):
+        at = header + CHECKSUM.start
+        pairs += [(slice(header + NAME.start, header + NAME.stop), digits),
+                  (slice(at, at + CHECKSUM_DIGITS), checksum)]
+    return pairs
+
+
 def records(first: int, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """uint8 ``(n, RECORD)``: the records of samples ``first, first + 1, ...`` with uint8
     images ``(n, 1, 28, 28)`` and labels ``(n,)`` in 0..999."""
     n = len(labels)
     out = np.empty((n, RECORD), np.uint8)
     out[:] = _TEMPLATE
-    text, widths = _label_text(labels)
-    out[:, LABEL:LABEL + LABEL_DIGITS] = text
-    out[:, CLS_MEMBER + SIZE_DIGIT] = widths + ord("0")
+    for columns, values in _varying(first, labels):
+        out[:, columns] = values
     out[:, IMAGE:IMAGE + PIXELS] = images.reshape(n, PIXELS)
-    digits, checksums = _keys_and_checksums(first, widths)
-    for header, checksum in zip(_HEADERS, checksums, strict=True):
-        out[:, header + NAME.start:header + NAME.stop] = digits
-        out[:, header + CHECKSUM.start:header + CHECKSUM.start + CHECKSUM_DIGITS] = checksum
-        out[:, header + CHECKSUM.start + CHECKSUM_DIGITS] = 0
     return out
 
 
@@ -188,17 +196,17 @@ def _labels(rows: np.ndarray) -> np.ndarray | None:
 
 
 def _in_layout(rows: np.ndarray, first: int, labels: np.ndarray) -> bool:
-    """Whether every byte of the records ``rows`` (uint8 ``(n, RECORD)``) but their labels
-    (checked by the caller) and pixels is the layout's for samples ``first, first + 1, ...``:
-    the keys and checksums compared on their own, the rest against the template 8 bytes at
-    a time."""
-    head = rows[:, :IMAGE].copy()
-    digits, checksums = _keys_and_checksums(first, _label_text(labels)[1])
-    for header, checksum in zip(_HEADERS, checksums, strict=True):
-        at = header + CHECKSUM.start
-        if not (np.array_equal(head[:, header + NAME.start:header + NAME.stop], digits)
-                and np.array_equal(head[:, at:at + CHECKSUM_DIGITS], checksum)
-                and not head[:, at + CHECKSUM_DIGITS].any()):
+    """Whether every byte of the records ``rows`` (uint8 ``(n, RECORD)``) but their pixels is
+    the layout's for samples ``first, first + 1, ...`` with ``labels``: ``CHECK_CHUNK``
+    records at a time against their expected bytes, built in one reused block that stays in
+    cache, 8 bytes at a time."""
+    pairs = _varying(first, labels)
+    expected = np.empty((min(CHECK_CHUNK, len(rows)), IMAGE), np.uint8)
+    expected[:] = _TEMPLATE[:IMAGE]
+    for start in range(0, len(rows), CHECK_CHUNK):
+        block = expected[:len(rows[start:start + CHECK_CHUNK])]
+        for columns, values in pairs:
+            block[:, columns] = values[start:start + CHECK_CHUNK]
+        if not (rows[start:start + len(block), :IMAGE].view(np.uint64) == block.view(np.uint64)).all():
             return False
-    head[:, _VARYING] = _TEMPLATE[_VARYING]  # checked above
-    return bool((head.view(np.uint64) == _HEAD_WORDS).all()) and not rows[:, IMAGE + PIXELS:].any()
+    return not rows[:, IMAGE + PIXELS:].any()

@@ -25,16 +25,25 @@ def _ours(first, images, labels) -> bytes:
     return records(first, images, labels).tobytes() + archive_padding(len(labels)).tobytes()
 
 
-@pytest.mark.parametrize("n, classes", [(1, 10), (3, 10), (1500, 10), (1500, 62), (3000, 1000)])
-def test_writer_gives_webdatasets_tarwriter_bytes(n, classes):
-    """Labels of 1, 2 and 3 digits (EMNIST byclass has 62 classes) included."""
-    images, labels = _samples(n, classes=classes)
+def _stock(first, images, labels) -> bytes:
     stock = io.BytesIO()
     with webdataset.TarWriter(stock, mtime=0) as writer:
-        for i in range(n):
-            writer.write({"__key__": f"{FIRST + i:08d}", "npy": images[i, 0], "cls": int(labels[i])})
-    assert _ours(FIRST, images, labels) == stock.getvalue()
-    assert len(stock.getvalue()) == archive_size(n)
+        for i in range(len(labels)):
+            writer.write({"__key__": f"{first + i:08d}", "npy": images[i, 0], "cls": int(labels[i])})
+    return stock.getvalue()
+
+
+@pytest.mark.parametrize("n, classes, first", [
+    (1, 10, FIRST), (3, 10, FIRST), (1500, 10, FIRST), (1500, 62, FIRST), (3000, 1000, FIRST),
+    (1500, 10, 9_000), (1500, 10, 99_998_500)])
+def test_writer_gives_webdatasets_tarwriter_bytes(n, classes, first):
+    """Labels of 1, 2 and 3 digits (EMNIST byclass has 62 classes) included; keys that cross
+    9,999 to 10,000 and that end at the largest 8-digit key."""
+    images, labels = _samples(n, classes=classes)
+    stock = _stock(first, images, labels)
+    assert _ours(first, images, labels) == stock
+    assert len(stock) == archive_size(n)
+    assert np.array_equal(decode_shard(stock, first, n, "s.tar")[1], labels)
 
 
 def test_python_tarfile_and_np_load_read_a_shard():
@@ -82,6 +91,18 @@ def test_decode_names_the_damaged_sample(offset, value, message):
     data = _edit(_ours(FIRST, images, labels), offset, value)
     with pytest.raises(FastMNISTError, match=f"s.tar: {message}"):
         decode_shard(data, FIRST, 10, "s.tar")
+
+
+@pytest.mark.parametrize("sample", [511, 512, 1700, 2999])
+def test_a_damaged_header_deep_in_a_shard_is_named(sample):
+    """Records are checked in blocks (``CHECK_CHUNK``): one changed key digit in any block,
+    the last one partial, is found and named."""
+    images, labels = _samples(3000)
+    data = _ours(FIRST, images, labels)
+    offset = sample * RECORD + 1024 + 7  # the last digit of the .npy member's key
+    message = f"s.tar: sample {sample}: unexpected bytes in the .npy member header"
+    with pytest.raises(FastMNISTError, match=message):
+        decode_shard(_edit(data, offset, data[offset] ^ 1), FIRST, 3000, "s.tar")
 
 
 def test_decode_refuses_other_keys_and_lengths():
