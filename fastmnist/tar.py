@@ -204,9 +204,10 @@ def _in_layout(rows: np.ndarray, first: int, labels: np.ndarray) -> bool:
     expected = np.empty((min(CHECK_CHUNK, len(rows)), IMAGE), np.uint8)
     expected[:] = _TEMPLATE[:IMAGE]
     for start in range(0, len(rows), CHECK_CHUNK):
-        block = expected[:len(rows[start:start + CHECK_CHUNK])]
+        stop = min(start + CHECK_CHUNK, len(rows))
+        block = expected[:stop - start]
         for columns, values in pairs:
-            block[:, columns] = values[start:start + CHECK_CHUNK]
-        if not (rows[start:start + len(block), :IMAGE].view(np.uint64) == block.view(np.uint64)).all():
+            block[:, columns] = values[start:stop]
+        if not (rows[start:stop, :IMAGE].view(np.uint64) == block.view(np.uint64)).all():
             return False
     return not rows[:, IMAGE + PIXELS:].any()

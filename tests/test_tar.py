@@ -105,6 +105,19 @@ def test_a_damaged_header_deep_in_a_shard_is_named(sample):
         decode_shard(_edit(data, offset, data[offset] ^ 1), FIRST, 3000, "s.tar")
 
 
+@pytest.mark.parametrize("offset", [1, 3, 4])
+def test_a_shard_at_any_address_decodes_and_is_checked(offset):
+    """Records are compared 8 bytes at a time: a buffer whose data does not start at a
+    multiple of 8 decodes the same, and a damaged key is still named."""
+    images, labels = _samples(600)
+    buffer = bytearray(offset) + _ours(FIRST, images, labels)
+    got_images, got_labels = decode_shard(memoryview(buffer)[offset:], FIRST, 600, "s.tar")
+    assert np.array_equal(got_images, images) and np.array_equal(got_labels, labels)
+    buffer[offset + 550 * RECORD + 3] ^= 1
+    with pytest.raises(FastMNISTError, match="s.tar: sample 550: unexpected bytes in the .cls member header"):
+        decode_shard(memoryview(buffer)[offset:], FIRST, 600, "s.tar")
+
+
 def test_decode_refuses_other_keys_and_lengths():
     images, labels = _samples(10)
     data = _ours(FIRST, images, labels)
