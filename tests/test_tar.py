@@ -9,9 +9,11 @@ import tarfile
 import numpy as np
 import pytest
 import webdataset
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fastmnist import FastMNISTError
-from fastmnist.tar import RECORD, archive_padding, archive_size, decode_shard, records
+from fastmnist.tar import CHECK_CHUNK, RECORD, archive_padding, archive_size, decode_shard, records
 
 FIRST = 123_450  # keys need not start at 0: a shard's first sample is its key
 
@@ -159,3 +161,41 @@ def test_decode_refuses_a_label_the_set_does_not_have():
     assert decode_shard(data, FIRST, 10, "s.tar", num_classes=100)[1][4] == 62
     with pytest.raises(FastMNISTError, match=r"s\.tar: sample 4: label 62 is not a class of this set"):
         decode_shard(data, FIRST, 10, "s.tar", num_classes=10)
+
+
+FUZZ_SAMPLES = CHECK_CHUNK + 40  # two blocks of the check, the second partial
+_FUZZ_IMAGES, _FUZZ_LABELS = _samples(FUZZ_SAMPLES, seed=7, classes=62)
+_FUZZ_SHARD = _ours(FIRST, _FUZZ_IMAGES, _FUZZ_LABELS)
+_PIXELS = range(1536 + 128, 1536 + 128 + 784)  # of a record
+# key, size, checksum, label, padding: bytes whose change a lax check would miss
+_TELLING = [7, 134, 148, 153, 154, 155, 512, 513, 514, 515, 1024 + 7, 1024 + 153, 1536 + 127, 2448, 2559]
+_RECORD = st.one_of(st.integers(0, FUZZ_SAMPLES - 1),  # hypothesis favours small ones: name the edges too
+                    st.sampled_from([CHECK_CHUNK - 1, CHECK_CHUNK, CHECK_CHUNK + 1, FUZZ_SAMPLES - 1]))
+_EDIT = st.one_of(
+    st.tuples(st.integers(0, len(_FUZZ_SHARD) - 1), st.integers(0, 255)),  # anywhere, any byte
+    st.builds(lambda i, column, value: (i * RECORD + column, value), _RECORD,
+              st.one_of(st.sampled_from(_TELLING), st.integers(0, RECORD - 1)),
+              st.sampled_from(b"0123456789 \0")))  # digits where digits are
+
+
+@settings(max_examples=400, deadline=2000)
+@given(edits=st.lists(_EDIT, max_size=6), cut=st.one_of(st.none(), st.integers(0, len(_FUZZ_SHARD) - 1)),
+       first=st.sampled_from([FIRST, FIRST + 1]))
+def test_a_shard_is_decoded_only_if_it_is_exactly_the_layout(edits, cut, first):
+    """Hostile bytes (any bytes changed, digits put where digits belong, the shard cut short,
+    keys other than the manifest's): decoding raises ``FastMNISTError`` naming the shard, or
+    returns samples whose records, written again, are the input byte for byte, so only
+    pixels can differ from what was written; and a shard changed only in pixels decodes."""
+    data = bytearray(_FUZZ_SHARD)
+    for offset, value in edits:
+        data[offset] = value
+    data = bytes(data[:cut] if cut is not None else data)
+    only_pixels = cut is None and first == FIRST and all(
+        offset < FUZZ_SAMPLES * RECORD and offset % RECORD in _PIXELS
+        for offset, value in edits if value != _FUZZ_SHARD[offset])
+    try:
+        images, labels = decode_shard(data, first, FUZZ_SAMPLES, "s.tar", num_classes=62)
+    except FastMNISTError as e:
+        assert str(e).startswith("s.tar: ") and not only_pixels, e
+        return
+    assert _ours(first, images, labels) == data
