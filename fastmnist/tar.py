@@ -63,20 +63,21 @@ def _member_header(extension: str, size: int) -> np.ndarray:
 
 
 def _template() -> np.ndarray:
-    """uint8 ``(RECORD,)``: the record of sample 0 with label 0 (one digit), black pixels and
-    blank checksums."""
+    """uint8 ``(RECORD,)``: the record of sample 0 with label 0 (one digit) and black pixels,
+    the digits of its checksums blank (spaces), then the NUL and space that end them."""
     record = np.zeros(RECORD, np.uint8)
     record[CLS_MEMBER:CLS_MEMBER + BLOCK] = _member_header("cls", 1)
     record[LABEL] = ord("0")
     record[NPY_MEMBER:NPY_MEMBER + BLOCK] = _member_header("npy", NPY_SIZE)
     record[NPY_MEMBER + BLOCK:IMAGE] = np.frombuffer(NPY_HEADER, np.uint8)
+    record[[h + CHECKSUM.start + CHECKSUM_DIGITS for h in _HEADERS]] = 0
     return record
 
 
-_TEMPLATE = _template()
 _HEADERS = (CLS_MEMBER, NPY_MEMBER)
-_BLANK_SUMS = [int(_TEMPLATE[h:h + BLOCK].sum(dtype=np.int64)) for h in _HEADERS]
-_TEMPLATE[[h + CHECKSUM.start + CHECKSUM_DIGITS for h in _HEADERS]] = 0  # the NUL after the digits
+_TEMPLATE = _template()
+# Each header's checksum over the template, its checksum field all spaces (as tar sums it).
+_BLANK_SUMS = [int(_TEMPLATE[h:h + BLOCK].sum(dtype=np.int64)) + ord(" ") for h in _HEADERS]
 _FOUR_DIGITS = (np.arange(10 ** 4)[:, None] // 10 ** np.arange(3, -1, -1) % 10 + ord("0")).astype(np.uint8)
 _FOUR_DIGIT_SUMS = (_FOUR_DIGITS - ord("0")).sum(1, dtype=np.int64)
 _OCTAL_SHIFTS = 3 * np.arange(CHECKSUM_DIGITS - 1, -1, -1)
