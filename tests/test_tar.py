@@ -16,6 +16,7 @@ from fastmnist import FastMNISTError
 from fastmnist.tar import CHECK_CHUNK, RECORD, archive_padding, archive_size, decode_shard, records
 
 FIRST = 123_450  # keys need not start at 0: a shard's first sample is its key
+PIXELS = range(1536 + 128, 1536 + 128 + 784)  # of a record: after 3 blocks and np.save's header
 
 
 def _samples(n, seed=0, classes=10):
@@ -133,7 +134,7 @@ def test_pixels_are_not_checked_but_hashed():
     """A flipped pixel is a valid sample: only the manifest's sha256 (``verify``) tells."""
     images, labels = _samples(4)
     data = _ours(FIRST, images, labels)
-    flipped = _edit(data, 2 * RECORD + 1536 + 128 + 10, data[2 * RECORD + 1536 + 128 + 10] ^ 1)
+    flipped = _edit(data, 2 * RECORD + PIXELS[10], data[2 * RECORD + PIXELS[10]] ^ 1)
     assert decode_shard(flipped, FIRST, 4, "s.tar")[0][2, 0, 0, 10] != images[2, 0, 0, 10]
     assert hashlib.sha256(flipped).hexdigest() != hashlib.sha256(data).hexdigest()
 
@@ -143,8 +144,7 @@ def test_every_byte_outside_the_pixels_is_checked():
     non-digit), is refused, naming the record."""
     images, labels = _samples(3)
     data = _ours(FIRST, images, labels)
-    pixels = range(1536 + 128, 1536 + 128 + 784)
-    for column in (c for c in range(RECORD) if c not in pixels):
+    for column in (c for c in range(RECORD) if c not in PIXELS):
         offset = RECORD + column
         damaged = _edit(data, offset, data[offset] ^ (0xFF if column == 512 else 1))
         assert damaged != data
@@ -166,7 +166,6 @@ def test_decode_refuses_a_label_the_set_does_not_have():
 FUZZ_SAMPLES = CHECK_CHUNK + 40  # two blocks of the check, the second partial
 _FUZZ_IMAGES, _FUZZ_LABELS = _samples(FUZZ_SAMPLES, seed=7, classes=62)
 _FUZZ_SHARD = _ours(FIRST, _FUZZ_IMAGES, _FUZZ_LABELS)
-_PIXELS = range(1536 + 128, 1536 + 128 + 784)  # of a record
 # key, size, checksum, label, padding: bytes whose change a lax check would miss
 _TELLING = [7, 134, 148, 153, 154, 155, 512, 513, 514, 515, 1024 + 7, 1024 + 153, 1536 + 127, 2448, 2559]
 _RECORD = st.one_of(st.integers(0, FUZZ_SAMPLES - 1),  # hypothesis favours small ones: name the edges too
@@ -191,7 +190,7 @@ def test_a_shard_is_decoded_only_if_it_is_exactly_the_layout(edits, cut, first):
         data[offset] = value
     data = bytes(data[:cut] if cut is not None else data)
     only_pixels = cut is None and first == FIRST and all(
-        offset < FUZZ_SAMPLES * RECORD and offset % RECORD in _PIXELS
+        offset < FUZZ_SAMPLES * RECORD and offset % RECORD in PIXELS
         for offset, value in edits if value != _FUZZ_SHARD[offset])
     try:
         images, labels = decode_shard(data, first, FUZZ_SAMPLES, "s.tar", num_classes=62)
