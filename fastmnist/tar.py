@@ -50,6 +50,7 @@ LABEL = CLS_MEMBER + BLOCK  # its one data block: the label's digits, then zeros
 NPY_MEMBER = LABEL + BLOCK  # header block of {key}.npy
 IMAGE = NPY_MEMBER + BLOCK + len(NPY_HEADER)  # the pixels, after the .npy header
 RECORD = NPY_MEMBER + BLOCK + _NPY_BLOCKS * BLOCK  # 2560 bytes per sample
+_HEADERS = (CLS_MEMBER, NPY_MEMBER)  # where each member header starts
 
 
 def _member_header(extension: str, size: int) -> np.ndarray:
@@ -74,7 +75,6 @@ def _template() -> np.ndarray:
     return record
 
 
-_HEADERS = (CLS_MEMBER, NPY_MEMBER)
 _TEMPLATE = _template()
 # Each header's checksum over the template, its checksum field all spaces (as tar sums it).
 _BLANK_SUMS = [int(_TEMPLATE[h:h + BLOCK].sum(dtype=np.int64)) + ord(" ") for h in _HEADERS]
