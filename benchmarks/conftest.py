@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from fastmnist import convert
-from fastmnist.bench import pipelines
-from fastmnist.report import extract_for_torchvision
-from fastmnist.synth import write_raw
+from fastmnist.bench.pipelines import pipelines
+from fastmnist.bench.report import extract_for_torchvision
+from fastmnist.conversion.synth import write_raw
 
 
 @pytest.fixture(scope="session")

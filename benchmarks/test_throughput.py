@@ -11,8 +11,8 @@ import statistics
 import pytest
 import torch
 
-from fastmnist.bench import SEED, run_epoch
-from fastmnist.report import SLOW
+from fastmnist.bench.pipelines import SEED, run_epoch
+from fastmnist.bench.report import SLOW
 from fastmnist.store import open_shards
 
 NAMES = [SEED, "seed pipeline, workers=2", "TensorDataset + DataLoader", "index_select floor",

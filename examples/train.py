@@ -21,7 +21,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
 from fastmnist import FastMNISTLoader, convert  # noqa: E402
-from fastmnist.idx import read_images, read_labels, write_idx  # noqa: E402
+from fastmnist.formats.idx import read_images, read_labels, write_idx  # noqa: E402
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist-t10k"
 

@@ -9,14 +9,14 @@ import importlib
 __version__ = "0.1.0"
 
 _WHERE = {  # public name -> the module that defines it
-    "ConvertResult": "converter",
-    "convert": "converter",
+    "ConvertResult": "conversion.converter",
+    "convert": "conversion.converter",
     "FastMNISTError": "errors",
     "FastMNISTLoader": "loader",
-    "Manifest": "manifest",
-    "PushResult": "push",
-    "push": "push",
-    "Retry": "transport",
+    "Manifest": "formats.manifest",
+    "PushResult": "conversion.push",
+    "conversion.push": "conversion.push",
+    "Retry": "remote.transport",
     "ShardSet": "store",
     "Split": "store",
     "open_shards": "store",

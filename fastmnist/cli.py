@@ -4,8 +4,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .datasets import DATASETS
 from .errors import FastMNISTError
+from .formats.datasets import DATASETS
 
 
 def main(argv=None) -> int:
@@ -115,7 +115,7 @@ def add_convert_args(c: argparse.ArgumentParser) -> None:
 
 
 def _convert(args) -> int:
-    from .converter import convert
+    from .conversion.converter import convert
 
     r = convert(args.root, args.out, args.dataset, splits=args.split, mean=args.mean,
                 std=args.std, format=args.format, shard_size=args.shard_size,
@@ -168,7 +168,7 @@ def _verify(args) -> int:
 def _push(args) -> int:
     import json
 
-    from .push import push
+    from .conversion.push import push
 
     options = {}
     for item in args.storage_option:
@@ -189,7 +189,7 @@ def _push(args) -> int:
 
 
 def _synth(args) -> int:
-    from .synth import write_raw
+    from .conversion.synth import write_raw
 
     paths = write_raw(args.root, args.train, args.test, args.dataset, args.seed,
                       compressed=not args.extracted_only)
@@ -217,7 +217,7 @@ def _bench(args) -> int:
     import json
 
     _require_bench_extra()
-    from .report import check, extract_for_torchvision, markdown, reference_from, run_report
+    from .bench.report import check, extract_for_torchvision, markdown, reference_from, run_report
 
     extract_for_torchvision(args.raw)
     result = run_report(args.raw, args.shards, args.out,
@@ -236,7 +236,7 @@ def _bench(args) -> int:
 
 
 def _scale(args) -> int:
-    from .scale import markdown, run_scale
+    from .bench.scale import markdown, run_scale
 
     result = run_scale(args.work, args.out, [int(n) for n in args.sizes.split(",")], args.rounds)
     print(markdown(result))
@@ -256,8 +256,8 @@ def _report(failures: list[str], label: str, success: str) -> int:
 
 
 def _demo(args) -> int:
-    from .converter import convert
-    from .synth import write_raw
+    from .conversion.converter import convert
+    from .conversion.synth import write_raw
 
     _require_bench_extra()
     if not list(args.data.glob("MNIST/raw/*")):

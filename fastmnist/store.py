@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import FastMNISTError
-from .manifest import MANIFEST, MAX_MANIFEST_BYTES, Manifest, Shard, SplitInfo, parse_manifest
-from .transport import DEFAULT_RETRY, Retry, expand_urls, fetch, join
+from .formats.manifest import MANIFEST, MAX_MANIFEST_BYTES, Manifest, Shard, SplitInfo, parse_manifest
+from .remote.transport import DEFAULT_RETRY, Retry, expand_urls, fetch, join
 
 
 def sha256_file(path: Path) -> str:

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from fastmnist import convert
-from fastmnist.idx import write_idx
-from fastmnist.synth import write_raw
+from fastmnist.conversion.synth import write_raw
+from fastmnist.formats.idx import write_idx
 
 REAL_ROOT = Path(os.environ.get(
     "FASTMNIST_REAL_DATA", Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist-t10k"))

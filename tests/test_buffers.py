@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from fastmnist import FastMNISTLoader
-from fastmnist.buffers import KEEP, BufferPool
 from fastmnist.loader import GROUP_SAMPLES
+from fastmnist.loading.buffers import KEEP, BufferPool
 
 from .conftest import decode_indices
 
@@ -52,8 +52,8 @@ def test_loader_batches_kept_across_epochs_never_change(synth_shards, source, ke
     """Three epochs, keeping (or not) one batch of every third group, one of them as a numpy
     view: every batch is the float32 source's, each kept batch still equals its copy taken
     when it was yielded, and new blocks were needed only for the groups kept."""
-    loader = FastMNISTLoader(synth_shards, batch_size=64, seed=3, source=source)
-    reference = FastMNISTLoader(synth_shards, batch_size=64, seed=3, source="float32")
+    loader = FastMNISTLoader(synth_shards, batch_size=64, seed=3, images=source)
+    reference = FastMNISTLoader(synth_shards, batch_size=64, seed=3, images="float32")
     per_group = GROUP_SAMPLES // 64
     kept, blocks, numpy_view = [], set(), None
     for _ in range(3):

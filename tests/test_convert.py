@@ -16,7 +16,7 @@ from torchvision import transforms
 
 from fastmnist import FastMNISTError, FastMNISTLoader, convert, open_shards, verify_shards
 from fastmnist.cli import main
-from fastmnist.synth import write_raw
+from fastmnist.conversion.synth import write_raw
 
 from .conftest import write_split
 
@@ -263,11 +263,11 @@ def test_no_float32_keeps_uint8_only_and_the_loader_gives_the_same_bits(synth_ro
     assert open_shards(out, verify=True).split("train").info.arrays.keys() == {"images_u8", "labels"}
     lean = FastMNISTLoader(out, batch_size=256, seed=9)
     full = FastMNISTLoader(synth_shards, batch_size=256, seed=9)
-    assert lean.source == "uint8" and full.source == "float32"
+    assert lean.source.dtype == torch.uint8 and full.source.dtype == torch.float32
     for (x, y), (fx, fy) in zip(lean, full, strict=True):
         assert x.dtype == torch.float32 and torch.equal(x, fx) and torch.equal(y, fy)
     with pytest.raises(FastMNISTError, match="no images_f32 array"):
-        FastMNISTLoader(out, source="float32")
+        FastMNISTLoader(out, images="float32")
 
 
 def test_demo_converts_with_the_convert_commands_own_defaults(tmp_path, monkeypatch):

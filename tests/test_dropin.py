@@ -85,7 +85,7 @@ def test_dataset_and_attributes_mean_what_dataloaders_do(real_shards, torchvisio
         assert torch.equal(x, rx) and label == rlabel and type(label) is int
     assert torch.equal(loader.dataset.targets, reference.dataset.targets)
     assert sum(1 for _ in zip(range(3), loader.dataset, strict=False)) == 3  # iterable as a Dataset
-    uint8 = FastMNISTLoader(real_shards, split="test", source="uint8").dataset[7][0]
+    uint8 = FastMNISTLoader(real_shards, split="test", images="uint8").dataset[7][0]
     assert torch.equal(uint8, reference.dataset[7][0])
 
 

@@ -14,9 +14,9 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 
 from fastmnist import FastMNISTError, FastMNISTLoader, convert
-from fastmnist.datasets import DATASETS, get_spec
-from fastmnist.idx import read_images, read_labels, write_idx
-from fastmnist.synth import qmnist_columns
+from fastmnist.conversion.synth import qmnist_columns
+from fastmnist.formats.datasets import DATASETS, get_spec
+from fastmnist.formats.idx import read_images, read_labels, write_idx
 
 from .conftest import batch_indices, indexed_images, served
 
@@ -192,7 +192,7 @@ def test_emnist_shaped_set_is_split_exactly_once_and_resumes(byclass_set):
                 index = batch_indices([(x, y)])[0]
                 assert y.tolist() == [i * 7 % 62 for i in index]
                 seen += index
-        order = FastMNISTLoader(path, seed=3, format=format).batch_source.order(3, 0, True).tolist()
+        order = FastMNISTLoader(path, seed=3, format=format).source.order(3, 0, True).tolist()
         padding = order[:math.ceil(N / 3) * 3 - N]  # repeated, as DistributedSampler does
         assert Counter(seen) == Counter(order + padding)
         whole = list(FastMNISTLoader(path, batch_size=50, seed=3, normalize=False, format=format))

@@ -12,8 +12,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from fastmnist import FastMNISTError, FastMNISTLoader, Retry, convert
-from fastmnist.faulty_server import Faults, serve
-from fastmnist.order import worker_parts
+from fastmnist.bench.faulty_server import Faults, serve
+from fastmnist.loading.order import worker_parts
 
 from .conftest import INDEXED_N, batch_indices, indexed_images, write_split
 

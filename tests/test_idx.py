@@ -10,8 +10,8 @@ import torch
 import torchvision
 
 from fastmnist import FastMNISTError
-from fastmnist.datasets import DATASETS
-from fastmnist.idx import XZ_MEMORY_LIMIT, read_images, read_labels, write_idx
+from fastmnist.formats.datasets import DATASETS
+from fastmnist.formats.idx import XZ_MEMORY_LIMIT, read_images, read_labels, write_idx
 
 
 def test_md5_table_is_torchvisions():

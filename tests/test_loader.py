@@ -16,8 +16,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from fastmnist import FastMNISTError, FastMNISTLoader, convert
-from fastmnist.normalize import normalize_u8, normalize_u8_numpy
-from fastmnist.order import LOCALITY_WINDOW, block_order, epoch_order, rank_share
+from fastmnist.formats.normalize import normalize_u8, normalize_u8_numpy
+from fastmnist.loading.order import LOCALITY_WINDOW, block_order, epoch_order, rank_share
 
 from .conftest import INDEXED_N, batch_indices, decode_indices, seed_pipeline
 
@@ -28,7 +28,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is n
 @pytest.mark.parametrize("source", ["float32", "uint8"])
 def test_bit_exact_with_the_seed_pipeline_on_real_data(real_shards, torchvision_test_root, source):
     reference = seed_pipeline(torchvision_test_root)
-    loader = FastMNISTLoader(real_shards, split="test", batch_size=64, shuffle=False, source=source)
+    loader = FastMNISTLoader(real_shards, split="test", batch_size=64, shuffle=False, images=source)
     assert len(loader) == len(reference) == 157
     count = 0
     for (x, y), (rx, ry) in zip(loader, reference, strict=True):
@@ -237,7 +237,7 @@ def test_pickles_without_data(synth_shards):
     ({"split": "validation"}, "no split 'validation'; this set has train, test"),
     ({"rank": 2, "world_size": 2}, "rank 2 is out of range for world_size 2"),
     ({"world_size": 0}, "world_size must be a positive integer"),
-    ({"source": "float16"}, "source must be 'float32' or 'uint8'"),
+    ({"images": "float16"}, "images must be 'float32' or 'uint8'"),
 ])
 def test_bad_arguments(indexed_shards, kwargs, message):
     with pytest.raises(FastMNISTError, match=message):
@@ -288,7 +288,7 @@ def test_resident_cpu_and_unnormalised_modes(indexed_shards):
     resident = FastMNISTLoader(indexed_shards, batch_size=64, normalize=False, resident=True)
     assert batch_indices(resident) == base
     f32 = list(FastMNISTLoader(indexed_shards, batch_size=64, shuffle=False))
-    u8 = list(FastMNISTLoader(indexed_shards, batch_size=64, shuffle=False, source="uint8"))
+    u8 = list(FastMNISTLoader(indexed_shards, batch_size=64, shuffle=False, images="uint8"))
     assert all(torch.equal(a[0], b[0]) for a, b in zip(f32, u8, strict=True))
 
 
@@ -311,7 +311,7 @@ def test_cpu_batches_are_pinned_when_cuda_is_present(indexed_shards):
 
 
 def test_converted_set_of_other_split_sizes(tmp_path):
-    from fastmnist.synth import write_raw
+    from fastmnist.conversion.synth import write_raw
 
     write_raw(tmp_path, 7, 3)
     convert(tmp_path, tmp_path / "s", progress=False)

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fastmnist import FastMNISTError, FastMNISTLoader, convert
-from fastmnist.manifest import parse_manifest
+from fastmnist.formats.manifest import parse_manifest
 
 from .conftest import INDEXED_N, indexed_images, served, write_split
 

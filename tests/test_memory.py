@@ -8,8 +8,8 @@ import shutil
 
 import pytest
 
-from fastmnist.scale import run_measured
-from fastmnist.synth import write_raw
+from fastmnist.bench.scale import run_measured
+from fastmnist.conversion.synth import write_raw
 
 CASES = {  # name: (convert options, large size)
     "npy-uint8": (["--format", "npy", "--no-float32"], 2_000_000),

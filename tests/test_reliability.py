@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fastmnist import FastMNISTError, FastMNISTLoader, convert, open_shards, verify_shards
-from fastmnist.idx import QMNIST_LABELS, XZ_MEMORY_LIMIT, IdxReader, read_images, read_labels
+from fastmnist.formats.idx import QMNIST_LABELS, XZ_MEMORY_LIMIT, IdxReader, read_images, read_labels
 
 REPO = Path(__file__).resolve().parents[1]
 FUZZ = settings(max_examples=400, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -143,7 +143,7 @@ KILL_POINTS = {  # observed from outside, killed at that moment
 SELF_KILL = """
 import importlib, os, signal, sys
 from fastmnist.cli import main
-convert = importlib.import_module("fastmnist.converter")
+convert = importlib.import_module("fastmnist.conversion.converter")
 point, renames, real_rename, real_swap = sys.argv[1], [], os.rename, convert._swap_into_place
 real_manifest = convert._write_manifest
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from fastmnist.bench import COUNTED, FLOOR, SEED
-from fastmnist.report import check, reference_from, run_report
+from fastmnist.bench.pipelines import COUNTED, FLOOR, SEED
+from fastmnist.bench.report import check, reference_from, run_report
 
 REFERENCE = Path(__file__).resolve().parents[1] / "benchmarks" / "reference.json"
 

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from fastmnist import FastMNISTError, FastMNISTLoader, convert
-from fastmnist.order import shard_order
+from fastmnist.loading.order import shard_order
 
 from .conftest import INDEXED_N, batch_indices, indexed_images, served, write_split
 
@@ -96,7 +96,7 @@ def test_elastic_resume_of_the_arrays(indexed_shards, old, new, stop):
     k = {"first": 1, "middle": batches // 2, "last": batches - 1}[stop]
     before, state = _first_batches(indexed_shards, w, workers, batch, k)
     ranks = _rest(indexed_shards, state, w2, workers2, batch2)
-    order = FastMNISTLoader(indexed_shards, seed=SEED).batch_source.order(SEED, 0, True).tolist()
+    order = FastMNISTLoader(indexed_shards, seed=SEED).source.order(SEED, 0, True).tolist()
     _check_exactly_once(order, before, ranks, w2)
     for rank, (_, following) in enumerate(ranks):  # then the normal epochs of the new configuration
         fresh = _loader(indexed_shards, rank, w2, batch2)
@@ -109,7 +109,7 @@ def test_elastic_resume_with_drop_last_and_a_smaller_batch(indexed_shards, old, 
     (w, workers), (w2, workers2) = old, new
     before, state = _first_batches(indexed_shards, w, workers, 50, 3)
     ranks = _rest(indexed_shards, state, w2, workers2, 16, drop_last=True)
-    order = FastMNISTLoader(indexed_shards, seed=SEED).batch_source.order(SEED, 0, True).tolist()
+    order = FastMNISTLoader(indexed_shards, seed=SEED).source.order(SEED, 0, True).tolist()
     _check_exactly_once(order, before, ranks, w2, drop_last=True)
 
 
@@ -257,5 +257,5 @@ def test_torchrun_3_ranks_saved_resumed_by_2(indexed_shards, tmp_path):
     saved, resumed = (json.loads(out[p].read_text()) for p in ("save", "resume"))
     before = [i for r in saved for b in r["batches"] for i in b]
     assert len(before) == 3 * 4 * 40
-    order = FastMNISTLoader(indexed_shards, seed=7).batch_source.order(7, 0, True).tolist()
+    order = FastMNISTLoader(indexed_shards, seed=7).source.order(7, 0, True).tolist()
     _check_exactly_once(order, before, [(r["batches"], None) for r in resumed], 2)

@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 
+from fastmnist.bench.scale import label_mixing, markdown_row
 from fastmnist.cli import main
-from fastmnist.order import block_order, epoch_order
-from fastmnist.scale import label_mixing, markdown_row
+from fastmnist.loading.order import block_order, epoch_order
 
 
 def test_label_mixing_tells_sorted_from_shuffled():

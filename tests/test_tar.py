@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastmnist import FastMNISTError
-from fastmnist.tar import CHECK_CHUNK, RECORD, archive_padding, archive_size, decode_shard, records
+from fastmnist.formats.tar import CHECK_CHUNK, RECORD, archive_padding, archive_size, decode_shard, records
 
 FIRST = 123_450  # keys need not start at 0: a shard's first sample is its key
 PIXELS = range(1536 + 128, 1536 + 128 + 784)  # of a record: after 3 blocks and np.save's header

@@ -10,8 +10,9 @@ import torch
 import webdataset
 from torch.utils.data import DataLoader
 
-from fastmnist import FastMNISTError, FastMNISTLoader, cache, convert, open_shards
-from fastmnist.order import shard_order
+from fastmnist import FastMNISTError, FastMNISTLoader, convert, open_shards
+from fastmnist.loading.order import shard_order
+from fastmnist.remote import cache
 
 from .conftest import (
     INDEXED_N,
@@ -156,7 +157,7 @@ def test_streamed_ranks_fetch_only_the_shards_of_their_run(indexed_wds, monkeypa
         loader = FastMNISTLoader(url, batch_size=40, seed=5, rank=rank, world_size=3,
                                  normalize=False, prefetch=1)
         touched = {f"{url}train-{i // SHARD:06d}.tar" for b in batch_indices(loader) for i in b}
-        for future in loader.batch_source.cache.pending.values():
+        for future in loader.source.cache.pending.values():
             future.result()
         assert touched <= set(fetched) and len(set(fetched) - touched) <= 1  # + 1 for the next epoch
         total += len(touched)
@@ -174,7 +175,7 @@ def test_streaming_fetches_each_shard_once_per_epoch_and_holds_few(indexed_wds, 
     beyond = []
     for _ in range(3):
         for _ in loader:
-            held = loader.batch_source.cache
+            held = loader.source.cache
             beyond.append(len(held.loaded) + len(held.pending) - len(set(held.in_use)))
     for future in held.pending.values():
         future.result()

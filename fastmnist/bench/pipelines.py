@@ -26,9 +26,9 @@ from typing import NamedTuple
 
 import torch
 
-from .loader import FastMNISTLoader
-from .store import open_shards
-from .transport import Retry
+from ..loader import FastMNISTLoader
+from ..remote.transport import Retry
+from ..store import open_shards
 
 SEED = "seed pipeline, workers=0"  # the reference every ratio is taken against
 COUNTED = "index_select dataset (state: one counter)"  # see _CountedBatches
@@ -68,7 +68,7 @@ def pipelines(raw_root: Path, shards: Path, cuda: bool | None = None
                                                             batch_size=bs, shuffle=True),
         FLOOR: lambda bs: _Epochs(floor, bs),
         "fastmnist float32": lambda bs: FastMNISTLoader(shards, batch_size=bs),
-        "fastmnist uint8": lambda bs: FastMNISTLoader(shards, batch_size=bs, source="uint8"),
+        "fastmnist uint8": lambda bs: FastMNISTLoader(shards, batch_size=bs, images="uint8"),
     }
     for stateful in (False, True):  # torchdata's cost on its own, beside the loader's rows
         found[f"{COUNTED} in {'Stateful' if stateful else ''}DataLoader, workers=2"] = (
@@ -107,7 +107,7 @@ def _stock_webdataset(urls: list[str], batch_size: int, mean: float, std: float)
     """webdataset's usual pipeline over the same shards, normalised to float32 per batch."""
     import webdataset
 
-    from .normalize import normalize_u8
+    from ..formats.normalize import normalize_u8
 
     dataset = (webdataset.WebDataset(urls, shardshuffle=len(urls)).shuffle(1000).decode()
                .to_tuple("npy", "cls").batched(batch_size))
@@ -216,7 +216,7 @@ def copy_bandwidth(megabytes: int = 256, rounds: int = 5) -> float:
 def sparse_set(directory: Path, n: int) -> Path:
     """A set of ``n`` samples (uint8 images and labels, train split) whose files have the
     right headers and sizes but are sparse: zero bytes, nothing written, nothing cached."""
-    from .manifest import FORMAT_VERSION, MANIFEST, array_file_name, npy_header, npy_size
+    from ..formats.manifest import FORMAT_VERSION, MANIFEST, array_file_name, npy_header, npy_size
 
     files = {}
     for array, dtype, shape in (("images_u8", "uint8", (n, 1, 28, 28)), ("labels", "int64", (n,))):
@@ -237,10 +237,10 @@ def sparse_set(directory: Path, n: int) -> Path:
 @functools.cache
 def _served(directory: Path, faulty: bool = False) -> str:
     """The URL of ``directory`` served on 127.0.0.1 by ``python -m http.server`` (or, if
-    ``faulty``, by ``fastmnist.faulty_server``: 20% of responses cut, 10% 503, one 1 s
+    ``faulty``, by ``fastmnist.bench.faulty_server``: 20% of responses cut, 10% 503, one 1 s
     stall), started once in a subprocess and stopped when this process exits."""
     port = _free_port()
-    command = ["-m", "fastmnist.faulty_server", str(directory), str(port), "--stall-s", "1"] if faulty \
+    command = ["-m", "fastmnist.bench.faulty_server", str(directory), str(port), "--stall-s", "1"] if faulty \
         else ["-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(directory)]
     _start([sys.executable, *command], f"http://127.0.0.1:{port}/manifest.json")
     return f"http://127.0.0.1:{port}/"
@@ -250,7 +250,7 @@ def _served(directory: Path, faulty: bool = False) -> str:
 def _in_s3(directory: Path) -> "_Bucket":
     """``directory`` pushed to a bucket of a moto S3 server on 127.0.0.1 (a subprocess,
     stopped when this process exits), made once per process."""
-    from .push import push
+    from ..conversion.push import push
 
     port = _free_port()
     _start([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],

@@ -16,7 +16,7 @@ import tarfile
 
 import numpy as np
 
-from .errors import FastMNISTError
+from ..errors import FastMNISTError
 
 BLOCK = 512  # tar's unit: every header and every member's data fill whole blocks
 KEY_DIGITS = 8  # the key: the sample's index in its split, zero-padded

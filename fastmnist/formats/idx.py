@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import FastMNISTError
+from ..errors import FastMNISTError
 
 IMAGE_SIDE = 28
 # how much each can expand data: deflate at most 1032x; xz reached 6,843x on zeros

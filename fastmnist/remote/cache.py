@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import FastMNISTError
-from .manifest import Shard
-from .normalize import normalize_u8_numpy
-from .tar import decode_shard
+from ..errors import FastMNISTError
+from ..formats.manifest import Shard
+from ..formats.normalize import normalize_u8_numpy
+from ..formats.tar import decode_shard
 from .transport import DEFAULT_RETRY, Retry, fetch, log
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .datasets import COMPRESSIONS, get_spec
-from .idx import IMAGE_SIDE, IMAGES, IdxWriter, label_kind
+from ..formats.datasets import COMPRESSIONS, get_spec
+from ..formats.idx import IMAGE_SIDE, IMAGES, IdxWriter, label_kind
 
 SYNTHETIC_MARKER = "fastmnist-synthetic.json"
 
@@ -139,6 +139,6 @@ def write_raw(root: Path, n_train: int = 60000, n_test: int = 10000, dataset: st
                         w.write(chunk)
             written += paths
     marker = raw / SYNTHETIC_MARKER
-    marker.write_text(json.dumps({"generator": "fastmnist.synth", "dataset": spec.name, "seed": seed,
-                                  "train": n_train, "test": n_test}) + "\n")
+    marker.write_text(json.dumps({"generator": "fastmnist.conversion.synth", "dataset": spec.name,
+                                  "seed": seed, "train": n_train, "test": n_test}) + "\n")
     return written + [marker]

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import FastMNISTError
 from . import tar
-from .errors import FastMNISTError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

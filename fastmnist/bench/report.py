@@ -14,8 +14,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import __version__
-from .bench import (
+from .. import __version__
+from ..loader import FastMNISTLoader
+from ..store import open_shards
+from .pipelines import (
     COUNTED,
     FLOOR,
     SEED,
@@ -26,8 +28,6 @@ from .bench import (
     run_epoch,
     state_dict_cost,
 )
-from .loader import FastMNISTLoader
-from .store import open_shards
 
 IMAGE_BYTES = 28 * 28 * 4  # one float32 image
 SLOW = ("seed pipeline", "stock webdataset")  # measured with --seed-rounds epochs

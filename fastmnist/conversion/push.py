@@ -11,10 +11,10 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import FastMNISTError
-from .manifest import MANIFEST, ArrayFile, Shard
-from .store import open_shards
-from .transport import CHUNK, filesystem, store_error
+from ..errors import FastMNISTError
+from ..formats.manifest import MANIFEST, ArrayFile, Shard
+from ..remote.transport import CHUNK, filesystem, store_error
+from ..store import open_shards
 
 
 @dataclass(frozen=True)

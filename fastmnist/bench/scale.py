@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .bench import measure
-from .loader import FastMNISTLoader
-from .order import block_order, epoch_order
+from ..conversion.synth import write_raw
+from ..loader import FastMNISTLoader
+from ..loading.order import block_order, epoch_order
+from .pipelines import measure
 from .report import machine
-from .synth import write_raw
 
 SIZES = (60_000, 600_000, 6_000_000)
 BATCH = 256

@@ -3,8 +3,7 @@
 
 import torch
 
-from .errors import FastMNISTError
-from .sources import ArraySource
+from ..errors import FastMNISTError
 
 
 class SplitDataset(torch.utils.data.Dataset):
@@ -25,21 +24,21 @@ class SplitDataset(torch.utils.data.Dataset):
         n = len(self)
         if not isinstance(index, int) or not -n <= index < n:
             raise IndexError(f"sample index {index!r} out of range for {n} samples")
-        x, y = self._arrays().gather(torch.tensor([index % n]))
+        x, y = self._source().gather(torch.tensor([index % n]))
         loader = self.loader
         if loader.normalize and x.dtype == torch.uint8:
-            from .normalize import normalize_u8
+            from ..formats.normalize import normalize_u8
 
             x = normalize_u8(x.cpu(), loader.info.mean, loader.info.std)
         return x[0], int(y[0]) if y.dim() == 1 else y[0]  # qmnist-extended: int64 (8,)
 
     @property
     def targets(self) -> torch.Tensor:
-        return self._arrays().labels
+        return self._source().tensors[1]
 
-    def _arrays(self) -> ArraySource:
-        source = self.loader.batch_source
-        if not isinstance(source, ArraySource):
+    def _source(self):
+        source = self.loader.source
+        if not source.random_access:
             raise FastMNISTError("the samples of streamed shards cannot be indexed one by one; "
                                  "open a local set (or a local copy) for dataset[i]")
         return source

@@ -24,12 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, tar
-from .datasets import COMPRESSIONS, DatasetSpec, RawFiles, get_spec
-from .errors import FastMNISTError
-from .files import BackgroundWriter
-from .idx import IMAGE_SIDE, IMAGES, IdxReader, check_classes, label_kind
-from .manifest import (
+from .. import __version__
+from ..errors import FastMNISTError
+from ..formats import tar
+from ..formats.datasets import COMPRESSIONS, DatasetSpec, RawFiles, get_spec
+from ..formats.files import BackgroundWriter
+from ..formats.idx import IMAGE_SIDE, IMAGES, IdxReader, check_classes, label_kind
+from ..formats.manifest import (
     ARRAYS,
     FORMAT_VERSION,
     MANIFEST,
@@ -39,8 +40,8 @@ from .manifest import (
     parse_manifest,
     shard_file_name,
 )
-from .normalize import normalize_u8_numpy
-from .store import open_shards, read_manifest
+from ..formats.normalize import normalize_u8_numpy
+from ..store import open_shards, read_manifest
 from .synth import SYNTHETIC_MARKER
 
 _CHUNK = 1000  # samples per chunk: 3 MB of float32, cache-sized

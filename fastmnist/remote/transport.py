@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import FastMNISTError
+from ..errors import FastMNISTError
 
 log = logging.getLogger("fastmnist")
 CLOUD_HINT = "pip install 'fastmnist[cloud]' (fsspec and s3fs; other stores need their fsspec backend)"

@@ -2,7 +2,7 @@
 serves a directory on 127.0.0.1 (with ``Range`` requests) and cuts responses mid-body,
 answers 503 Slow Down, and stalls once past a client's read timeout, by a fixed-seed draw.
 
-    python -m fastmnist.faulty_server DIRECTORY PORT [--cut 0.2] [--unavailable 0.1] [--stall-s 1.5]
+    python -m fastmnist.bench.faulty_server DIRECTORY PORT [--cut 0.2] [--unavailable 0.1] [--stall-s 1.5]
 """
 
 import argparse

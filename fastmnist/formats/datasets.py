@@ -11,7 +11,7 @@ torchvision yields them so (so does fastmnist); EMNIST ``letters`` labels run 1.
 import string
 from dataclasses import dataclass, field
 
-from .errors import FastMNISTError
+from ..errors import FastMNISTError
 
 COMPRESSIONS = (".gz", ".xz", "")  # a raw file may be stored compressed; torchvision extracts them
 

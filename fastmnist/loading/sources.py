@@ -1,0 +1,225 @@
+"""Where a loader's batches come from, behind one small interface, and the factory that
+picks the kind: :func:`open_source`.
+
+Every source has the split's manifest entry ``info``, its sample ``count``, the ``dtype``
+of the images it gathers and the ``label_shape`` of its labels; the ``order`` of an epoch
+and its ``order_name`` (recorded in states); ``consecutive``, true when ranks and
+DataLoader workers should take consecutive runs of that order rather than strided
+positions; ``random_access``, true when any sample can be gathered at any time;
+``index_batches(epoch_pass)``, the batches of sample indices of a :class:`~.plan.Pass`
+(fetching ahead what they will need); and ``gather``. A source is picklable:
+what it maps, decodes or fetches is made in each process on first use, never pickled.
+
+- :class:`ArraySource`: the whole split as tensors (memory-mapped ``.npy`` arrays, or local
+  tar shards decoded once; optionally resident on a device), gathered with ``index_select``.
+- :class:`StreamSource`: tar shards streamed from URLs through a :class:`ShardCache`.
+"""
+
+import os
+import shutil
+import tempfile
+import uuid
+import weakref
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import FastMNISTError
+from ..formats.idx import check_classes
+from ..formats.manifest import IMAGE_SHAPE, SplitInfo
+from ..formats.normalize import normalize_u8
+from ..formats.tar import decode_shard
+from ..remote.cache import ShardCache
+from ..remote.transport import Retry, fetch, is_url
+from ..store import Split, open_remote, open_shards
+from .order import block_order, epoch_order, shard_order
+
+IMAGE_ARRAYS = {"float32": "images_f32", "uint8": "images_u8"}  # stored images -> the .npy array
+
+
+def open_source(path, split: str, stored: str | None, normalize: bool, device: torch.device,
+                resident: bool, verify: bool, format: str | None, locality: int | None, retry: Retry,
+                storage_options: dict | None, prefetch: int) -> "ArraySource | StreamSource":
+    """The source of ``split`` at ``path`` (a local set's directory, or shard URLs), with the
+    ``FastMNISTLoader`` arguments of the same names; ``stored`` None picks float32 on the CPU
+    and uint8 on CUDA, with ``normalize=False``, or when the set has no float32 array."""
+    if stored is None:
+        stored = "uint8" if device.type == "cuda" or not normalize else "float32"
+        chosen = False
+    else:
+        chosen = True
+    if stored not in IMAGE_ARRAYS or (stored == "float32" and not normalize):
+        raise FastMNISTError(f"images must be 'float32' or 'uint8' (uint8 when normalize=False), "
+                             f"got {stored!r}")
+    if is_url(path):
+        if locality is not None:
+            raise FastMNISTError("locality is for local sets: streamed shards are already read "
+                                 "a shard at a time")
+        if resident or format not in (None, "wds"):
+            raise FastMNISTError("shard URLs stream tar shards: format='wds' only, and "
+                                 "resident=True needs a local set")
+        info, urls = open_remote(path, split, retry, storage_options)
+        # tar shards hold uint8; on the CPU they are normalised while gathered
+        mean_std = (info.mean, info.std) if normalize and device.type == "cpu" else None
+        return StreamSource(info, urls, prefetch, verify, mean_std, retry, storage_options)
+    local = open_shards(path, verify=verify).split(split)
+    format = format or local.formats[0]
+    if format not in local.formats:
+        raise FastMNISTError(f"{path}: split {split!r} has no {format!r} data "
+                             f"(it has {', '.join(local.formats)})")
+    if format == "npy":
+        if not chosen and "images_f32" not in local.info.arrays:
+            stored = "uint8"  # a set converted with --no-float32: normalised per batch
+        if IMAGE_ARRAYS[stored] not in local.info.arrays:
+            raise FastMNISTError(f"{path}: split {split!r} has no {IMAGE_ARRAYS[stored]} array "
+                                 f"for images={stored!r}")
+    return ArraySource(local, format, stored, device if resident else None, locality)
+
+
+class ArraySource:
+    """A local split as tensors on one device: images ``(N, 1, 28, 28)`` float32
+    (``stored``) or uint8 and int64 labels ``(N, *label_shape)``, mapped from the ``.npy``
+    arrays (``format`` "npy") or decoded once from the local tar shards ("wds"), copied
+    onto ``device`` unless it is None. An epoch visits them in a permutation of ``0..N-1``,
+    or with ``locality`` in ``order.block_order``."""
+
+    consecutive = False
+    random_access = True
+
+    def __init__(self, split: Split, format: str, stored: str, device: torch.device | None,
+                 locality: int | None):
+        self.split, self.info, self.format, self.stored = split, split.info, format, stored
+        self.device, self.locality = device, locality
+        self.order_name = f"blocks of {locality}" if locality else "samples"
+        self.dtype = torch.float32 if stored == "float32" else torch.uint8
+        self._tensors = None  # (images, labels), made on first use in each process
+
+    @property
+    def count(self) -> int:
+        return self.info.count
+
+    @property
+    def label_shape(self) -> tuple[int, ...]:
+        return self.info.label_shape
+
+    def order(self, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
+        if self.locality:
+            return block_order(self.count, seed, epoch, shuffle, self.locality)
+        return epoch_order(self.count, seed, epoch, shuffle)
+
+    def index_batches(self, epoch_pass):
+        """``share[b * batch_size:(b + 1) * batch_size]`` for each batch ``b`` of the pass, on
+        the arrays' device."""
+        share, size = epoch_pass.share.to(self.tensors[0].device), epoch_pass.batch_size
+        return (share[b * size:(b + 1) * size] for b in epoch_pass.numbers)
+
+    def gather(self, idx: torch.Tensor, x_out=None, y_out=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images and labels of the samples ``idx``, into ``x_out``/``y_out`` when given."""
+        images, labels = self.tensors
+        return (torch.index_select(images, 0, idx, out=x_out),
+                torch.index_select(labels, 0, idx, out=y_out))
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The images and labels, mapped or decoded on first use in this process."""
+        if self._tensors is None:
+            images, labels = self._mapped() if self.format == "npy" else self._decoded()
+            if self.device is not None:
+                images, labels = images.to(self.device, copy=True), labels.to(self.device, copy=True)
+            self._tensors = images, labels
+        return self._tensors
+
+    def _mapped(self) -> tuple[torch.Tensor, torch.Tensor]:
+        split = self.split
+        # copy-on-write mappings: writable for torch, and never written back
+        images = torch.from_numpy(split.array(IMAGE_ARRAYS[self.stored], mode="c"))
+        labels = split.array("labels", mode="c")
+        # a hostile or damaged file must not hand a training loop a class it does not have
+        classes = labels[:, 0] if labels.ndim > 1 else labels
+        check_classes(split.path("labels"), classes, self.info.num_classes)
+        return images, torch.from_numpy(labels)
+
+    def _decoded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        split = self.split
+        paths = [str(split.path(s.file)) for s in split.shards]
+        parts = [decode_shard(fetch(path, s.size), s.first, s.count, path, self.info.num_classes)
+                 for path, s in zip(paths, split.shards, strict=True)]
+        images = torch.from_numpy(np.concatenate([p[0] for p in parts]))
+        labels = torch.from_numpy(np.concatenate([p[1] for p in parts]))
+        if self.stored == "float32":  # tar shards hold uint8 images: normalise them once
+            images = normalize_u8(images, split.mean, split.std)
+        return images, labels
+
+    def __getstate__(self):
+        return {**self.__dict__, "_tensors": None}  # workers map the files themselves
+
+
+class StreamSource:
+    """Tar shards at ``urls``, streamed: an epoch visits the shards in a shuffled order and
+    each shard's samples shuffled within it, so a reader needs one shard at a time; ranks
+    and workers take consecutive runs of it, so each fetches only the shards its run
+    covers. Images are gathered as float32 normalised with ``mean_std``, or as uint8 when
+    it is None. A rank's DataLoader workers hand shards to each other through a private
+    directory, removed with this object."""
+
+    consecutive = True
+    random_access = False
+    order_name = "shards"
+    format = "wds"
+    label_shape = ()  # tar shards hold one class per sample
+
+    def __init__(self, info: SplitInfo, urls: list[str], prefetch: int, verify: bool,
+                 mean_std: tuple[float, float] | None, retry: Retry, storage_options: dict | None):
+        self.info, self.urls, self.prefetch, self.verify = info, urls, prefetch, verify
+        self.mean_std, self.retry, self.storage_options = mean_std, retry, storage_options
+        self.dtype = torch.uint8 if mean_std is None else torch.float32
+        self.handoff = Path(tempfile.gettempdir()) / f"fastmnist-{uuid.uuid4().hex}"
+        weakref.finalize(self, _remove_dir, self.handoff, os.getpid())
+        self._cache = None  # made on first use in each process
+
+    @property
+    def count(self) -> int:
+        return self.info.count
+
+    @property
+    def cache(self) -> ShardCache:
+        if self._cache is None:
+            self._cache = ShardCache(list(self.info.shards), self.urls, self.prefetch, self.verify,
+                                     self.mean_std, self.retry, self.storage_options, self.info.num_classes)
+            weakref.finalize(self, self._cache.stopped.set)  # fetches still retrying give up
+        return self._cache
+
+    def order(self, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
+        return shard_order([s.count for s in self.info.shards], seed, epoch, shuffle)
+
+    def index_batches(self, epoch_pass):
+        """The pass's batches of indices (int64 numpy), each yielded once its shards are
+        loaded. Alone, the next epoch's first shards are fetched ahead near the end; when
+        the rank's workers divide the share, nothing of the next epoch is, and in a pass
+        they all start afresh each shard is fetched once by one of them (``ShardCache.handoff``)."""
+        p = epoch_pass
+        if p.parts is None:
+            return self.cache.index_batches(p.share, p.numbers, p.batch_size, p.upcoming())
+        handoff = self.cache.handoff(p.share, p.parts, p.part, self.handoff) if p.fresh else None
+        return self.cache.index_batches(p.share, p.numbers, p.batch_size, None, handoff)
+
+    def gather(self, idx: np.ndarray, x_out=None, y_out=None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cache.gather(idx, x_out, y_out)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_cache": None}
+
+
+def empty_batch(dtype: torch.dtype, n: int, pin: bool, label_shape: tuple[int, ...] = ()
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uninitialised host tensors for ``n`` samples: images ``(n, 1, 28, 28)`` of ``dtype``
+    and int64 labels ``(n, *label_shape)``, pinned if ``pin``."""
+    return (torch.empty((n, *IMAGE_SHAPE), dtype=dtype, pin_memory=pin),
+            torch.empty((n, *label_shape), dtype=torch.int64, pin_memory=pin))
+
+
+def _remove_dir(path: Path, owner: int) -> None:
+    """Remove ``path`` if this is process ``owner`` (not a forked copy of it)."""
+    if os.getpid() == owner:
+        shutil.rmtree(path, ignore_errors=True)
