@@ -12,17 +12,15 @@ from pathlib import Path
 import numpy as np
 
 from .errors import FastMNISTError
+from .formats.files import hashed
 from .formats.manifest import MANIFEST, MAX_MANIFEST_BYTES, Manifest, Shard, SplitInfo, parse_manifest
 from .remote.transport import DEFAULT_RETRY, Retry, expand_urls, fetch, join
 
 
 def sha256_file(path: Path) -> str:
     """Hex sha256 of a file, read in 4 MiB blocks."""
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
+        return hashed(f, hashlib.sha256())[0].hexdigest()
 
 
 def read_manifest(root) -> Manifest:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fastmnist import FastMNISTLoader
-from fastmnist.loader import GROUP_SAMPLES
+from fastmnist.loading.delivery import GROUP_SAMPLES
 from fastmnist.loading.buffers import KEEP, BufferPool
 
 from .conftest import decode_indices
@@ -94,3 +94,21 @@ def test_batches_from_a_worker_reusing_blocks_stay_as_sent(synth_shards):
     assert len(received) == len(expected) == 3 * len(loader)
     for (x, y), (rx, ry) in zip(received, expected, strict=True):
         assert torch.equal(x, rx) and torch.equal(y, ry)
+
+
+def test_held_batch_slice_numpy_view_and_storage_survive_50_groups(indexed_shards):
+    """Held while 50 more groups are gathered into pooled blocks (one group per epoch of
+    1,003 samples): a batch, a slice of another, a numpy view of a third and the storage of
+    a fourth (each the only reference left) never change. tools/pythons.sh runs this on
+    every Python that requires-python admits."""
+    loader = FastMNISTLoader(indexed_shards, batch_size=64, seed=5, normalize=False)
+    batches = (x for _ in range(52) for x, _ in loader)
+    held = {"batch": next(batches), "slice": next(batches)[3:9], "numpy view": next(batches).numpy(),
+            "storage": next(batches).untyped_storage()}
+    as_tensor = {"batch": lambda h: h, "slice": lambda h: h, "numpy view": torch.from_numpy,
+                 "storage": lambda h: torch.tensor([], dtype=torch.uint8).set_(h)}
+    copies = {name: as_tensor[name](h).clone() for name, h in held.items()}
+    gathered = sum(1 for _ in batches)
+    assert gathered >= 50 * len(loader) - 4
+    for name, h in held.items():
+        assert torch.equal(as_tensor[name](h), copies[name]), name

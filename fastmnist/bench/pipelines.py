@@ -216,7 +216,7 @@ def copy_bandwidth(megabytes: int = 256, rounds: int = 5) -> float:
 def sparse_set(directory: Path, n: int) -> Path:
     """A set of ``n`` samples (uint8 images and labels, train split) whose files have the
     right headers and sizes but are sparse: zero bytes, nothing written, nothing cached."""
-    from ..formats.manifest import FORMAT_VERSION, MANIFEST, array_file_name, npy_header, npy_size
+    from ..formats.manifest import MANIFEST, array_file_name, describe, describe_split, npy_header, npy_size
 
     files = {}
     for array, dtype, shape in (("images_u8", "uint8", (n, 1, 28, 28)), ("labels", "int64", (n,))):
@@ -226,10 +226,7 @@ def sparse_set(directory: Path, n: int) -> Path:
             f.truncate(npy_size(dtype, shape))
         files[array] = {"file": name, "dtype": dtype, "shape": list(shape), "size": npy_size(dtype, shape),
                         "sha256": "0" * 64}
-    manifest = {"format_version": FORMAT_VERSION, "created_by": "fastmnist bench", "dataset": "sparse",
-                "synthetic": True, "options": {}, "sources": {},
-                "splits": {"train": {"count": n, "image_shape": [1, 28, 28], "mean": 0.1307, "std": 0.3081,
-                                     "num_classes": 10, "files": files}}}
+    manifest = describe("sparse", True, {}, {}, {"train": describe_split(n, 0.1307, 0.3081, 10, files)})
     (directory / MANIFEST).write_text(json.dumps(manifest))
     return directory
 

@@ -24,25 +24,25 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import __version__
 from ..errors import FastMNISTError
 from ..formats import tar
-from ..formats.datasets import COMPRESSIONS, DatasetSpec, RawFiles, get_spec
-from ..formats.files import BackgroundWriter
-from ..formats.idx import IMAGE_SIDE, IMAGES, IdxReader, check_classes, label_kind
+from ..formats.datasets import COMPRESSIONS, SYNTHETIC_MARKER, DatasetSpec, RawFiles, get_spec
+from ..formats.files import BackgroundWriter, hashed
+from ..formats.idx import IMAGES, IdxReader, check_classes, label_kind
 from ..formats.manifest import (
     ARRAYS,
-    FORMAT_VERSION,
+    IMAGE_SHAPE,
     MANIFEST,
     Manifest,
     array_file_name,
+    describe,
+    describe_split,
     npy_header,
     parse_manifest,
     shard_file_name,
 )
 from ..formats.normalize import normalize_u8_numpy
 from ..store import open_shards, read_manifest
-from .synth import SYNTHETIC_MARKER
 
 _CHUNK = 1000  # samples per chunk: 3 MB of float32, cache-sized
 FORMATS = ("npy", "wds", "both")
@@ -96,15 +96,8 @@ def convert(root, out, dataset: str = "mnist", *, splits=None, mean=None, std=No
                                  "not a fastmnist set")
         inputs = _open_inputs(sources, spec)
         norm = _normalisation(spec, inputs, mean, std)
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "created_by": f"fastmnist {__version__}",
-            "dataset": spec.name,
-            "synthetic": (root / spec.folder / "raw" / SYNTHETIC_MARKER).exists(),
-            "options": options,
-            "sources": fingerprint,
-            "splits": {},
-        }
+        manifest = describe(spec.name, (root / spec.folder / "raw" / SYNTHETIC_MARKER).exists(), options,
+                            fingerprint, {})
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         try:
             tmp.chmod(0o755)  # mkdtemp makes it private; the set is meant to be shared
@@ -200,11 +193,8 @@ def _source_items(sources: dict):
 
 
 def _fingerprint(path: Path, spec: DatasetSpec) -> dict:
-    md5, sha = hashlib.md5(), hashlib.sha256()
     with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            md5.update(block)
-            sha.update(block)
+        md5, sha = hashed(f, hashlib.md5(), hashlib.sha256())
     expected = spec.md5.get(path.name)
     return {
         "file": str(path),
@@ -291,7 +281,7 @@ def _samples(inp: _Input, spec: DatasetSpec):
             classes = labels[:, 0] if spec.label_columns else labels
             check_classes(inp.labels, classes, spec.num_classes, start + first)
             kept = labels if spec.extended else classes
-            yield first, images.reshape(len(images), 1, IMAGE_SIDE, IMAGE_SIDE), kept.astype(np.int64)
+            yield first, images.reshape(len(images), *IMAGE_SHAPE), kept.astype(np.int64)
             first += len(images)
 
 
@@ -326,7 +316,7 @@ class _SplitWriter:
         if format in ("npy", "both"):
             names = ["images_u8", *(["images_f32"] if float32 else []), "labels"]
             for name in names:
-                shape = (count, *label_shape) if name == "labels" else (count, 1, IMAGE_SIDE, IMAGE_SIDE)
+                shape = (count, *label_shape) if name == "labels" else (count, *IMAGE_SHAPE)
                 entry = {"file": array_file_name(split, name), "dtype": ARRAYS[name], "shape": list(shape)}
                 self.arrays[name] = writer.open(tmp / entry["file"], entry)
                 writer.append(self.arrays[name], npy_header(ARRAYS[name], shape))
@@ -364,14 +354,9 @@ class _SplitWriter:
         """The split's manifest entry (its files complete once the writer is done)."""
         for target in self.arrays.values():
             self.writer.close(target)
-        info = {"count": self.count, "image_shape": [1, IMAGE_SIDE, IMAGE_SIDE], "mean": self.norm[0],
-                "std": self.norm[1], "num_classes": num_classes,
-                "files": {name: target[2] for name, target in self.arrays.items()}}
-        if self.label_shape:
-            info["label_shape"] = list(self.label_shape)
-        if self.wds:
-            info["wds"] = {"shard_size": self.shard_size, "shards": self.shards}
-        return info
+        return describe_split(self.count, *self.norm, num_classes,
+                              {name: target[2] for name, target in self.arrays.items()}, self.label_shape,
+                              {"shard_size": self.shard_size, "shards": self.shards} if self.wds else None)
 
 
 def _write_manifest(tmp: Path, text: str) -> None:

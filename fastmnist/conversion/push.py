@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import FastMNISTError
+from ..formats.files import hashed
 from ..formats.manifest import MANIFEST, ArrayFile, Shard
 from ..remote.transport import CHUNK, filesystem, store_error
 from ..store import open_shards
@@ -73,10 +74,8 @@ def _matches(fs, path: str, meta: ArrayFile | Shard, url: str) -> bool:
     try:
         if fs.size(path) != meta.size:
             return False
-        sha = hashlib.sha256()
         with fs.open(path, "rb", block_size=CHUNK) as f:
-            while block := f.read(CHUNK):
-                sha.update(block)
+            sha = hashed(f, hashlib.sha256(), block=CHUNK)[0]
     except FileNotFoundError:
         return False
     except Exception as e:

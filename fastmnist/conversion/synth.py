@@ -12,10 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..formats.datasets import COMPRESSIONS, get_spec
+from ..formats.datasets import COMPRESSIONS, SYNTHETIC_MARKER, get_spec
 from ..formats.idx import IMAGE_SIDE, IMAGES, IdxWriter, label_kind
-
-SYNTHETIC_MARKER = "fastmnist-synthetic.json"
 
 # Segment end points in a unit box (x right, y down): top, upper left/right, middle,
 # lower left/right, bottom.

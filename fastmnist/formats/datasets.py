@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from ..errors import FastMNISTError
 
 COMPRESSIONS = (".gz", ".xz", "")  # a raw file may be stored compressed; torchvision extracts them
+# in a raw folder, says that its files were generated (``fastmnist synth``), not real data
+SYNTHETIC_MARKER = "fastmnist-synthetic.json"
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 
+def hashed(f, *hashes, block: int = 1 << 22) -> tuple:
+    """``hashes`` (``hashlib`` objects) fed the binary file ``f`` from where it stands to its
+    end, ``block`` bytes at a time."""
+    while chunk := f.read(block):
+        for h in hashes:
+            h.update(chunk)
+    return hashes
+
+
 class BackgroundWriter:
     """Use as a context manager; leaving it waits for every write and raises the first
     error (an ``OSError`` naming what failed). At most ``depth`` chunks wait in memory."""

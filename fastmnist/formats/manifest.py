@@ -16,8 +16,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import __version__
 from ..errors import FastMNISTError
 from . import tar
+from .idx import IMAGE_SIDE
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -26,7 +28,7 @@ MAX_SAMPLES = 100_000_000  # per split (MNIST8M has 8.1M)
 MAX_SHARD_SAMPLES = 1_000_000
 MAX_CLASSES = 1000  # tar shards hold labels of up to 3 digits
 MAX_LABEL_COLUMNS = 64  # qmnist-extended has 8
-IMAGE_SHAPE = (1, tar.SIDE, tar.SIDE)
+IMAGE_SHAPE = (1, IMAGE_SIDE, IMAGE_SIDE)  # one image, as stored and yielded
 ARRAYS = {"images_u8": "uint8", "images_f32": "float32", "labels": "int64"}  # name -> dtype
 _SPLIT_NAME = re.compile(r"[a-z][a-z0-9]{0,31}")
 _SHA256, _MD5 = re.compile(r"[0-9a-f]{64}"), re.compile(r"[0-9a-f]{32}")
@@ -53,6 +55,26 @@ def npy_header(dtype: str, shape: tuple[int, ...]) -> bytes:
         "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
         "shape": tuple(shape)})
     return header.getvalue()
+
+
+def describe(dataset: str, synthetic: bool, options: dict, sources: dict, splits: dict) -> dict:
+    """A manifest as the converter writes it (JSON-ready): ``sources`` the raw files'
+    fingerprints, ``splits`` each from :func:`describe_split`."""
+    return {"format_version": FORMAT_VERSION, "created_by": f"fastmnist {__version__}", "dataset": dataset,
+            "synthetic": synthetic, "options": options, "sources": sources, "splits": splits}
+
+
+def describe_split(count: int, mean: float, std: float, num_classes: int, arrays: dict,
+                   label_shape: tuple = (), wds: dict | None = None) -> dict:
+    """A split's manifest entry: ``arrays`` name -> ``{file, dtype, shape, size, sha256}``,
+    ``wds`` ``{shard_size, shards}`` when it has tar shards."""
+    info = {"count": count, "image_shape": list(IMAGE_SHAPE), "mean": mean, "std": std,
+            "num_classes": num_classes, "files": arrays}
+    if label_shape:
+        info["label_shape"] = list(label_shape)
+    if wds:
+        info["wds"] = wds
+    return info
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,11 @@ import tarfile
 import numpy as np
 
 from ..errors import FastMNISTError
+from .idx import IMAGE_SIDE
 
 BLOCK = 512  # tar's unit: every header and every member's data fill whole blocks
 KEY_DIGITS = 8  # the key: the sample's index in its split, zero-padded
-SIDE = 28
-PIXELS = SIDE * SIDE
+PIXELS = IMAGE_SIDE * IMAGE_SIDE
 
 # Fields of a tar member header (POSIX ustar), as byte ranges of its block.
 NAME = slice(0, KEY_DIGITS)  # the key; the extension follows it
@@ -36,7 +36,7 @@ ARCHIVE_UNIT = tarfile.RECORDSIZE  # 10240: tarfile pads a closed archive to a m
 def _npy_header() -> bytes:
     """What ``np.save`` writes before the 784 pixels of a uint8 ``(28, 28)`` image."""
     buf = io.BytesIO()
-    np.save(buf, np.zeros((SIDE, SIDE), np.uint8))
+    np.save(buf, np.zeros((IMAGE_SIDE, IMAGE_SIDE), np.uint8))
     return buf.getvalue()[:-PIXELS]
 
 
@@ -160,7 +160,7 @@ def decode_shard(data, first: int, count: int, name: str, num_classes: int = 10 
         wrong = int(np.argmax(labels >= num_classes))
         raise FastMNISTError(f"{name}: sample {wrong}: label {labels[wrong]} is not a class of this set "
                              f"(0..{num_classes - 1}; corrupted)")
-    images = rows[:, IMAGE:IMAGE + PIXELS].reshape(count, 1, SIDE, SIDE).copy()
+    images = rows[:, IMAGE:IMAGE + PIXELS].reshape(count, 1, IMAGE_SIDE, IMAGE_SIDE).copy()
     if not _in_layout(rows, first, labels):  # find and name the first difference
         expected = records(first, images, labels)
         wrong = int(np.argmax((rows != expected).any(1)))

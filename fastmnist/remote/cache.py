@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import FastMNISTError
-from ..formats.manifest import Shard
+from ..formats.manifest import IMAGE_SHAPE, Shard
 from ..formats.normalize import normalize_u8_numpy
 from ..formats.tar import decode_shard
 from .transport import DEFAULT_RETRY, Retry, fetch, log
@@ -29,18 +29,18 @@ class ShardCache:
     """``shards``: the split's shards and the URL of each. ``verify``: check each shard's
     sha256 as it arrives (a mismatch after a complete download is an error at once).
     ``retry``: how remote fetches ride out transient failures; ``storage_options``: for
-    fsspec URLs. ``normalize``: ``(mean, std)`` to gather float32 normalised images, or
+    fsspec URLs. ``mean_std``: ``(mean, std)`` to gather float32 normalised images, or
     None to gather uint8. A label of ``num_classes`` or more is a corrupted shard. Gathering
     runs in numpy, single-threaded: torch's intra-op threads stall whenever a fetching
     thread holds a core.
     """
 
     def __init__(self, shards: list[Shard], urls: list[str], prefetch: int, verify: bool,
-                 normalize: tuple[float, float] | None, retry: Retry = DEFAULT_RETRY,
+                 mean_std: tuple[float, float] | None, retry: Retry = DEFAULT_RETRY,
                  storage_options: dict | None = None, num_classes: int = 10):
         self.shards, self.urls, self.prefetch, self.verify, self.retry = shards, urls, prefetch, verify, retry
         self.storage_options, self.num_classes = storage_options, num_classes
-        self.normalize = normalize
+        self.mean_std = mean_std
         self.firsts = np.array([s.first for s in shards])
         self.loaded = {}  # shard number -> (images, labels): uint8 (n,1,28,28), int64 (n,)
         self.pending = {}  # shard number -> Future of (images, labels)
@@ -101,9 +101,9 @@ class ShardCache:
         return which[starts].tolist(), starts.tolist()
 
     def gather(self, idx: np.ndarray, x_out=None, y_out=None):
-        """Images (float32 if ``normalize``, else uint8) and int64 labels of the samples
+        """Images (float32 if ``mean_std``, else uint8) and int64 labels of the samples
         ``idx``: the batch ``index_batches`` yielded last."""
-        shape, dtype = (len(idx), 1, 28, 28), np.uint8 if self.normalize is None else np.float32
+        shape, dtype = (len(idx), *IMAGE_SHAPE), np.uint8 if self.mean_std is None else np.float32
         x = x_out.numpy() if x_out is not None else np.empty(shape, dtype)
         y = y_out.numpy() if y_out is not None else np.empty(len(idx), np.int64)
         shards = dict.fromkeys(self.in_use)
@@ -112,13 +112,13 @@ class ShardCache:
             images, labels = self.loaded[s]
             rows = slice(None) if which is None else np.flatnonzero(which == s)
             local = idx[rows] - self.firsts[s]
-            if self.normalize is None:
+            if self.mean_std is None:
                 x[rows] = images.take(local, 0)
             elif which is None:
-                normalize_u8_numpy(images.take(local, 0), *self.normalize, out=x)
+                normalize_u8_numpy(images.take(local, 0), *self.mean_std, out=x)
             else:
-                x[rows] = normalize_u8_numpy(images.take(local, 0), *self.normalize,
-                                             out=np.empty((len(local), 1, 28, 28), np.float32))
+                x[rows] = normalize_u8_numpy(images.take(local, 0), *self.mean_std,
+                                             out=np.empty((len(local), *IMAGE_SHAPE), np.float32))
             y[rows] = labels.take(local)
         return torch.from_numpy(x), torch.from_numpy(y)
 
@@ -213,7 +213,7 @@ class Handoff:
         except (OSError, ValueError) as e:
             log.warning("%s: cannot read the handed-over shard %d (%s); fetching it here", path, s, e)
             return None
-        if images.shape != (count, 1, 28, 28) or images.dtype != np.uint8 or labels.shape != (count,) \
+        if images.shape != (count, *IMAGE_SHAPE) or images.dtype != np.uint8 or labels.shape != (count,) \
                 or labels.dtype != np.int64:
             log.warning("%s: the handed-over shard %d has the wrong shape; fetching it here", path, s)
             return None
