@@ -15,7 +15,7 @@ _WHERE = {  # public name -> the module that defines it
     "FastMNISTLoader": "loader",
     "Manifest": "formats.manifest",
     "PushResult": "conversion.push",
-    "conversion.push": "conversion.push",
+    "push": "conversion.push",
     "Retry": "remote.transport",
     "ShardSet": "store",
     "Split": "store",

@@ -1,6 +1,7 @@
 """The ``fastmnist`` command: convert, info, verify, push, synth, bench, demo."""
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -18,19 +19,21 @@ def main(argv=None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastmnist", description=__doc__)
+    p = argparse.ArgumentParser(prog="fastmnist", description="Convert MNIST-family raw files into "
+                                "fast, checked shards; inspect, publish and benchmark them.")
     sub = p.add_subparsers(required=True, metavar="COMMAND")
+    sub.add_parser = functools.partial(sub.add_parser, formatter_class=_ShowDefaults)
 
     c = sub.add_parser("convert", help="raw IDX files -> validated, pre-normalised shards")
     add_convert_args(c)
     c.set_defaults(func=_convert)
 
     i = sub.add_parser("info", help="print a converted set's manifest as a table")
-    i.add_argument("path", type=Path)
+    i.add_argument("path", type=Path, help="the converted set's directory")
     i.set_defaults(func=_info)
 
     v = sub.add_parser("verify", help="re-hash every file of a set against its manifest")
-    v.add_argument("path", type=Path)
+    v.add_argument("path", type=Path, help="the converted set's directory")
     v.set_defaults(func=_verify)
 
     u = sub.add_parser("push", help="upload a converted set to an fsspec URL (s3://bucket/set/, ...)")
@@ -44,10 +47,11 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("synth", help="write generated MNIST-format raw files (offline demos)")
     s.add_argument("--root", type=Path, required=True, help="torchvision-style root to write")
-    s.add_argument("--dataset", default="mnist", choices=list(DATASETS))
-    s.add_argument("--train", type=int, default=60000, help="train samples (default 60000)")
-    s.add_argument("--test", type=int, default=10000, help="test samples (default 10000)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--dataset", default="mnist", choices=list(DATASETS), metavar="NAME",
+                   help=f"which dataset's files to imitate: {', '.join(DATASETS)}")
+    s.add_argument("--train", type=int, default=60000, help="train samples")
+    s.add_argument("--test", type=int, default=10000, help="test samples")
+    s.add_argument("--seed", type=int, default=0, help="the same seed writes the same files")
     s.add_argument("--extracted-only", action="store_true",
                    help="skip the compressed copies (faster for millions of images)")
     s.set_defaults(func=_synth)
@@ -68,15 +72,24 @@ def _parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the main job: get data, convert, then benchmark")
     add_bench_args(d)
-    d.add_argument("--data", type=Path, default=Path("data"), help="raw root (default data/)")
-    d.add_argument("--shards", type=Path, default=Path("shards/mnist"))
+    d.add_argument("--data", type=Path, default=Path("data"), help="torchvision root of the raw files")
+    d.add_argument("--shards", type=Path, default=Path("shards/mnist"), help="where the converted set goes")
     d.set_defaults(func=_demo)
     return p
 
 
+class _ShowDefaults(argparse.HelpFormatter):
+    """Help that ends each option's text with its default, where it has one."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in action.help:
+            return action.help
+        return f"{action.help} (default: %(default)s)"
+
+
 def add_bench_args(b: argparse.ArgumentParser) -> None:
     b.add_argument("--out", type=Path, default=Path("results"),
-                   help="where bench.json, bench.md and bench.png go (default results/)")
+                   help="where bench.json, bench.md and bench.png go")
     b.add_argument("--batch-sizes", default="64,256,1024", help="comma-separated")
     b.add_argument("--rounds", type=int, default=5, help="epochs timed per fast pipeline")
     b.add_argument("--min-seconds", type=float, default=1.0,
@@ -97,16 +110,19 @@ def add_convert_args(c: argparse.ArgumentParser) -> None:
     c.add_argument("--root", type=Path, required=True,
                    help="torchvision root: files under ROOT/<Dataset>/raw/, compressed or not")
     c.add_argument("--out", type=Path, required=True, help="directory of the shard set")
-    c.add_argument("--dataset", default="mnist", choices=list(DATASETS))
+    c.add_argument("--dataset", default="mnist", choices=list(DATASETS), metavar="NAME",
+                   help=f"which family dataset's files to read: {', '.join(DATASETS)}")
     c.add_argument("--split", action="append",
-                   help="split to convert (repeatable; default: train and test, and QMNIST's nist, "
+                   help="split to convert (repeatable; without it: train and test, and QMNIST's nist, "
                         "those present; QMNIST also has test10k and test50k)")
-    c.add_argument("--mean", type=float, help="normalisation mean (default: dataset's)")
-    c.add_argument("--std", type=float, help="normalisation std (default: dataset's)")
+    c.add_argument("--mean", type=float,
+                   help="normalisation mean; without it MNIST's 0.1307, or computed from the train split")
+    c.add_argument("--std", type=float,
+                   help="normalisation std; without it MNIST's 0.3081, or computed from the train split")
     c.add_argument("--no-float32", action="store_true",
                    help="keep only uint8 images (4x less disk); the loader normalises them per batch")
     c.add_argument("--format", default="npy", choices=["npy", "wds", "both"],
-                   help="memory-mapped .npy arrays (default), WebDataset tar shards, or both")
+                   help="memory-mapped .npy arrays, WebDataset tar shards, or both")
     c.add_argument("--shard-size", type=int, default=10000, help="samples per tar shard")
     c.add_argument("--download", action="store_true",
                    help="fetch missing raw files with torchvision's downloader")

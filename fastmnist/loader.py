@@ -7,6 +7,7 @@ which samples each rank and worker visits and where an epoch stands is the plan'
 (``loading/delivery.py``).
 """
 
+import os
 import warnings
 from collections.abc import Iterator
 
@@ -98,13 +99,13 @@ class FastMNISTLoader(IterableDataset):
 
     num_workers = 0  # batches are made in the calling process (wrap it in a DataLoader for workers)
 
-    def __init__(self, path, split: str = "train", batch_size: int = 64, shuffle: bool = True,
-                 seed: int = 0, drop_last: bool = False, *, rank: int | None = None,
-                 world_size: int | None = None, device="cpu", images: str | None = None,
-                 normalize: bool = True, resident: bool = False, pin_memory: bool | None = None,
-                 prefetch: int = 2, verify: bool = False, format: str | None = None, even: bool = True,
-                 retry: Retry | None = None, storage_options: dict | None = None,
-                 locality: int | None = None):
+    def __init__(self, path: str | os.PathLike | list[str], split: str = "train", batch_size: int = 64,
+                 shuffle: bool = True, seed: int = 0, drop_last: bool = False, *, rank: int | None = None,
+                 world_size: int | None = None, device: str | torch.device = "cpu",
+                 images: str | None = None, normalize: bool = True, resident: bool = False,
+                 pin_memory: bool | None = None, prefetch: int = 2, verify: bool = False,
+                 format: str | None = None, even: bool = True, retry: Retry | None = None,
+                 storage_options: dict | None = None, locality: int | None = None):
         if locality is not None and (type(locality) is not int or locality < 1):
             raise FastMNISTError(f"locality must be a positive number of samples or None, got {locality!r}")
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
@@ -147,7 +148,7 @@ class FastMNISTLoader(IterableDataset):
     @property
     def sampler(self) -> EpochSampler:
         """As ``DataLoader.sampler`` with a ``DistributedSampler``: ``set_epoch``, ``len()``."""
-        return EpochSampler(self)
+        return EpochSampler(self._plan)
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next ``iter()`` run ``epoch`` (as ``DistributedSampler.set_epoch``); a

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import FastMNISTError
+from .formats.datasets import convert_command, find_raw_root
 from .formats.files import hashed
 from .formats.manifest import MANIFEST, MAX_MANIFEST_BYTES, Manifest, Shard, SplitInfo, parse_manifest
 from .remote.transport import DEFAULT_RETRY, Retry, expand_urls, fetch, join
@@ -25,13 +26,19 @@ def sha256_file(path: Path) -> str:
 
 def read_manifest(root) -> Manifest:
     """The validated manifest of the set at ``root``; errors name the file and the problem."""
-    path = Path(root) / MANIFEST
+    root = Path(root)
+    path = root / MANIFEST
+    if not root.is_dir():
+        raise FastMNISTError(f"{root}: {'not a directory' if root.exists() else 'no such directory'}")
     try:
         if path.stat().st_size > MAX_MANIFEST_BYTES:
             raise FastMNISTError(f"{path}: larger than a manifest may be ({MAX_MANIFEST_BYTES} bytes)")
         text = path.read_bytes()
     except FileNotFoundError:
-        raise FastMNISTError(f"{path}: no manifest: not a converted fastmnist set") from None
+        raw = find_raw_root(root)
+        hint = "" if raw is None else (f"; {root} holds raw {raw[1]} files: convert them first with "
+                                       f"`{convert_command(*raw)}` and open the --out directory")
+        raise FastMNISTError(f"{path}: no manifest: not a converted fastmnist set{hint}") from None
     except OSError as e:
         raise FastMNISTError(f"{path}: unreadable manifest: {e}") from None
     return parse_manifest(text, path)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from fastmnist import FastMNISTLoader
-from fastmnist.loading.delivery import GROUP_SAMPLES
 from fastmnist.loading.buffers import KEEP, BufferPool
+from fastmnist.loading.delivery import GROUP_SAMPLES
 
 from .conftest import decode_indices
 

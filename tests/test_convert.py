@@ -1,5 +1,6 @@
 """The converter: bit-exact against torchvision, verifiable, idempotent, safe on bad input."""
 
+import argparse
 import gzip
 import json
 import os
@@ -280,3 +281,44 @@ def test_demo_converts_with_the_convert_commands_own_defaults(tmp_path, monkeypa
     assert main(["demo", "--data", str(tmp_path / "data"), "--shards", str(tmp_path / "shards")]) == 0
     split = open_shards(tmp_path / "shards", verify=True).split("train")
     assert split.formats == ["npy", "wds"] and set(split.info.arrays) == {"images_u8", "images_f32", "labels"}
+
+
+def test_a_missing_directory_is_reported_as_missing(tmp_path):
+    with pytest.raises(FastMNISTError, match=r"nowhere: no such directory"):
+        FastMNISTLoader(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("given", ["", "MNIST", "MNIST/raw"])
+def test_raw_files_given_to_the_loader_get_the_convert_command(synth_root, given):
+    """A torchvision root, its MNIST folder or its raw folder handed to the loader: the error
+    names the exact convert command, and that command works."""
+    with pytest.raises(FastMNISTError) as caught:
+        FastMNISTLoader(synth_root / given)
+    message = str(caught.value)
+    assert "no manifest" in message
+    assert f"`fastmnist convert --root {synth_root} --out shards/mnist`" in message
+
+
+@pytest.mark.parametrize("too_deep", ["MNIST", "MNIST/raw"])
+def test_convert_with_root_too_deep_names_the_command_that_works(synth_root, tmp_path, too_deep):
+    out = tmp_path / "set"
+    cli = [sys.executable, "-m", "fastmnist.cli"]
+    done = subprocess.run([*cli, "convert", "--root", str(synth_root / too_deep), "--out", str(out),
+                           "--quiet"], capture_output=True, text=True)
+    assert done.returncode == 2
+    command = f"fastmnist convert --root {synth_root} --out {out}"
+    assert f"run `{command}`" in done.stderr
+    assert subprocess.run([*cli, *command.split()[1:], "--quiet"]).returncode == 0
+    assert FastMNISTLoader(out).info.count == 60000
+
+
+def test_every_cli_option_has_help_and_shows_its_default():
+    from fastmnist.cli import _parser
+
+    commands = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, command in commands.items():
+        for action in command._actions:
+            assert action.help, f"fastmnist {name} {action.option_strings or action.dest}: no help"
+    convert_help = commands["convert"].format_help()
+    assert "(default: npy)" in convert_help and "(default: 10000)" in convert_help
+    assert "(default: mnist)" in convert_help

@@ -10,6 +10,7 @@ import atexit
 import functools
 import importlib.util
 import json
+import logging
 import os
 import socket
 import statistics
@@ -235,12 +236,30 @@ def sparse_set(directory: Path, n: int) -> Path:
 def _served(directory: Path, faulty: bool = False) -> str:
     """The URL of ``directory`` served on 127.0.0.1 by ``python -m http.server`` (or, if
     ``faulty``, by ``fastmnist.bench.faulty_server``: 20% of responses cut, 10% 503, one 1 s
-    stall), started once in a subprocess and stopped when this process exits."""
+    stall, its retries logged as deliberate), started once in a subprocess and stopped when
+    this process exits."""
     port = _free_port()
     command = ["-m", "fastmnist.bench.faulty_server", str(directory), str(port), "--stall-s", "1"] if faulty \
         else ["-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(directory)]
     _start([sys.executable, *command], f"http://127.0.0.1:{port}/manifest.json")
-    return f"http://127.0.0.1:{port}/"
+    url = f"http://127.0.0.1:{port}/"
+    if faulty:
+        logging.getLogger("fastmnist").addFilter(_Deliberate(url))
+    return url
+
+
+class _Deliberate(logging.Filter):
+    """Marks the retry warnings about URLs under ``base`` (the faulty server's) as the faults
+    the benchmark injects on purpose."""
+
+    def __init__(self, base: str):
+        super().__init__()
+        self.base = base
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.args and str(record.args[0]).startswith(self.base):
+            record.msg = "DELIBERATE fault injected by the benchmark, retried as it should be: " + record.msg
+        return True
 
 
 @functools.cache
@@ -327,7 +346,7 @@ def measure(factory: Callable[[int], Iterable], batch_size: int, rounds: int, mi
     next(iter(pipeline))
     first_batch_s = time.perf_counter() - start
     seconds, samples = [], 0
-    with _PeakRSS() as rss:
+    with PeakRSS() as rss:
         while len(seconds) < rounds or sum(seconds) < min_seconds:
             t = time.perf_counter()
             samples = run_epoch(pipeline)
@@ -344,7 +363,7 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-class _PeakRSS:
+class PeakRSS:
     """Samples this process's RSS every 5 ms in a thread; ``peak_extra`` above the start."""
 
     def __enter__(self):

@@ -8,6 +8,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -21,8 +22,8 @@ from .pipelines import (
     COUNTED,
     FLOOR,
     SEED,
+    PeakRSS,
     copy_bandwidth,
-    measure,
     pipelines,
     rss_bytes,
     run_epoch,
@@ -30,6 +31,7 @@ from .pipelines import (
 )
 
 IMAGE_BYTES = 28 * 28 * 4  # one float32 image
+UNSTEADY = 0.25  # a floor whose rounds spread more than this (IQR / median) cannot anchor a ratio
 SLOW = ("seed pipeline", "stock webdataset")  # measured with --seed-rounds epochs
 WORKERS_2, STATEFUL_2 = "fastmnist in DataLoader, workers=2", "fastmnist in StatefulDataLoader, workers=2"
 STATEFUL_2_64 = STATEFUL_2 + ", snapshot every 64 steps"
@@ -41,19 +43,26 @@ def run_report(raw_root: Path, shards: Path, out_dir: Path, batch_sizes=(64, 256
                rounds: int = 5, seed_rounds: int = 3, memory_epochs: int = 20,
                progress: bool = True, min_seconds: float = 1.0) -> dict:
     """Measure, then write ``bench.json``, ``bench.md`` and ``bench.png`` into ``out_dir``.
-    Every pipeline is timed over at least its rounds and at least ``min_seconds``."""
+    Per batch size the pipelines are timed round by round, interleaved (one epoch of each in
+    turn), so a disturbance of the machine lands on all of them; each gets at least its
+    rounds (``seed_rounds`` for the slow ones) and the fast ones at least ``min_seconds``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     found = pipelines(raw_root, shards)
-    plan = [(bs, name, factory) for bs in batch_sizes for name, factory in found.items()]
     rows = []
-    for bs, name, factory in tqdm(plan, desc="bench", unit="pipeline", disable=not progress):
-        n = seed_rounds if name.startswith(SLOW) else rounds
-        rows.append({"batch_size": bs, "pipeline": name, **measure(factory, bs, n, min_seconds)})
+    total = len(batch_sizes) * len(found)
+    with tqdm(total=total, desc="bench", unit="pipeline", disable=not progress) as bar:
+        for bs in batch_sizes:
+            wanted = {name: seed_rounds if name.startswith(SLOW) else rounds for name in found}
+            rows += interleaved(found, bs, wanted, min_seconds, bar.update)
+    bandwidth = copy_bandwidth()
     for bs in batch_sizes:
         group = {r["pipeline"]: r for r in rows if r["batch_size"] == bs}
+        floor = group[FLOOR]
         for r in group.values():
             r["x_seed"] = r["samples_per_s"] / group[SEED]["samples_per_s"]
-            r["of_floor"] = r["samples_per_s"] / group[FLOOR]["samples_per_s"]
+            r["of_floor"] = r["samples_per_s"] / floor["samples_per_s"]
+            r["floor_unsteady"] = floor["spread"] > UNSTEADY
+            r["of_copy_bandwidth"] = r["samples_per_s"] * IMAGE_BYTES / bandwidth
     result = {
         "machine": machine(),
         "fastmnist": __version__,
@@ -63,12 +72,50 @@ def run_report(raw_root: Path, shards: Path, out_dir: Path, batch_sizes=(64, 256
         "conversion": _conversion(raw_root, rows),
         "memory": _memory_over_epochs(shards, memory_epochs),
         "state_dict": state_dict_cost(shards),
-        "copy_bandwidth_bytes_per_s": copy_bandwidth(),
+        "copy_bandwidth_bytes_per_s": bandwidth,
     }
     (out_dir / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
     (out_dir / "bench.md").write_text(markdown(result))
     chart(result, out_dir / "bench.png")
     return result
+
+
+def interleaved(found: dict, batch_size: int, wanted: dict, min_seconds: float, done=lambda n: None) -> list:
+    """One row per pipeline of ``found`` (name -> factory): each built once and its time to
+    the first batch taken, then full epochs timed round by round, one of each pipeline in
+    turn, while it has fewer than ``wanted[name]`` epochs or (with more than one wanted)
+    less than ``min_seconds`` of them. Samples/s is the median over its epochs, ``spread``
+    their interquartile range over that median; ``peak_extra_mb`` the most resident memory
+    an epoch added. ``done(1)`` is called as each pipeline finishes."""
+    built, rows = {}, {}
+    for name, factory in found.items():
+        start = time.perf_counter()
+        built[name] = factory(batch_size)
+        next(iter(built[name]))
+        rows[name] = {"batch_size": batch_size, "pipeline": name, "seconds": [], "peak_extra_mb": 0.0,
+                      "first_batch_ms": (time.perf_counter() - start) * 1e3}
+
+    def needs_more(name):
+        seconds = rows[name]["seconds"]
+        return len(seconds) < wanted[name] or (wanted[name] > 1 and sum(seconds) < min_seconds)
+
+    while active := [name for name in found if needs_more(name)]:
+        for name in active:
+            with PeakRSS() as rss:
+                t = time.perf_counter()
+                rows[name]["samples"] = run_epoch(built[name])
+                rows[name]["seconds"].append(time.perf_counter() - t)
+            rows[name]["peak_extra_mb"] = max(rows[name]["peak_extra_mb"], rss.peak_extra / 1e6)
+            if not needs_more(name):
+                done(1)
+    for r in rows.values():
+        rates = sorted(r["samples"] / s for s in r["seconds"])
+        r["rounds"] = len(rates)
+        r["median_s"] = statistics.median(r["seconds"])
+        r["samples_per_s"] = r["samples"] / r["median_s"]
+        q1, _, q3 = statistics.quantiles(rates, n=4, method="inclusive") if len(rates) > 1 else rates * 3
+        r["spread"] = (q3 - q1) / r["samples_per_s"]
+    return list(rows.values())
 
 
 def reference_from(result: dict, tolerance: float) -> dict:
@@ -89,6 +136,8 @@ def check(result: dict, reference: dict, tolerance: float | None = None) -> list
     tolerance = reference["tolerance"] if tolerance is None else tolerance
     failures = []
     for r in result["rows"]:
+        if r["floor_unsteady"]:
+            continue  # no ratio to judge (warnings_of says so)
         expected = reference["ratios"].get(str(r["batch_size"]), {}).get(r["pipeline"], {})
         for key, ref in expected.items():
             if r[key] < ref * (1 - tolerance):
@@ -139,19 +188,41 @@ def _memory_over_epochs(shards: Path, epochs: int) -> dict:
             "growth_after_first_mb": after[-1] - after[0]}
 
 
+def warnings_of(result: dict) -> list[str]:
+    """Why some ratios of this run are not results: a floor whose rounds spread more than
+    ``UNSTEADY``, a gather faster than this machine can copy memory."""
+    found = []
+    for r in result["rows"]:
+        if r["pipeline"] == FLOOR and r["floor_unsteady"]:
+            found.append(f"batch {r['batch_size']}: the floor's rounds spread {r['spread']:.0%} (IQR over "
+                         f"median, more than {UNSTEADY:.0%}): the machine was busy; its 'of floor' ratios "
+                         "are not shown")
+        if r["pipeline"].startswith("fastmnist") and r["of_copy_bandwidth"] > 1:
+            found.append(f"batch {r['batch_size']} {r['pipeline']}: {r['of_copy_bandwidth']:.2f} of this "
+                         "machine's copy bandwidth is impossible: the copy measurement was disturbed")
+    return found
+
+
+def _of_floor(r: dict) -> str:
+    return "n/a (floor unsteady)" if r["floor_unsteady"] else f"{r['of_floor']:.2f}"
+
+
 def markdown(result: dict) -> str:
     lines = [
         f"Machine: {result['machine']}. Data: {'SYNTHETIC ' if result['synthetic'] else ''}"
         "MNIST-format train split, one full shuffled epoch per round, float32 out; "
-        "samples/s is the median over rounds.",
+        "samples/s is the median over rounds, interleaved with the other pipelines of its batch size; "
+        "spread is the interquartile range of the rounds over that median.",
         "",
-        "| batch | pipeline | samples/s | x seed (workers=0) | of floor | first batch ms "
+        *(f"**WARNING** {w}." for w in warnings_of(result)),
+        "",
+        "| batch | pipeline | samples/s | spread | x seed (workers=0) | of floor | first batch ms "
         "| extra MB during epochs | rounds |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
         lines.append(f"| {r['batch_size']} | {r['pipeline']} | {r['samples_per_s']:,.0f} | "
-                     f"{r['x_seed']:.1f} | {r['of_floor']:.2f} | {r['first_batch_ms']:.1f} | "
+                     f"{r['spread']:.0%} | {r['x_seed']:.1f} | {_of_floor(r)} | {r['first_batch_ms']:.1f} | "
                      f"{r['peak_extra_mb']:.0f} | {r['rounds']} |")
     c, m = result["conversion"], result["memory"]
     lines += [
@@ -170,11 +241,12 @@ def markdown(result: dict) -> str:
     ]
     bandwidth = result["copy_bandwidth_bytes_per_s"]
     for r in result["rows"]:
-        if r["pipeline"] == "fastmnist float32":  # each sample's 3,136 image bytes read and written once
+        if r["pipeline"] == "fastmnist float32" and r["of_copy_bandwidth"] <= 1:
+            # each sample's 3,136 image bytes read and written once
             lines.append(f"Batch {r['batch_size']}: fastmnist float32 gathers "
                          f"{r['samples_per_s'] * IMAGE_BYTES / 1e9:.2f} GB/s of images, "
-                         f"{r['samples_per_s'] * IMAGE_BYTES / bandwidth:.2f} of this machine's "
-                         f"copy bandwidth ({bandwidth / 1e9:.1f} GB/s: one 256 MB copy_, median of 5).")
+                         f"{r['of_copy_bandwidth']:.2f} of this machine's copy bandwidth "
+                         f"({bandwidth / 1e9:.1f} GB/s: one 256 MB copy_, median of 5).")
     for bs in dict.fromkeys(r["batch_size"] for r in result["rows"]):
         group = {r["pipeline"]: r["samples_per_s"] for r in result["rows"] if r["batch_size"] == bs}
         if {WORKERS_2, STATEFUL_2, STATEFUL_2_64, COUNTED_2, COUNTED_STATEFUL_2} <= group.keys():
@@ -189,32 +261,59 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def kind_of(pipeline: str) -> str:
+    """The chart's group of a pipeline: "streaming" (tar shards read as a stream, local or
+    remote), "workers" (DataLoader worker processes) or "in-process"."""
+    if "webdataset" in pipeline or " over " in pipeline:
+        return "streaming"
+    if "workers=" in pipeline and "workers=0" not in pipeline:
+        return "workers"
+    return "in-process"
+
+
 def chart(result: dict, path: Path) -> None:
-    """Horizontal bars of samples/s (log scale), one group per batch size."""
+    """Horizontal bars of samples/s (log scale), grouped in-process / workers / streaming,
+    one bar per batch size, a dashed line at each batch size's floor; each bar labelled
+    with its ratio to the seed pipeline (one decimal under 10). Titled SYNTHETIC when the
+    data is generated, and carrying the run's warnings."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = result["rows"]
-    names = list(dict.fromkeys(r["pipeline"] for r in rows))
+    kinds = ("in-process", "workers", "streaming")
+    names = sorted(dict.fromkeys(r["pipeline"] for r in rows), key=lambda n: kinds.index(kind_of(n)))
     sizes = list(dict.fromkeys(r["batch_size"] for r in rows))
-    fig, ax = plt.subplots(figsize=(10, 0.5 + 0.45 * len(names) * len(sizes)))
+    warned = warnings_of(result)
+    fig, ax = plt.subplots(figsize=(10, 1.2 + 0.45 * len(names) * len(sizes) + 0.2 * len(warned)))
     height = 0.8 / len(sizes)
     for k, bs in enumerate(sizes):
         by_name = {r["pipeline"]: r for r in rows if r["batch_size"] == bs}
         ys = [i + k * height for i in range(len(names))]
-        vals = [by_name[n]["samples_per_s"] for n in names]
-        bars = ax.barh(ys, vals, height=height, label=f"batch {bs}")
+        bars = ax.barh(ys, [by_name[n]["samples_per_s"] for n in names], height=height, label=f"batch {bs}")
+        ax.axvline(by_name[FLOOR]["samples_per_s"], color=bars.patches[0].get_facecolor(), linestyle="--",
+                   linewidth=0.8)
         for bar, n in zip(bars, names, strict=True):
+            ratio = by_name[n]["x_seed"]
             ax.text(bar.get_width() * 1.05, bar.get_y() + bar.get_height() / 2,
-                    f"{by_name[n]['x_seed']:.0f}x", va="center", fontsize=7)
-    ax.set_yticks([i + height * (len(sizes) - 1) / 2 for i in range(len(names))], names)
+                    f"{ratio:.1f}x" if ratio < 10 else f"{ratio:.0f}x", va="center", fontsize=7)
+    middle = height * (len(sizes) - 1) / 2  # from a name's first bar to the middle of its bars
+    ax.set_yticks([i + middle for i in range(len(names))], names, fontsize=8)
+    for i, name in enumerate(names):  # each group titled, and ruled off from the one before
+        if i == 0 or kind_of(name) != kind_of(names[i - 1]):
+            if i:
+                ax.axhline(i + middle - 0.5, color="grey", linewidth=0.6)
+            ax.text(0.99, i + middle - 0.45, kind_of(name), transform=ax.get_yaxis_transform(), ha="right",
+                    va="top", fontsize=8, style="italic", color="grey")
     ax.invert_yaxis()
     ax.set_xscale("log")
     ax.set_xlim(right=max(r["samples_per_s"] for r in rows) * 4)  # room for the labels
-    ax.set_xlabel("samples/s (log scale; label: x seed pipeline, workers=0)")
-    ax.set_title(f"One shuffled 60k epoch, float32 out\n{result['machine']}", fontsize=9)
+    ax.set_xlabel("samples/s, log scale (bar label: x the seed pipeline, workers=0; dashed: the floor)")
+    synthetic = "SYNTHETIC data (generated digits, not MNIST): " if result["synthetic"] else ""
+    title = [f"{synthetic}one shuffled 60k epoch, float32 out", result["machine"],
+             *(line for w in warned for line in textwrap.wrap(f"WARNING {w}", 100))]
+    ax.set_title("\n".join(title), fontsize=8, color="darkred" if warned else "black")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

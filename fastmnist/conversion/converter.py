@@ -26,7 +26,15 @@ import numpy as np
 
 from ..errors import FastMNISTError
 from ..formats import tar
-from ..formats.datasets import COMPRESSIONS, SYNTHETIC_MARKER, DatasetSpec, RawFiles, get_spec
+from ..formats.datasets import (
+    COMPRESSIONS,
+    SYNTHETIC_MARKER,
+    DatasetSpec,
+    RawFiles,
+    convert_command,
+    find_raw_root,
+    get_spec,
+)
 from ..formats.files import BackgroundWriter, hashed
 from ..formats.idx import IMAGES, IdxReader, check_classes, label_kind
 from ..formats.manifest import (
@@ -80,7 +88,7 @@ def convert(root, out, dataset: str = "mnist", *, splits=None, mean=None, std=No
         raise FastMNISTError(f"{spec.name}: its labels are 8 numbers per sample, which tar shards "
                              "(one class per sample) cannot hold; convert with format 'npy'")
     root, out = Path(root), Path(out)
-    sources = _find_sources(root, spec, splits, download)
+    sources = _find_sources(root, out, spec, splits, download)
     options = {"dataset": spec.name, "splits": sorted(sources), "mean": mean, "std": std,
                "format": format, "shard_size": shard_size if format != "npy" else None}
     if not float32 and format != "wds":
@@ -131,9 +139,10 @@ def _progress_bar(total: int, desc: str, shown: bool):
     return tqdm(total=total, desc=desc, unit="img", unit_scale=True)
 
 
-def _find_sources(root: Path, spec: DatasetSpec, splits, download: bool) -> dict:
+def _find_sources(root: Path, out: Path, spec: DatasetSpec, splits, download: bool) -> dict:
     """{split: {"images": Path, "labels": Path}}, preferring the compressed files torchvision
-    downloads (their md5s are published) to the extracted ones."""
+    downloads (their md5s are published) to the extracted ones. ``out`` is named in the
+    command suggested when ``root`` is not the torchvision root."""
     raw = root / spec.folder / "raw"
     wanted = list(splits) if splits else list(spec.default_splits)
     for split in wanted:
@@ -158,6 +167,11 @@ def _find_sources(root: Path, spec: DatasetSpec, splits, download: bool) -> dict
         elif splits or len(missing) == 1:  # asked for explicitly, or half a split present
             raise FastMNISTError(f"{missing[0]}: file not found (needed for the {split} split)")
     if not sources:
+        found = find_raw_root(root, spec.name)
+        if found is not None and found[0] != root:
+            command = convert_command(*found, str(out))
+            raise FastMNISTError(f"{raw}: no raw files here; --root is the directory that holds "
+                                 f"<Dataset>/raw/, here {found[0]}: run `{command}`")
         names = sorted({getattr(f, k) for f in spec.splits.values() for k in ("images", "labels")})
         raise FastMNISTError(
             f"{raw}: no {spec.folder} raw files found for {spec.name}; put torchvision's files "

@@ -8,8 +8,10 @@ torchvision yields them so (so does fastmnist); EMNIST ``letters`` labels run 1.
 ``test50k`` are the first 10,000 and the remaining rows of its ``test`` files.
 """
 
+import shlex
 import string
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..errors import FastMNISTError
 
@@ -115,3 +117,25 @@ def get_spec(name: str) -> DatasetSpec:
         raise FastMNISTError(
             f"unknown dataset {name!r}: expected one of {', '.join(DATASETS)}"
         ) from None
+
+
+def find_raw_root(path, prefer: str = "mnist") -> tuple[Path, str] | None:
+    """``(root, dataset)`` when ``path`` is a torchvision root holding a family dataset's raw
+    files (``root/<folder>/raw/...``; dataset ``prefer`` first), or that root's ``<folder>``
+    or ``raw`` directory; otherwise None. For the hint of what ``fastmnist convert``
+    command would work."""
+    path = Path(path)
+    specs = sorted(DATASETS.values(), key=lambda spec: spec.name != prefer)
+    for root in (path, path.parent, path.parent.parent):
+        for spec in specs:
+            raw = root / spec.folder / "raw"
+            names = {getattr(f, kind) for f in spec.splits.values() for kind in ("images", "labels")}
+            if any((raw / (name + c)).is_file() for name in names for c in COMPRESSIONS):
+                return root, spec.name
+    return None
+
+
+def convert_command(root: Path, dataset: str, out: str | None = None) -> str:
+    """The ``fastmnist convert`` command line that converts ``dataset`` under ``root``."""
+    flags = "" if dataset == "mnist" else f" --dataset {dataset}"
+    return f"fastmnist convert --root {shlex.quote(str(root))} --out {out or 'shards/' + dataset}{flags}"

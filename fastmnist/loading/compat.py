@@ -47,16 +47,17 @@ class SplitDataset(torch.utils.data.Dataset):
 class EpochSampler:
     """A loader's ``sampler``, as a ``DistributedSampler`` is to a ``DataLoader``:
     ``set_epoch(e)`` chooses the next epoch, ``len()`` is this rank's samples per epoch, and
-    iterating gives the sample indices this rank visits in the next epoch."""
+    iterating gives the sample indices this rank visits in the next epoch. ``plan``: the
+    loader's ``EpochPlan``."""
 
-    def __init__(self, loader):
-        self.loader = loader
+    def __init__(self, plan):
+        self.plan = plan
 
     def set_epoch(self, epoch: int) -> None:
-        self.loader.set_epoch(epoch)
+        self.plan.set_epoch(epoch)
 
     def __len__(self) -> int:
-        return self.loader.samples_per_rank
+        return self.plan.samples_per_rank
 
     def __iter__(self):
-        return iter(self.loader.rank_order(self.loader._next_epoch).tolist())
+        return iter(self.plan.rank_order(self.plan.next_epoch).tolist())
