@@ -147,7 +147,7 @@ def _convert(args) -> int:
             mb = sum(f.size for f in files) / 1e6
             print(f"wrote {r.out}{kind}: {counts}; {len(files)} files, {mb:.1f} MB "
                   f"in {r.seconds:.2f}s")
-            for key, src in r.manifest.sources.items():
+            for key, src in r.manifest.inputs.items():
                 canon = {True: "canonical", False: "NOT canonical", None: "md5 unknown"}
                 print(f"  {key}: {src.file} md5 {src.md5} ({canon[src.canonical]})")
     return 0
@@ -170,7 +170,7 @@ def _info(args) -> int:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
     for split, info in m.splits.items():
         print(f"{split}: {info.count} samples, mean {info.mean}, std {info.std}")
-    for key, src in m.sources.items():
+    for key, src in m.inputs.items():
         print(f"source {key}: {src.file} md5 {src.md5} canonical={src.canonical}")
     return 0
 

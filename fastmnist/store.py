@@ -14,7 +14,7 @@ import numpy as np
 from .errors import FastMNISTError
 from .formats.datasets import convert_command, find_raw_root
 from .formats.files import hashed
-from .formats.manifest import MANIFEST, MAX_MANIFEST_BYTES, Manifest, Shard, SplitInfo, parse_manifest
+from .formats.manifest import MANIFEST, MAX_MANIFEST_BYTES, Manifest, SplitInfo, parse_manifest
 from .remote.transport import DEFAULT_RETRY, Retry, expand_urls, fetch, join
 
 
@@ -46,34 +46,18 @@ def read_manifest(root) -> Manifest:
 
 @dataclass(frozen=True)
 class Split:
-    """One split of a local set: its validated ``info`` and the directory ``root`` holding it."""
+    """One split of a local set: its validated ``info`` (a ``SplitInfo``, whose fields it
+    also answers to) and the directory ``root`` holding it."""
 
     root: Path
     info: SplitInfo
 
-    @property
-    def name(self) -> str:
-        return self.info.name
-
-    @property
-    def count(self) -> int:
-        return self.info.count
-
-    @property
-    def mean(self) -> float:
-        return self.info.mean
-
-    @property
-    def std(self) -> float:
-        return self.info.std
-
-    @property
-    def formats(self) -> list[str]:
-        return self.info.formats
-
-    @property
-    def shards(self) -> tuple[Shard, ...]:
-        return self.info.shards
+    def __getattr__(self, field: str):
+        """The manifest entry's fields, as the split's own: ``name``, ``count``, ``mean``,
+        ``std``, ``formats``, ``shards``, ..."""
+        if field == "info":  # not yet set (unpickling)
+            raise AttributeError(field)
+        return getattr(self.info, field)
 
     def path(self, name: str) -> Path:
         """The path of array ``name`` (a key of ``info.arrays``) or of a shard's file name."""

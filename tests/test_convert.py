@@ -41,9 +41,9 @@ def test_real_test_split_is_bit_exact_with_torchvision(real_shards, torchvision_
 def test_real_inputs_reported_canonical(real_shards):
     manifest = open_shards(real_shards).manifest
     assert manifest.synthetic is False
-    assert {k: v.canonical for k, v in manifest.sources.items()} == {
+    assert {k: v.canonical for k, v in manifest.inputs.items()} == {
         "test-images": True, "test-labels": True}
-    assert manifest.sources["test-images"].md5 == "9fb629c4189551a2d022fa330f9573f3"
+    assert manifest.inputs["test-images"].md5 == "9fb629c4189551a2d022fa330f9573f3"
     assert list(manifest.splits) == ["test"]
 
 
@@ -211,7 +211,7 @@ def test_other_datasets_compute_mean_std_from_train(tmp_path):
     test = open_shards(tmp_path / "out").split("test")
     expected = transforms.Normalize((mean,), (std,))(torch.from_numpy(images[:5, None]).float() / 255)
     assert torch.equal(torch.from_numpy(np.array(test.array("images_f32"))), expected)
-    assert manifest.sources["train-images"].canonical is None  # no .gz: md5 unknown
+    assert manifest.inputs["train-images"].canonical is None  # no .gz: md5 unknown
 
 
 def test_newer_manifest_format_is_refused(small_root, tmp_path):

@@ -79,3 +79,35 @@ def test_loader_convert_and_verify_without_the_extras(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == "ok"
     assert "the comparison report needs the bench extra (pip install 'fastmnist[bench]')" in done.stderr
+
+
+def test_the_library_never_imports_the_harness(tmp_path):
+    """fastmnist.bench (the benchmark and demo harness) is imported by no library module;
+    the command line reaches it only inside the bench, demo and scale commands. A loader
+    iterated after `import fastmnist` has loaded none of it."""
+    import ast
+
+    package = REPO / "fastmnist"
+    for path in package.rglob("*.py"):
+        if path.parent.name == "bench":
+            continue
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                names = [f"{'.' * node.level}{node.module or ''}"]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            if any("bench" in n.split(".") for n in names):
+                top_level = node in tree.body
+                assert path.name == "cli.py" and not top_level, f"{path}:{node.lineno} imports the harness"
+    done = _python("import sys\nfrom fastmnist import FastMNISTLoader, convert\n"
+                   "from fastmnist.conversion.synth import write_raw\n"
+                   "write_raw(sys.argv[1], 100, 10)\n"
+                   "convert(sys.argv[1], sys.argv[1] + '/set', progress=False)\n"
+                   "sum(len(y) for _, y in FastMNISTLoader(sys.argv[1] + '/set'))\n"
+                   "print(sorted(m for m in sys.modules if m.startswith('fastmnist.bench')))",
+                   tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines()[-1] == "[]"

@@ -88,12 +88,12 @@ def convert(root, out, dataset: str = "mnist", *, splits=None, mean=None, std=No
         raise FastMNISTError(f"{spec.name}: its labels are 8 numbers per sample, which tar shards "
                              "(one class per sample) cannot hold; convert with format 'npy'")
     root, out = Path(root), Path(out)
-    sources = _find_sources(root, out, spec, splits, download)
-    options = {"dataset": spec.name, "splits": sorted(sources), "mean": mean, "std": std,
+    raw_files = _find_raw_files(root, out, spec, splits, download)
+    options = {"dataset": spec.name, "splits": sorted(raw_files), "mean": mean, "std": std,
                "format": format, "shard_size": shard_size if format != "npy" else None}
     if not float32 and format != "wds":
         options["float32"] = False  # absent: the float32 array is written
-    fingerprint = {key: _fingerprint(path, spec) for key, path in _source_items(sources)}
+    fingerprint = {key: _fingerprint(path, spec) for key, path in _raw_file_items(raw_files)}
     _prepare_parent(out)
     with _lock(out):
         _remove_leftovers(out)
@@ -102,7 +102,7 @@ def convert(root, out, dataset: str = "mnist", *, splits=None, mean=None, std=No
         if out.exists() and not (out / MANIFEST).exists() and any(out.iterdir()):
             raise FastMNISTError(f"{out}: refusing to replace a non-empty directory that is "
                                  "not a fastmnist set")
-        inputs = _open_inputs(sources, spec)
+        inputs = _open_inputs(raw_files, spec)
         norm = _normalisation(spec, inputs, mean, std)
         manifest = describe(spec.name, (root / spec.folder / "raw" / SYNTHETIC_MARKER).exists(), options,
                             fingerprint, {})
@@ -139,7 +139,7 @@ def _progress_bar(total: int, desc: str, shown: bool):
     return tqdm(total=total, desc=desc, unit="img", unit_scale=True)
 
 
-def _find_sources(root: Path, out: Path, spec: DatasetSpec, splits, download: bool) -> dict:
+def _find_raw_files(root: Path, out: Path, spec: DatasetSpec, splits, download: bool) -> dict:
     """{split: {"images": Path, "labels": Path}}, preferring the compressed files torchvision
     downloads (their md5s are published) to the extracted ones. ``out`` is named in the
     command suggested when ``root`` is not the torchvision root."""
@@ -158,15 +158,15 @@ def _find_sources(root: Path, out: Path, spec: DatasetSpec, splits, download: bo
     if download and not all(all(p.values()) for p in found.values()):
         _download(root, spec)
         found = {s: {k: locate(s, k) for k in ("images", "labels")} for s in wanted}
-    sources = {}
+    raw_files = {}
     for split, paths in found.items():
         missing = [raw / (getattr(spec.splits[split], k) + "[.gz|.xz]")
                    for k, p in paths.items() if p is None]
         if not missing:
-            sources[split] = paths
+            raw_files[split] = paths
         elif splits or len(missing) == 1:  # asked for explicitly, or half a split present
             raise FastMNISTError(f"{missing[0]}: file not found (needed for the {split} split)")
-    if not sources:
+    if not raw_files:
         found = find_raw_root(root, spec.name)
         if found is not None and found[0] != root:
             command = convert_command(*found, str(out))
@@ -178,7 +178,7 @@ def _find_sources(root: Path, out: Path, spec: DatasetSpec, splits, download: bo
             f"({', '.join(names)}, or compressed) there, run with --download, or make synthetic "
             f"ones with `fastmnist synth --dataset {spec.name} --root {root}`"
         )
-    return sources
+    return raw_files
 
 
 def _download(root: Path, spec: DatasetSpec) -> None:
@@ -200,8 +200,8 @@ def _download(root: Path, spec: DatasetSpec) -> None:
         ) from None
 
 
-def _source_items(sources: dict):
-    for split, paths in sorted(sources.items()):
+def _raw_file_items(raw_files: dict):
+    for split, paths in sorted(raw_files.items()):
         for kind, path in paths.items():
             yield f"{split}-{kind}", path
 
@@ -253,10 +253,10 @@ def _up_to_date(out: Path, fingerprint: dict, options: dict) -> bool:
     except FastMNISTError:
         return False
     m = shards.manifest
-    same_sources = {k: v.sha256 for k, v in m.sources.items()} == {
+    same_inputs = {k: v.sha256 for k, v in m.inputs.items()} == {
         k: v["sha256"] for k, v in fingerprint.items()
     }
-    return same_sources and m.options == options
+    return same_inputs and m.options == options
 
 
 @dataclass(frozen=True)
@@ -269,10 +269,10 @@ class _Input:
     count: int
 
 
-def _open_inputs(sources: dict, spec: DatasetSpec) -> dict[str, _Input]:
+def _open_inputs(raw_files: dict, spec: DatasetSpec) -> dict[str, _Input]:
     """Every split's files, their headers checked against each other before anything is read."""
     inputs = {}
-    for split, paths in sources.items():
+    for split, paths in raw_files.items():
         with IdxReader(paths["images"], IMAGES) as images, \
                 IdxReader(paths["labels"], label_kind(spec.label_columns)) as labels:
             if images.count != labels.count:

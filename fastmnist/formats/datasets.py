@@ -122,16 +122,19 @@ def get_spec(name: str) -> DatasetSpec:
 def find_raw_root(path, prefer: str = "mnist") -> tuple[Path, str] | None:
     """``(root, dataset)`` when ``path`` is a torchvision root holding a family dataset's raw
     files (``root/<folder>/raw/...``; dataset ``prefer`` first), or that root's ``<folder>``
-    or ``raw`` directory; otherwise None. For the hint of what ``fastmnist convert``
-    command would work."""
+    or ``<folder>/raw`` directory; otherwise None. For the hint of what ``fastmnist
+    convert`` command would work."""
     path = Path(path)
     specs = sorted(DATASETS.values(), key=lambda spec: spec.name != prefer)
-    for root in (path, path.parent, path.parent.parent):
-        for spec in specs:
-            raw = root / spec.folder / "raw"
-            names = {getattr(f, kind) for f in spec.splits.values() for kind in ("images", "labels")}
-            if any((raw / (name + c)).is_file() for name in names for c in COMPRESSIONS):
-                return root, spec.name
+    candidates = [(path, spec) for spec in specs]
+    candidates += [(path.parent, spec) for spec in specs if path.name == spec.folder]
+    candidates += [(path.parent.parent, spec) for spec in specs
+                   if path.name == "raw" and path.parent.name == spec.folder]
+    for root, spec in candidates:
+        raw = root / spec.folder / "raw"
+        names = {getattr(f, kind) for f in spec.splits.values() for kind in ("images", "labels")}
+        if any((raw / (name + c)).is_file() for name in names for c in COMPRESSIONS):
+            return root, spec.name
     return None
 
 

@@ -57,11 +57,11 @@ def npy_header(dtype: str, shape: tuple[int, ...]) -> bytes:
     return header.getvalue()
 
 
-def describe(dataset: str, synthetic: bool, options: dict, sources: dict, splits: dict) -> dict:
-    """A manifest as the converter writes it (JSON-ready): ``sources`` the raw files'
-    fingerprints, ``splits`` each from :func:`describe_split`."""
+def describe(dataset: str, synthetic: bool, options: dict, inputs: dict, splits: dict) -> dict:
+    """A manifest as the converter writes it (JSON-ready): ``inputs`` the raw files'
+    fingerprints (under the key "sources"), ``splits`` each from :func:`describe_split`."""
     return {"format_version": FORMAT_VERSION, "created_by": f"fastmnist {__version__}", "dataset": dataset,
-            "synthetic": synthetic, "options": options, "sources": sources, "splits": splits}
+            "synthetic": synthetic, "options": options, "sources": inputs, "splits": splits}
 
 
 def describe_split(count: int, mean: float, std: float, num_classes: int, arrays: dict,
@@ -125,7 +125,7 @@ class SplitInfo:
 
 
 @dataclass(frozen=True)
-class SourceFile:
+class InputFile:
     """A raw input the set was converted from."""
 
     file: str
@@ -142,7 +142,7 @@ class Manifest:
     dataset: str
     synthetic: bool
     options: dict
-    sources: dict[str, SourceFile]
+    inputs: dict[str, InputFile]  # the raw files converted (the JSON key "sources")
     splits: dict[str, SplitInfo]
 
     def files(self) -> Iterator[ArrayFile | Shard]:
@@ -205,15 +205,15 @@ class _Reader:
         splits = self.mapping(raw, "splits", "")
         if not splits:
             self.fail("splits", "no split")
-        sources = self.mapping(raw, "sources", "")
+        inputs = self.mapping(raw, "sources", "")
         return Manifest(
             format_version=raw["format_version"],
             created_by=self.get(raw, "created_by", "", str, lambda v: len(v) <= 200, "too long"),
             dataset=self.get(raw, "dataset", "", str, lambda v: 0 < len(v) <= 100, "expected a name"),
             synthetic=self.get(raw, "synthetic", "", bool),
             options=self.mapping(raw, "options", ""),
-            sources={self.name(key, "sources", r"[a-z0-9-]{1,40}"): self.source(
-                self.mapping(sources, key, "sources"), f"sources.{key}") for key in sources},
+            inputs={self.name(key, "sources", r"[a-z0-9-]{1,40}"): self.input_file(
+                self.mapping(inputs, key, "sources"), f"sources.{key}") for key in inputs},
             splits={self.name(name, "splits", _SPLIT_NAME.pattern): self.split(
                 name, self.mapping(splits, name, "splits")) for name in splits},
         )
@@ -223,8 +223,8 @@ class _Reader:
             self.fail(field, f"name {_shown(key)} does not match {pattern}")
         return key
 
-    def source(self, raw: dict, field: str) -> SourceFile:
-        return SourceFile(
+    def input_file(self, raw: dict, field: str) -> InputFile:
+        return InputFile(
             file=self.get(raw, "file", field, str, lambda v: len(v) <= 4096, "too long"),
             size=self.count(raw, "size", field, 0, 1 << 50),
             md5=self.get(raw, "md5", field, str, _MD5.fullmatch, "expected 32 hex digits"),

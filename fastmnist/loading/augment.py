@@ -1,0 +1,483 @@
+"""Augmentation: the user's torchvision transform, replayed per sample and batched.
+
+:func:`parse` reads a torchvision transform (v1 or v2, a ``Compose`` or one transform) into
+an :class:`Augment`: the random geometric steps applied to the uint8 images (``RandomAffine``,
+``RandomRotation``, ``RandomCrop``, ``RandomPerspective``, ``ElasticTransform``), the
+conversion to float (``ToTensor``, or ``ToImage``/``PILToTensor`` then ``ToDtype(float32,
+scale=True)``) and ``Normalize``, which must be the set's own, then ``RandomErasing`` on the
+normalised tensor. Anything else is refused, naming it.
+
+Every random parameter is a pure function of (seed, epoch, sample index, step, draw): a
+counter-based generator (a SplitMix64 hash of those numbers), so sample ``i`` of epoch ``e``
+gets the same augmentation whatever the batch size, world size, worker count, device or
+resume point. Parameters follow the distributions torchvision's own ``make_params`` draws
+from. Images are resampled as torchvision's tensor kernels do (the same float32 grid, the
+same rounding), all samples of a batch at once: nearest-neighbour as one gather of source
+pixels, bilinear through ``grid_sample``.
+"""
+
+import math
+
+import numpy as np
+import torch
+
+from ..errors import FastMNISTError
+from ..formats.idx import IMAGE_SIDE
+
+SIDE = IMAGE_SIDE
+SUPPORTED = ("Compose", "RandomAffine", "RandomRotation", "RandomCrop", "RandomPerspective", "ElasticTransform",
+             "RandomErasing", "ToTensor", "ToImage", "PILToTensor", "ToDtype", "Normalize")
+_MASK = (1 << 64) - 1
+
+
+def uniforms(seed: int, epoch: int, step: int, indices, draws: int) -> np.ndarray:
+    """float64 ``(len(indices), draws)`` in [0, 1): draw ``d`` of step ``step`` for each
+    sample index, a pure function of (seed, epoch, step, index, d)."""
+    key = _mix(np.uint64((seed & _MASK) ^ 0x5EED))
+    key = _mix(key ^ np.uint64(epoch & _MASK))
+    key = _mix(key ^ np.uint64(step & _MASK))
+    idx = np.asarray(indices, dtype=np.int64).astype(np.uint64)
+    h = _mix(_mix(key ^ idx)[:, None] ^ np.arange(draws, dtype=np.uint64)[None, :])
+    return (h >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def _mix(z):
+    """SplitMix64's finaliser: uint64 -> uint64, every bit depending on every input bit."""
+    with np.errstate(over="ignore"):
+        z = (z + np.uint64(0x9E3779B97F4A7C15)) & np.uint64(_MASK)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def _uniform(u: np.ndarray, low: float, high: float) -> np.ndarray:
+    """float32 values of ``torch.empty(1).uniform_(low, high)``'s distribution, from ``u``."""
+    return (low + (high - low) * u).astype(np.float32)
+
+
+def _randint(u: np.ndarray, low: int, high: int) -> np.ndarray:
+    """int64 values of ``torch.randint(low, high)``'s distribution (``high`` excluded)."""
+    return np.minimum(low + np.floor(u * (high - low)).astype(np.int64), high - 1)
+
+
+class Augment:
+    """A parsed transform: ``geometric`` steps on uint8 images, then normalisation (the
+    set's), then ``erasing`` steps on the normalised float32 images. ``seed`` keys every
+    draw."""
+
+    def __init__(self, geometric: list, erasing: list, seed: int):
+        self.geometric, self.erasing, self.seed = geometric, erasing, seed
+
+    @property
+    def steps(self) -> list:
+        return [*self.geometric, *self.erasing]
+
+    def params(self, epoch: int, indices) -> list[dict]:
+        """The parameters of every step for the samples ``indices`` (int64) of ``epoch``: one
+        dict per step, ``{"transform": name, ...}``, each value a CPU tensor with one row per
+        sample (as ``FastMNISTLoader.augmentation_params`` returns them)."""
+        indices = torch.as_tensor(indices, dtype=torch.int64).cpu().numpy()
+        return [{"transform": type(step).__name__.lstrip("_"), **step.params(
+            lambda draws, n=number: uniforms(self.seed, epoch, n, indices, draws))}
+            for number, step in enumerate(self.steps)]
+
+    def images(self, x: torch.Tensor, indices, epoch: int, params: list[dict] | None = None) -> torch.Tensor:
+        """uint8 ``(B, 1, 28, 28)`` images of the samples ``indices`` -> uint8, the geometric
+        steps applied."""
+        params = params or self.params(epoch, indices)
+        for step, p in zip(self.geometric, params, strict=False):
+            x = step.apply(x, p)
+        return x
+
+    def normalised(self, x: torch.Tensor, indices, epoch: int, params: list[dict] | None = None) -> torch.Tensor:
+        """float32 normalised ``(B, 1, 28, 28)`` -> the erasing steps applied (in place)."""
+        params = (params or self.params(epoch, indices))[len(self.geometric):]
+        for step, p in zip(self.erasing, params, strict=True):
+            x = step.apply(x, p)
+        return x
+
+
+def parse(transform, mean: float, std: float, seed: int) -> Augment:
+    """The :class:`Augment` of a torchvision transform for a set normalised with
+    ``mean``/``std``: geometric steps, then ``ToTensor`` (or ``ToImage``/``PILToTensor`` +
+    ``ToDtype(float32, scale=True)``) and ``Normalize((mean,), (std,))``, then
+    ``RandomErasing``. Raises ``FastMNISTError`` naming what it cannot replay."""
+    parts = list(getattr(transform, "transforms", [transform]))
+    geometric, erasing, stage = [], [], "uint8"
+    for t in parts:
+        name = type(t).__name__
+        if name not in SUPPORTED or name == "Compose":
+            raise FastMNISTError(f"transform {t!r}: {name} cannot be replayed per sample; supported: "
+                                 f"{', '.join(SUPPORTED)} (put other steps in your training loop)")
+        if name in ("ToImage", "PILToTensor"):
+            continue  # still uint8
+        if name == "ToTensor" or name == "ToDtype":
+            if name == "ToDtype" and not _to_scaled_float32(t):
+                raise FastMNISTError(f"transform {t!r}: only ToDtype(torch.float32, scale=True) is supported")
+            stage = "float"
+        elif name == "Normalize":
+            if stage != "float":
+                raise FastMNISTError(f"transform {t!r}: Normalize must follow ToTensor or ToDtype")
+            if [float(v) for v in t.mean] != [mean] or [float(v) for v in t.std] != [std]:
+                raise FastMNISTError(f"transform {t!r}: normalises with mean {list(t.mean)}, std {list(t.std)}, "
+                                     f"but the set was converted with mean {mean}, std {std}; use "
+                                     f"Normalize(({mean},), ({std},)) or convert with --mean/--std")
+            stage = "normalised"
+        elif name == "RandomErasing":
+            if stage != "normalised":
+                raise FastMNISTError(f"transform {t!r}: RandomErasing is replayed after Normalize only")
+            erasing.append(_Erasing(t))
+        elif stage != "uint8":
+            raise FastMNISTError(f"transform {t!r}: {name} after ToTensor/ToDtype is not supported: put the "
+                                 "geometric steps first, where they see the uint8 image")
+        else:
+            geometric.append({"RandomAffine": _Affine, "RandomRotation": _Rotation, "RandomCrop": _Crop,
+                              "RandomPerspective": _Perspective, "ElasticTransform": _Elastic}[name](t))
+    if stage != "normalised":
+        raise FastMNISTError(f"transform {transform!r}: must convert to float and Normalize(({mean},), ({std},)) "
+                             "as the set does (ToTensor() + Normalize, or ToImage() + ToDtype(torch.float32, "
+                             "scale=True) + Normalize)")
+    return Augment(geometric, erasing, seed)
+
+
+def _to_scaled_float32(t) -> bool:
+    dtype = t.dtype if not isinstance(t.dtype, dict) else next(iter(t.dtype.values()), None)
+    return dtype == torch.float32 and bool(getattr(t, "scale", False))
+
+
+def _interpolation(t) -> str:
+    mode = getattr(t.interpolation, "value", t.interpolation)
+    if mode not in ("nearest", "bilinear"):
+        raise FastMNISTError(f"transform {t!r}: interpolation {mode!r} is not supported (nearest, bilinear)")
+    return mode
+
+
+def _fill(t) -> float:
+    fill = t.fill
+    if isinstance(fill, dict):  # v2: by input type
+        fill = next(iter(fill.values()), 0) if len(set(map(str, fill.values()))) == 1 else None
+    if isinstance(fill, (list, tuple)) and len(fill) == 1:
+        fill = fill[0]
+    if fill is None:
+        return 0.0
+    if not isinstance(fill, (int, float)) or not 0 <= fill <= 255:
+        raise FastMNISTError(f"transform {t!r}: fill must be one number in 0..255, got {t.fill!r}")
+    return float(fill)
+
+
+class _Geometric:
+    """A step that resamples the image through a grid (torchvision's ``_apply_grid_transform``
+    arithmetic, batched)."""
+
+    def __init__(self, t):
+        self.t, self.mode, self.fill = repr(t), _interpolation(t), _fill(t)
+
+    def __repr__(self):
+        return self.t
+
+    def resample(self, x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        """uint8 ``(B, 1, H, W)`` resampled at float32 ``grid`` ``(B, H, W, 2)`` (x, y in
+        [-1, 1], align_corners=False), outside filled with ``fill``."""
+        b, _, h, w = x.shape
+        if self.mode == "nearest":  # grid_sample's nearest: round half to even, then one gather
+            ix = grid[..., 0].add(1).mul_(w / 2).sub_(0.5).round_()
+            iy = grid[..., 1].add(1).mul_(h / 2).sub_(0.5).round_()
+            inside = (ix >= 0) & (ix <= w - 1) & (iy >= 0) & (iy <= h - 1)
+            source = torch.where(inside, iy * w + ix, float(h * w)).to(torch.int64).view(b, -1)
+            fill = torch.full((b, 1), round(self.fill), dtype=x.dtype, device=x.device)
+            return torch.cat([x.view(b, -1), fill], 1).gather(1, source).view(b, 1, h, w)
+        planes = torch.cat([x.to(grid.dtype), torch.ones_like(x, dtype=grid.dtype)], 1)
+        out = torch.nn.functional.grid_sample(planes, grid, mode="bilinear", padding_mode="zeros",
+                                              align_corners=False)
+        image, mask = out[:, :1], out[:, 1:]
+        fill = torch.tensor(self.fill, dtype=grid.dtype, device=x.device)
+        return image.sub_(fill).mul_(mask).add_(fill).round_().to(x.dtype)
+
+
+def _affine_grid(matrices: np.ndarray, device) -> torch.Tensor:
+    """float32 ``(B, 28, 28, 2)``: torchvision's ``_affine_grid`` of each inverse affine
+    ``matrices`` row (6 float64 values, made float32 as torchvision makes them)."""
+    theta = torch.from_numpy(matrices).to(torch.float32).view(-1, 2, 3).to(device)
+    base = torch.empty(1, SIDE, SIDE, 3, dtype=torch.float32, device=device)
+    base[..., 0].copy_(torch.linspace((1.0 - SIDE) * 0.5, (SIDE - 1.0) * 0.5, steps=SIDE, device=device))
+    base[..., 1].copy_(torch.linspace((1.0 - SIDE) * 0.5, (SIDE - 1.0) * 0.5, steps=SIDE, device=device)[:, None])
+    base[..., 2].fill_(1)
+    scaled = theta.transpose(1, 2).div_(torch.tensor([0.5 * SIDE, 0.5 * SIDE], dtype=torch.float32, device=device))
+    return base.view(1, SIDE * SIDE, 3).expand(len(theta), -1, -1).bmm(scaled).view(-1, SIDE, SIDE, 2)
+
+
+def _inverse_affine(center, angle, translate, scale, shear) -> np.ndarray:
+    """float64 ``(B, 6)``: torchvision's ``_get_inverse_affine_matrix`` for each sample
+    (angles and shears in degrees, ``translate`` ``(B, 2)``, ``center`` relative to the
+    image centre)."""
+    rot, sx, sy = np.radians(angle), np.radians(shear[:, 0]), np.radians(shear[:, 1])
+    cx, cy = center
+    tx, ty = translate[:, 0].astype(np.float64), translate[:, 1].astype(np.float64)
+    cos_sy, tan_sx, rot_minus_sy = np.cos(sy), np.tan(sx), rot - sy
+    cx_plus_tx, cy_plus_ty = cx + tx, cy + ty
+    a = np.cos(rot_minus_sy) / cos_sy
+    b = -(a * tan_sx + np.sin(rot))
+    c = np.sin(rot_minus_sy) / cos_sy
+    d = np.cos(rot) - c * tan_sx
+    m = np.stack([d / scale, -b / scale, np.zeros_like(a), -c / scale, a / scale, np.zeros_like(a)], 1)
+    m[:, 2] += cx - m[:, 0] * cx_plus_tx - m[:, 1] * cy_plus_ty
+    m[:, 5] += cy - m[:, 3] * cx_plus_tx - m[:, 4] * cy_plus_ty
+    return m
+
+
+def _center(t) -> tuple[float, float]:
+    """A transform's ``center`` relative to the image centre, as torchvision uses it."""
+    if t.center is None:
+        return 0.0, 0.0
+    return float(t.center[0]) - SIDE * 0.5, float(t.center[1]) - SIDE * 0.5
+
+
+class _Affine(_Geometric):
+    """``RandomAffine``: angle, integer translation, scale and shear per sample."""
+
+    def __init__(self, t):
+        super().__init__(t)
+        self.degrees = [float(v) for v in t.degrees]
+        self.translate = None if t.translate is None else [float(v) for v in t.translate]
+        self.scale = None if t.scale is None else [float(v) for v in t.scale]
+        self.shear = None if t.shear is None else [float(v) for v in t.shear]
+        self.center = _center(t)
+
+    def params(self, draw) -> dict:
+        u = draw(6)
+        n = len(u)
+        translate = np.zeros((n, 2), np.int64)
+        if self.translate is not None:
+            for k, fraction in enumerate(self.translate):
+                limit = float(fraction * SIDE)
+                translate[:, k] = np.round(_uniform(u[:, 1 + k], -limit, limit).astype(np.float64))
+        shear = np.zeros((n, 2), np.float32)
+        if self.shear is not None:
+            shear[:, 0] = _uniform(u[:, 4], *self.shear[:2])
+            if len(self.shear) == 4:
+                shear[:, 1] = _uniform(u[:, 5], *self.shear[2:])
+        scale = _uniform(u[:, 3], *self.scale) if self.scale is not None else np.ones(n, np.float32)
+        return {"angle": torch.from_numpy(_uniform(u[:, 0], *self.degrees)), "translate": torch.from_numpy(translate),
+                "scale": torch.from_numpy(scale), "shear": torch.from_numpy(shear)}
+
+    def apply(self, x: torch.Tensor, p: dict) -> torch.Tensor:
+        m = _inverse_affine(self.center, p["angle"].double().numpy(), p["translate"].numpy(),
+                            p["scale"].double().numpy(), p["shear"].double().numpy())
+        return self.resample(x, _affine_grid(m, x.device))
+
+
+class _Rotation(_Geometric):
+    """``RandomRotation`` (``expand=False``): an angle per sample; multiples of 90 degrees
+    about the centre are exact quarter turns, as torchvision's fast path makes them."""
+
+    def __init__(self, t):
+        super().__init__(t)
+        if t.expand:
+            raise FastMNISTError(f"transform {t!r}: expand=True changes the image size; not supported")
+        self.degrees, self.center, self.centred = [float(v) for v in t.degrees], _center(t), t.center is None
+
+    def params(self, draw) -> dict:
+        return {"angle": torch.from_numpy(_uniform(draw(1)[:, 0], *self.degrees))}
+
+    def apply(self, x: torch.Tensor, p: dict) -> torch.Tensor:
+        angle = p["angle"].double().numpy() % 360
+        n = len(angle)
+        m = _inverse_affine(self.center, -angle, np.zeros((n, 2)), np.ones(n), np.zeros((n, 2)))
+        out = self.resample(x, _affine_grid(m, x.device))
+        if self.centred:
+            for quarter in (0, 1, 2, 3):
+                rows = torch.from_numpy(np.flatnonzero(angle == 90.0 * quarter)).to(x.device)
+                if len(rows):
+                    out[rows] = torch.rot90(x[rows], k=quarter, dims=(-2, -1))
+        return out
+
+
+class _Crop:
+    """``RandomCrop(28, padding)``: pad (constant ``fill``), then crop at a random offset."""
+
+    def __init__(self, t):
+        self.t = repr(t)
+        if list(t.size) != [SIDE, SIDE] or getattr(t, "padding_mode", "constant") != "constant":
+            raise FastMNISTError(f"transform {t!r}: only RandomCrop(28, padding=..., padding_mode='constant') "
+                                 "is supported")
+        padding = t.padding or 0
+        if isinstance(padding, int):
+            padding = [padding] * 4
+        elif len(padding) == 2:
+            padding = [padding[0], padding[1], padding[0], padding[1]]
+        left, top, right, bottom = padding if type(t).__module__.startswith("torchvision.transforms.transforms") \
+            else (padding[0], padding[2], padding[1], padding[3])  # v2 stores (left, right, top, bottom)
+        self.left, self.top, self.height, self.width = left, top, SIDE + top + bottom, SIDE + left + right
+        self.fill = _fill(t)
+
+    def __repr__(self):
+        return self.t
+
+    def params(self, draw) -> dict:
+        u = draw(2)
+        return {"top": torch.from_numpy(_randint(u[:, 0], 0, self.height - SIDE + 1)),
+                "left": torch.from_numpy(_randint(u[:, 1], 0, self.width - SIDE + 1))}
+
+    def apply(self, x: torch.Tensor, p: dict) -> torch.Tensor:
+        b = len(x)
+        rows = torch.arange(SIDE, device=x.device)
+        y = (p["top"].to(x.device)[:, None] + rows - self.top)[:, :, None]  # (B, 28, 1) source rows
+        xs = (p["left"].to(x.device)[:, None] + rows - self.left)[:, None, :]  # (B, 1, 28) source columns
+        inside = (y >= 0) & (y < SIDE) & (xs >= 0) & (xs < SIDE)
+        source = torch.where(inside, y * SIDE + xs, SIDE * SIDE).view(b, -1)
+        fill = torch.full((b, 1), round(self.fill), dtype=x.dtype, device=x.device)
+        return torch.cat([x.view(b, -1), fill], 1).gather(1, source).view(b, 1, SIDE, SIDE)
+
+
+class _Perspective(_Geometric):
+    """``RandomPerspective``: applied with probability ``p``; corners moved by random integer
+    offsets; the coefficients solved as torchvision solves them (float64 least squares)."""
+
+    def __init__(self, t):
+        super().__init__(t)
+        self.distortion, self.p = float(t.distortion_scale), float(t.p)
+
+    def params(self, draw) -> dict:
+        u = draw(9)
+        half = SIDE // 2
+        bound = int(self.distortion * half) + 1
+        low, high = _randint(u[:, 1:], 0, bound), _randint(u[:, 1:], SIDE - bound, SIDE)
+        # topleft, topright, botright, botleft as (x, y), from torchvision's ranges
+        ends = np.stack([low[:, 0], low[:, 1], high[:, 2], low[:, 3], high[:, 4], high[:, 5], low[:, 6],
+                         high[:, 7]], 1).reshape(-1, 4, 2)
+        return {"applied": torch.from_numpy(u[:, 0] < self.p), "endpoints": torch.from_numpy(ends)}
+
+    def apply(self, x: torch.Tensor, p: dict) -> torch.Tensor:
+        rows = torch.from_numpy(np.flatnonzero(p["applied"].numpy()))
+        if not len(rows):
+            return x
+        coeffs = _perspective_coefficients(p["endpoints"][rows])
+        out = x.clone()
+        out[rows.to(x.device)] = self.resample(x[rows.to(x.device)], _perspective_grid(coeffs, x.device))
+        return out
+
+
+START = [[0, 0], [SIDE - 1, 0], [SIDE - 1, SIDE - 1], [0, SIDE - 1]]
+
+
+def _perspective_coefficients(ends: torch.Tensor) -> torch.Tensor:
+    """float32 ``(B, 8)``: torchvision's ``_get_perspective_coeffs(START, ends[b])`` for each
+    sample's int64 end points ``(B, 4, 2)``."""
+    e = ends.to(torch.float64)
+    s = torch.tensor(START, dtype=torch.float64)
+    a = torch.zeros(len(e), 8, 8, dtype=torch.float64)
+    for i in range(4):
+        x1, y1 = e[:, i, 0], e[:, i, 1]
+        a[:, 2 * i, 0], a[:, 2 * i, 1], a[:, 2 * i, 2] = x1, y1, 1
+        a[:, 2 * i, 6], a[:, 2 * i, 7] = -s[i, 0] * x1, -s[i, 0] * y1
+        a[:, 2 * i + 1, 3], a[:, 2 * i + 1, 4], a[:, 2 * i + 1, 5] = x1, y1, 1
+        a[:, 2 * i + 1, 6], a[:, 2 * i + 1, 7] = -s[i, 1] * x1, -s[i, 1] * y1
+    b = s.reshape(8).expand(len(e), 8)
+    return torch.linalg.lstsq(a, b.unsqueeze(-1), driver="gels").solution.squeeze(-1).to(torch.float32)
+
+
+def _perspective_grid(coeffs: torch.Tensor, device) -> torch.Tensor:
+    """float32 ``(B, 28, 28, 2)``: torchvision's ``_perspective_grid`` of each row of ``coeffs``."""
+    c = coeffs.to(device)
+    ones = torch.ones(len(c), device=device)
+    theta1 = torch.stack([c[:, 0:3], c[:, 3:6]], 1)
+    theta2 = torch.stack([torch.stack([c[:, 6], c[:, 7], ones], 1)] * 2, 1)
+    base = torch.empty(1, SIDE, SIDE, 3, dtype=torch.float32, device=device)
+    steps = torch.linspace(0.5, SIDE + 0.5 - 1.0, steps=SIDE, device=device, dtype=torch.float32)
+    base[..., 0].copy_(steps)
+    base[..., 1].copy_(steps[:, None])
+    base[..., 2].fill_(1)
+    flat = base.view(1, SIDE * SIDE, 3).expand(len(c), -1, -1)
+    scaled = theta1.transpose(1, 2).div_(torch.tensor([0.5 * SIDE, 0.5 * SIDE], dtype=torch.float32, device=device))
+    grid = flat.bmm(scaled).div_(flat.bmm(theta2.transpose(1, 2))).sub_(1.0)
+    return grid.view(-1, SIDE, SIDE, 2)
+
+
+class _Elastic(_Geometric):
+    """``ElasticTransform``: a displacement field per sample, uniform noise in [-1, 1]
+    blurred by a Gaussian of ``sigma`` (reflect padding) and scaled by ``alpha / 28``."""
+
+    def __init__(self, t):
+        super().__init__(t)
+        self.alpha, self.sigma = [float(v) for v in t.alpha], [float(v) for v in t.sigma]
+
+    def params(self, draw) -> dict:
+        u = draw(2 * SIDE * SIDE).astype(np.float32).reshape(-1, 2, SIDE, SIDE)
+        noise = torch.from_numpy(u) * 2 - 1
+        fields = []
+        for axis in (0, 1):
+            field = noise[:, axis:axis + 1]
+            if self.sigma[axis] > 0:
+                field = _blur(field, self.sigma)
+            fields.append(field * self.alpha[axis] / SIDE)
+        return {"displacement": torch.cat(fields, 1).permute(0, 2, 3, 1).contiguous()}
+
+    def apply(self, x: torch.Tensor, p: dict) -> torch.Tensor:
+        side = torch.linspace((1 - SIDE) / SIDE, (SIDE - 1) / SIDE, SIDE, device=x.device, dtype=torch.float32)
+        identity = torch.empty(1, SIDE, SIDE, 2, dtype=torch.float32, device=x.device)
+        identity[..., 0].copy_(side)
+        identity[..., 1].copy_(side[:, None])
+        return self.resample(x, identity + p["displacement"].to(x.device))
+
+
+def _blur(field: torch.Tensor, sigma: list[float]) -> torch.Tensor:
+    """float32 ``(B, 1, H, W)`` blurred as torchvision's ``gaussian_blur`` with kernel size
+    ``int(8 * sigma + 1)`` (made odd), reflect padding; separable, a fixed order of sums,
+    so each sample's result is the same in any batch."""
+    out = field
+    for dim, s in ((3, sigma[0]), (2, sigma[1])):
+        size = int(8 * s + 1) | 1
+        half = (size - 1) * 0.5
+        x = torch.linspace(-half, half, steps=size)
+        kernel = torch.exp(-0.5 * (x / s).pow(2))
+        kernel = kernel / kernel.sum()
+        pad = [size // 2] * 2 + [0, 0] if dim == 3 else [0, 0] + [size // 2] * 2
+        padded = torch.nn.functional.pad(out, pad, mode="reflect")
+        acc = torch.zeros_like(out)
+        for k in range(size):
+            acc += kernel[k] * padded.narrow(dim, k, out.shape[dim])
+        out = acc
+    return out
+
+
+class _Erasing:
+    """``RandomErasing`` after ``Normalize``: with probability ``p`` a rectangle of random
+    area and aspect ratio (up to 10 tries, as torchvision) set to ``value``."""
+
+    def __init__(self, t):
+        self.t = repr(t)
+        value = t.value
+        if isinstance(value, (list, tuple)):
+            value = value[0] if len(value) == 1 else None
+        if value is None or isinstance(value, str):
+            raise FastMNISTError(f"transform {t!r}: value='random' is not supported; give a number")
+        self.p, self.scale, self.value = float(t.p), [float(v) for v in t.scale], float(value)
+        self.log_ratio = [float(v) for v in torch.log(torch.tensor([float(r) for r in t.ratio]))]
+
+    def __repr__(self):
+        return self.t
+
+    def params(self, draw) -> dict:
+        u = draw(41)
+        area = SIDE * SIDE
+        erase_area = area * _uniform(u[:, 1:11], *self.scale).astype(np.float64)
+        aspect = np.exp(_uniform(u[:, 11:21], *self.log_ratio)).astype(np.float32).astype(np.float64)
+        h = np.round(np.sqrt(erase_area * aspect)).astype(np.int64)
+        w = np.round(np.sqrt(erase_area / aspect)).astype(np.int64)
+        fits = (h < SIDE) & (w < SIDE)
+        first = np.argmax(fits, 1)
+        rows = np.arange(len(u))
+        found = fits[rows, first] & (u[:, 0] < self.p)
+        h, w = np.where(found, h[rows, first], 0), np.where(found, w[rows, first], 0)
+        top = _randint(u[rows, 21 + first], 0, SIDE - h + 1)
+        left = _randint(u[rows, 31 + first], 0, SIDE - w + 1)
+        return {"i": torch.from_numpy(np.where(found, top, 0)), "j": torch.from_numpy(np.where(found, left, 0)),
+                "h": torch.from_numpy(h), "w": torch.from_numpy(w)}
+
+    def apply(self, x: torch.Tensor, p: dict) -> torch.Tensor:
+        at = torch.arange(SIDE, device=x.device)
+        i, j, h, w = (p[k].to(x.device)[:, None] for k in ("i", "j", "h", "w"))
+        rows = (at >= i) & (at < i + h)  # (B, 28)
+        cols = (at >= j) & (at < j + w)
+        box = (rows[:, :, None] & cols[:, None, :])[:, None]
+        return x.masked_fill_(box, self.value)
