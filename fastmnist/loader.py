@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .errors import FastMNISTError
-from .loading import delivery
+from .loading import augment, delivery
 from .loading.compat import EpochSampler, SplitDataset
 from .loading.plan import EpochPlan
 from .loading.sources import open_source
@@ -89,6 +89,15 @@ class FastMNISTLoader(IterableDataset):
         locality: for a local set larger than the page cache, visit it in
             ``order.block_order`` (blocks of ``locality`` consecutive samples shuffled, then
             samples shuffled within windows of 8 blocks) instead of a full permutation.
+        transform: your torchvision augmentation, v1 or v2, exactly as you would give it to
+            ``torchvision.datasets.MNIST``, e.g. ``Compose([RandomAffine(10, (0.1, 0.1)),
+            ToTensor(), Normalize((0.1307,), (0.3081,))])``: replayed per sample, batched,
+            each sample's parameters a pure function of ``(seed, epoch, sample index)``
+            (``augmentation_params`` returns them). Supported: ``RandomAffine``,
+            ``RandomRotation``, ``RandomCrop`` (constant padding), ``RandomPerspective``,
+            ``ElasticTransform``, ``RandomErasing`` (after ``Normalize``), and the conversion
+            to float with the set's own ``Normalize``; anything else is refused. Leave it None
+            for evaluation.
 
     Like a ``DataLoader`` it has ``dataset`` (``len()`` is the split's sample count;
     indexing gives one normalised sample), ``sampler`` (``set_epoch``; ``len()`` is this
@@ -105,7 +114,7 @@ class FastMNISTLoader(IterableDataset):
                  images: str | None = None, normalize: bool = True, resident: bool = False,
                  pin_memory: bool | None = None, prefetch: int = 2, verify: bool = False,
                  format: str | None = None, even: bool = True, retry: Retry | None = None,
-                 storage_options: dict | None = None, locality: int | None = None):
+                 storage_options: dict | None = None, locality: int | None = None, transform=None):
         if locality is not None and (type(locality) is not int or locality < 1):
             raise FastMNISTError(f"locality must be a positive number of samples or None, got {locality!r}")
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
@@ -120,8 +129,15 @@ class FastMNISTLoader(IterableDataset):
         elif pin_memory and not torch.cuda.is_available():
             raise FastMNISTError("pin_memory=True needs CUDA, which is not available here")
         rank, world_size = _distributed(rank, world_size)
+        if transform is not None:
+            if not normalize or images == "float32":
+                raise FastMNISTError("transform= resamples the uint8 images, then normalises them: it needs "
+                                     "normalize=True and images='uint8' (the default with a transform)")
+            images = "uint8"
         self.source = open_source(path, split, images, normalize, self.device, resident, verify, format,
                                   locality, retry or DEFAULT_RETRY, storage_options, prefetch)
+        self._augment = None if transform is None else augment.parse(transform, self.source.info.mean,
+                                                                      self.source.info.std, seed)
         self.info = self.source.info
         self.format = self.source.format
         self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
@@ -129,7 +145,7 @@ class FastMNISTLoader(IterableDataset):
         self.normalize, self.resident, self.pin_memory = normalize, resident, pin_memory
         self._plan = EpochPlan(self.source, batch_size, shuffle, seed, drop_last, rank, world_size, even)
         self._delivery = delivery.choose(self.source, self.device, normalize, resident,
-                                         pin_memory and self.device.type == "cpu", prefetch)
+                                         pin_memory and self.device.type == "cpu", prefetch, self._augment)
 
     def __len__(self) -> int:
         """Batches this rank yields per epoch."""
@@ -158,6 +174,16 @@ class FastMNISTLoader(IterableDataset):
     def rank_order(self, epoch: int) -> torch.Tensor:
         """int64 ``(samples_per_rank,)``: the sample indices this rank visits in ``epoch``, in order."""
         return self._plan.rank_order(epoch)
+
+    def augmentation_params(self, epoch: int, indices) -> list[dict]:
+        """The augmentation of the samples ``indices`` (int64 sample indices, any order) in
+        ``epoch``: one dict per random step of ``transform``, its ``"transform"`` name and
+        one tensor row per sample of the parameters torchvision's functional op takes
+        (``angle``, ``translate``, ``scale``, ``shear``; ``top``, ``left``; ``endpoints``;
+        ``displacement``; ``i``, ``j``, ``h``, ``w``; ``applied``)."""
+        if self._augment is None:
+            raise FastMNISTError("this loader has no transform")
+        return self._augment.params(epoch, indices)
 
     def state_dict(self) -> dict:
         """Where the epoch stands, the same on every rank of a job in step: the epoch, the

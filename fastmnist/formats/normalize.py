@@ -1,4 +1,7 @@
-"""The exact arithmetic of ``ToTensor()`` then ``Normalize((mean,), (std,))``.
+"""The exact arithmetic of ``ToTensor()`` then ``Normalize((mean,), (std,))``, and of
+torchvision v2's ``ToDtype(torch.float32, scale=True)`` then ``Normalize`` (``reciprocal``:
+it multiplies by ``1 / 255`` instead of dividing by 255, which gives other bits for 126 of
+the 256 pixel values).
 
 Each float32 output depends only on its uint8 input, so a 256-entry table computed on the
 CPU reproduces the torchvision result bit for bit on any device. (CUDA divides by a
@@ -10,39 +13,44 @@ numpy give the same bits without importing torch (a test checks all 256 values).
 import numpy as np
 
 
-def normalize_u8_numpy(images: np.ndarray, mean: float, std: float, out: np.ndarray) -> np.ndarray:
+def normalize_u8_numpy(images: np.ndarray, mean: float, std: float, out: np.ndarray,
+                       reciprocal: bool = False) -> np.ndarray:
     """uint8 ``images`` -> float32 ``(x / 255 - mean) / std`` into ``out`` (same shape), with
     torchvision's float32 operations in torchvision's order; single-threaded (torch's
     intra-op threads stall while other threads of the process hold the cores)."""
-    np.divide(images, np.float32(255), out=out, dtype=np.float32)
+    if reciprocal:
+        np.multiply(images, np.float32(1 / 255), out=out, dtype=np.float32)
+    else:
+        np.divide(images, np.float32(255), out=out, dtype=np.float32)
     np.subtract(out, np.float32(mean), out=out)
     return np.divide(out, np.float32(std), out=out)
 
 
-def lookup_table(mean: float, std: float) -> np.ndarray:
+def lookup_table(mean: float, std: float, reciprocal: bool = False) -> np.ndarray:
     """float32 ``(256,)``: entry ``v`` is the normalised value of pixel byte ``v``."""
     pixels = np.arange(256, dtype=np.uint8)
-    return normalize_u8_numpy(pixels, mean, std, out=np.empty(256, np.float32))
+    return normalize_u8_numpy(pixels, mean, std, np.empty(256, np.float32), reciprocal)
 
 
-def normalize_u8(images, mean, std, out=None):
+def normalize_u8(images, mean, std, out=None, reciprocal: bool = False):
     """uint8 torch tensor of any shape -> float32 (into ``out``, same shape, when given), as
     ``normalize_u8_numpy`` computes it, with torch's operations (multi-threaded on the CPU).
     ``mean``/``std``: floats or float32 scalar tensors (made once by a caller that
     normalises many batches)."""
     import torch
 
-    x = (images.to(torch.float32) if out is None else out.copy_(images)).div_(255)
+    x = images.to(torch.float32) if out is None else out.copy_(images)
+    x = x.mul_(1.0 / 255) if reciprocal else x.div_(255)
     return x.sub_(torch.as_tensor(mean, dtype=torch.float32)).div_(torch.as_tensor(std, dtype=torch.float32))
 
 
-def normalizer(mean: float, std: float, device):
+def normalizer(mean: float, std: float, device, reciprocal: bool = False):
     """A function uint8 torch images on ``device`` -> float32 normalised, equal to the CPU
     result: the arithmetic on the CPU (into ``out=`` when given), a table lookup elsewhere."""
     import torch
 
     if device.type == "cpu":
         m, s = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
-        return lambda x, out=None: normalize_u8(x, m, s, out)
-    table = torch.from_numpy(lookup_table(mean, std)).to(device)
+        return lambda x, out=None: normalize_u8(x, m, s, out, reciprocal)
+    table = torch.from_numpy(lookup_table(mean, std, reciprocal)).to(device)
     return lambda x: table[x.long()]

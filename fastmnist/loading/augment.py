@@ -16,8 +16,6 @@ same rounding), all samples of a batch at once: nearest-neighbour as one gather 
 pixels, bilinear through ``grid_sample``.
 """
 
-import math
-
 import numpy as np
 import torch
 
@@ -25,8 +23,9 @@ from ..errors import FastMNISTError
 from ..formats.idx import IMAGE_SIDE
 
 SIDE = IMAGE_SIDE
-SUPPORTED = ("Compose", "RandomAffine", "RandomRotation", "RandomCrop", "RandomPerspective", "ElasticTransform",
-             "RandomErasing", "ToTensor", "ToImage", "PILToTensor", "ToDtype", "Normalize")
+SUPPORTED = ("Compose", "RandomAffine", "RandomRotation", "RandomCrop", "RandomPerspective",
+             "ElasticTransform", "RandomErasing", "ToTensor", "ToImage", "PILToTensor", "ToDtype",
+             "Normalize")
 _MASK = (1 << 64) - 1
 
 
@@ -62,11 +61,11 @@ def _randint(u: np.ndarray, low: int, high: int) -> np.ndarray:
 
 class Augment:
     """A parsed transform: ``geometric`` steps on uint8 images, then normalisation (the
-    set's), then ``erasing`` steps on the normalised float32 images. ``seed`` keys every
-    draw."""
+    set's; ``reciprocal``: scaled as v2's ``ToDtype`` scales, by ``1 / 255``), then
+    ``erasing`` steps on the normalised float32 images. ``seed`` keys every draw."""
 
-    def __init__(self, geometric: list, erasing: list, seed: int):
-        self.geometric, self.erasing, self.seed = geometric, erasing, seed
+    def __init__(self, geometric: list, erasing: list, seed: int, reciprocal: bool):
+        self.geometric, self.erasing, self.seed, self.reciprocal = geometric, erasing, seed, reciprocal
 
     @property
     def steps(self) -> list:
@@ -77,11 +76,11 @@ class Augment:
         dict per step, ``{"transform": name, ...}``, each value a CPU tensor with one row per
         sample (as ``FastMNISTLoader.augmentation_params`` returns them)."""
         indices = torch.as_tensor(indices, dtype=torch.int64).cpu().numpy()
-        return [{"transform": type(step).__name__.lstrip("_"), **step.params(
+        return [{"transform": step.name, **step.params(
             lambda draws, n=number: uniforms(self.seed, epoch, n, indices, draws))}
             for number, step in enumerate(self.steps)]
 
-    def images(self, x: torch.Tensor, indices, epoch: int, params: list[dict] | None = None) -> torch.Tensor:
+    def images(self, x: torch.Tensor, indices, epoch: int, params: list | None = None) -> torch.Tensor:
         """uint8 ``(B, 1, 28, 28)`` images of the samples ``indices`` -> uint8, the geometric
         steps applied."""
         params = params or self.params(epoch, indices)
@@ -89,7 +88,7 @@ class Augment:
             x = step.apply(x, p)
         return x
 
-    def normalised(self, x: torch.Tensor, indices, epoch: int, params: list[dict] | None = None) -> torch.Tensor:
+    def normalised(self, x: torch.Tensor, indices, epoch: int, params: list | None = None) -> torch.Tensor:
         """float32 normalised ``(B, 1, 28, 28)`` -> the erasing steps applied (in place)."""
         params = (params or self.params(epoch, indices))[len(self.geometric):]
         for step, p in zip(self.erasing, params, strict=True):
@@ -103,41 +102,41 @@ def parse(transform, mean: float, std: float, seed: int) -> Augment:
     ``ToDtype(float32, scale=True)``) and ``Normalize((mean,), (std,))``, then
     ``RandomErasing``. Raises ``FastMNISTError`` naming what it cannot replay."""
     parts = list(getattr(transform, "transforms", [transform]))
-    geometric, erasing, stage = [], [], "uint8"
+    geometric, erasing, stage, reciprocal = [], [], "uint8", False
     for t in parts:
         name = type(t).__name__
         if name not in SUPPORTED or name == "Compose":
             raise FastMNISTError(f"transform {t!r}: {name} cannot be replayed per sample; supported: "
-                                 f"{', '.join(SUPPORTED)} (put other steps in your training loop)")
+                                 f"{', '.join(SUPPORTED[1:])} (put other steps in your training loop)")
         if name in ("ToImage", "PILToTensor"):
             continue  # still uint8
         if name == "ToTensor" or name == "ToDtype":
             if name == "ToDtype" and not _to_scaled_float32(t):
                 raise FastMNISTError(f"transform {t!r}: only ToDtype(torch.float32, scale=True) is supported")
-            stage = "float"
+            stage, reciprocal = "float", name == "ToDtype"
         elif name == "Normalize":
             if stage != "float":
                 raise FastMNISTError(f"transform {t!r}: Normalize must follow ToTensor or ToDtype")
             if [float(v) for v in t.mean] != [mean] or [float(v) for v in t.std] != [std]:
-                raise FastMNISTError(f"transform {t!r}: normalises with mean {list(t.mean)}, std {list(t.std)}, "
-                                     f"but the set was converted with mean {mean}, std {std}; use "
-                                     f"Normalize(({mean},), ({std},)) or convert with --mean/--std")
+                raise FastMNISTError(f"transform {t!r}: normalises with mean {list(t.mean)}, std "
+                                     f"{list(t.std)}, but the set was converted with mean {mean}, std "
+                                     f"{std}; use Normalize(({mean},), ({std},)), or convert with those")
             stage = "normalised"
         elif name == "RandomErasing":
             if stage != "normalised":
                 raise FastMNISTError(f"transform {t!r}: RandomErasing is replayed after Normalize only")
             erasing.append(_Erasing(t))
         elif stage != "uint8":
-            raise FastMNISTError(f"transform {t!r}: {name} after ToTensor/ToDtype is not supported: put the "
-                                 "geometric steps first, where they see the uint8 image")
+            raise FastMNISTError(f"transform {t!r}: {name} after ToTensor/ToDtype is not supported: put "
+                                 "the geometric steps first, where they see the uint8 image")
         else:
             geometric.append({"RandomAffine": _Affine, "RandomRotation": _Rotation, "RandomCrop": _Crop,
                               "RandomPerspective": _Perspective, "ElasticTransform": _Elastic}[name](t))
     if stage != "normalised":
-        raise FastMNISTError(f"transform {transform!r}: must convert to float and Normalize(({mean},), ({std},)) "
-                             "as the set does (ToTensor() + Normalize, or ToImage() + ToDtype(torch.float32, "
-                             "scale=True) + Normalize)")
-    return Augment(geometric, erasing, seed)
+        raise FastMNISTError(f"transform {transform!r}: must convert to float and Normalize(({mean},), "
+                             f"({std},)) as the set does (ToTensor() + Normalize, or ToImage() + "
+                             "ToDtype(torch.float32, scale=True) + Normalize)")
+    return Augment(geometric, erasing, seed, reciprocal)
 
 
 def _to_scaled_float32(t) -> bool:
@@ -166,44 +165,57 @@ def _fill(t) -> float:
 
 
 class _Geometric:
-    """A step that resamples the image through a grid (torchvision's ``_apply_grid_transform``
-    arithmetic, batched)."""
+    """A step that resamples the image through a grid, as torchvision's
+    ``_apply_grid_transform`` does, all samples at once."""
 
     def __init__(self, t):
-        self.t, self.mode, self.fill = repr(t), _interpolation(t), _fill(t)
+        self.t, self.name, self.mode, self.fill = repr(t), type(t).__name__, _interpolation(t), _fill(t)
 
     def __repr__(self):
         return self.t
 
-    def resample(self, x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-        """uint8 ``(B, 1, H, W)`` resampled at float32 ``grid`` ``(B, H, W, 2)`` (x, y in
-        [-1, 1], align_corners=False), outside filled with ``fill``."""
+    def resample(self, x: torch.Tensor, gx: torch.Tensor, gy: torch.Tensor) -> torch.Tensor:
+        """uint8 ``(B, 1, H, W)`` resampled at the float32 grid ``gx``, ``gy`` ``(B, H, W)``
+        (in [-1, 1], align_corners=False), outside filled with ``fill``. ``gx``/``gy`` are
+        used up."""
         b, _, h, w = x.shape
-        if self.mode == "nearest":  # grid_sample's nearest: round half to even, then one gather
-            ix = grid[..., 0].add(1).mul_(w / 2).sub_(0.5).round_()
-            iy = grid[..., 1].add(1).mul_(h / 2).sub_(0.5).round_()
-            inside = (ix >= 0) & (ix <= w - 1) & (iy >= 0) & (iy <= h - 1)
-            source = torch.where(inside, iy * w + ix, float(h * w)).to(torch.int64).view(b, -1)
-            fill = torch.full((b, 1), round(self.fill), dtype=x.dtype, device=x.device)
-            return torch.cat([x.view(b, -1), fill], 1).gather(1, source).view(b, 1, h, w)
-        planes = torch.cat([x.to(grid.dtype), torch.ones_like(x, dtype=grid.dtype)], 1)
-        out = torch.nn.functional.grid_sample(planes, grid, mode="bilinear", padding_mode="zeros",
-                                              align_corners=False)
+        if self.mode == "nearest":
+            # grid_sample's nearest: unnormalise, round half to even; then one gather from
+            # the image framed by a border of fill, where every outside coordinate lands
+            ix = gx.add_(1).mul_(w / 2).sub_(0.5).round_().clamp_(-1, w)
+            iy = gy.add_(1).mul_(h / 2).sub_(0.5).round_().clamp_(-1, h)
+            source = iy.mul_(w + 2).add_(ix).add_(w + 3).to(torch.int64).view(b, -1)
+            framed = torch.nn.functional.pad(x.view(b, h, w), (1, 1, 1, 1), value=round(self.fill))
+            return framed.view(b, -1).gather(1, source).view(b, 1, h, w)
+        planes = torch.cat([x.to(torch.float32), torch.ones_like(x, dtype=torch.float32)], 1)
+        out = torch.nn.functional.grid_sample(planes, torch.stack([gx, gy], -1), mode="bilinear",
+                                              padding_mode="zeros", align_corners=False)
         image, mask = out[:, :1], out[:, 1:]
-        fill = torch.tensor(self.fill, dtype=grid.dtype, device=x.device)
+        fill = torch.tensor(self.fill, dtype=torch.float32, device=x.device)
         return image.sub_(fill).mul_(mask).add_(fill).round_().to(x.dtype)
 
 
-def _affine_grid(matrices: np.ndarray, device) -> torch.Tensor:
-    """float32 ``(B, 28, 28, 2)``: torchvision's ``_affine_grid`` of each inverse affine
-    ``matrices`` row (6 float64 values, made float32 as torchvision makes them)."""
+def _base(device) -> torch.Tensor:
+    """float32 ``(28,)``: torchvision's base grid coordinates, ``-13.5 .. 13.5``."""
+    return torch.linspace((1.0 - SIDE) * 0.5, (SIDE - 1.0) * 0.5, steps=SIDE, device=device)
+
+
+def _plane(xs: torch.Tensor, ys: torch.Tensor, theta: torch.Tensor, column: int, third) -> torch.Tensor:
+    """float32 ``(B, 28, 28)``: ``xs * theta[:, 0, c] + ys * theta[:, 1, c] + third`` for
+    ``c = column``, with the roundings of ``torch.bmm`` of torchvision's base grid (left to
+    right, one product at a time: equal to it bit for bit, tested)."""
+    along_x = xs[None, None, :] * theta[:, 0, column, None, None]
+    along_y = ys[None, :, None] * theta[:, 1, column, None, None]
+    return (along_x + along_y).add_(third)
+
+
+def _affine_grid(matrices: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 ``(B, 28, 28)`` x and y of torchvision's ``_affine_grid`` of each inverse
+    affine ``matrices`` row (6 float64 values, made float32 as torchvision makes them)."""
     theta = torch.from_numpy(matrices).to(torch.float32).view(-1, 2, 3).to(device)
-    base = torch.empty(1, SIDE, SIDE, 3, dtype=torch.float32, device=device)
-    base[..., 0].copy_(torch.linspace((1.0 - SIDE) * 0.5, (SIDE - 1.0) * 0.5, steps=SIDE, device=device))
-    base[..., 1].copy_(torch.linspace((1.0 - SIDE) * 0.5, (SIDE - 1.0) * 0.5, steps=SIDE, device=device)[:, None])
-    base[..., 2].fill_(1)
-    scaled = theta.transpose(1, 2).div_(torch.tensor([0.5 * SIDE, 0.5 * SIDE], dtype=torch.float32, device=device))
-    return base.view(1, SIDE * SIDE, 3).expand(len(theta), -1, -1).bmm(scaled).view(-1, SIDE, SIDE, 2)
+    scaled = theta.transpose(1, 2).div_(torch.tensor([0.5 * SIDE] * 2, dtype=torch.float32, device=device))
+    xs = _base(device)
+    return tuple(_plane(xs, xs, scaled, c, scaled[:, 2, c, None, None]) for c in (0, 1))
 
 
 def _inverse_affine(center, angle, translate, scale, shear) -> np.ndarray:
@@ -257,13 +269,14 @@ class _Affine(_Geometric):
             if len(self.shear) == 4:
                 shear[:, 1] = _uniform(u[:, 5], *self.shear[2:])
         scale = _uniform(u[:, 3], *self.scale) if self.scale is not None else np.ones(n, np.float32)
-        return {"angle": torch.from_numpy(_uniform(u[:, 0], *self.degrees)), "translate": torch.from_numpy(translate),
-                "scale": torch.from_numpy(scale), "shear": torch.from_numpy(shear)}
+        return {"angle": torch.from_numpy(_uniform(u[:, 0], *self.degrees)),
+                "translate": torch.from_numpy(translate), "scale": torch.from_numpy(scale),
+                "shear": torch.from_numpy(shear)}
 
     def apply(self, x: torch.Tensor, p: dict) -> torch.Tensor:
         m = _inverse_affine(self.center, p["angle"].double().numpy(), p["translate"].numpy(),
                             p["scale"].double().numpy(), p["shear"].double().numpy())
-        return self.resample(x, _affine_grid(m, x.device))
+        return self.resample(x, *_affine_grid(m, x.device))
 
 
 class _Rotation(_Geometric):
@@ -283,7 +296,7 @@ class _Rotation(_Geometric):
         angle = p["angle"].double().numpy() % 360
         n = len(angle)
         m = _inverse_affine(self.center, -angle, np.zeros((n, 2)), np.ones(n), np.zeros((n, 2)))
-        out = self.resample(x, _affine_grid(m, x.device))
+        out = self.resample(x, *_affine_grid(m, x.device))
         if self.centred:
             for quarter in (0, 1, 2, 3):
                 rows = torch.from_numpy(np.flatnonzero(angle == 90.0 * quarter)).to(x.device)
@@ -296,17 +309,18 @@ class _Crop:
     """``RandomCrop(28, padding)``: pad (constant ``fill``), then crop at a random offset."""
 
     def __init__(self, t):
-        self.t = repr(t)
+        self.t, self.name = repr(t), type(t).__name__
         if list(t.size) != [SIDE, SIDE] or getattr(t, "padding_mode", "constant") != "constant":
-            raise FastMNISTError(f"transform {t!r}: only RandomCrop(28, padding=..., padding_mode='constant') "
-                                 "is supported")
+            raise FastMNISTError(f"transform {t!r}: only RandomCrop(28, padding=..., "
+                                 "padding_mode='constant') is supported")
         padding = t.padding or 0
         if isinstance(padding, int):
             padding = [padding] * 4
         elif len(padding) == 2:
             padding = [padding[0], padding[1], padding[0], padding[1]]
-        left, top, right, bottom = padding if type(t).__module__.startswith("torchvision.transforms.transforms") \
-            else (padding[0], padding[2], padding[1], padding[3])  # v2 stores (left, right, top, bottom)
+        v1 = type(t).__module__.startswith("torchvision.transforms.transforms")
+        # v1 pads (left, top, right, bottom); v2 stores (left, right, top, bottom)
+        left, top, right, bottom = padding if v1 else (padding[0], padding[2], padding[1], padding[3])
         self.left, self.top, self.height, self.width = left, top, SIDE + top + bottom, SIDE + left + right
         self.fill = _fill(t)
 
@@ -353,7 +367,7 @@ class _Perspective(_Geometric):
             return x
         coeffs = _perspective_coefficients(p["endpoints"][rows])
         out = x.clone()
-        out[rows.to(x.device)] = self.resample(x[rows.to(x.device)], _perspective_grid(coeffs, x.device))
+        out[rows.to(x.device)] = self.resample(x[rows.to(x.device)], *_perspective_grid(coeffs, x.device))
         return out
 
 
@@ -376,21 +390,17 @@ def _perspective_coefficients(ends: torch.Tensor) -> torch.Tensor:
     return torch.linalg.lstsq(a, b.unsqueeze(-1), driver="gels").solution.squeeze(-1).to(torch.float32)
 
 
-def _perspective_grid(coeffs: torch.Tensor, device) -> torch.Tensor:
-    """float32 ``(B, 28, 28, 2)``: torchvision's ``_perspective_grid`` of each row of ``coeffs``."""
+def _perspective_grid(coeffs: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 ``(B, 28, 28)`` x and y of torchvision's ``_perspective_grid`` of each row of
+    ``coeffs``: ``(a x + b y + c) / (g x + h y + 1) - 1`` (scaled), with its roundings."""
     c = coeffs.to(device)
-    ones = torch.ones(len(c), device=device)
-    theta1 = torch.stack([c[:, 0:3], c[:, 3:6]], 1)
-    theta2 = torch.stack([torch.stack([c[:, 6], c[:, 7], ones], 1)] * 2, 1)
-    base = torch.empty(1, SIDE, SIDE, 3, dtype=torch.float32, device=device)
-    steps = torch.linspace(0.5, SIDE + 0.5 - 1.0, steps=SIDE, device=device, dtype=torch.float32)
-    base[..., 0].copy_(steps)
-    base[..., 1].copy_(steps[:, None])
-    base[..., 2].fill_(1)
-    flat = base.view(1, SIDE * SIDE, 3).expand(len(c), -1, -1)
-    scaled = theta1.transpose(1, 2).div_(torch.tensor([0.5 * SIDE, 0.5 * SIDE], dtype=torch.float32, device=device))
-    grid = flat.bmm(scaled).div_(flat.bmm(theta2.transpose(1, 2))).sub_(1.0)
-    return grid.view(-1, SIDE, SIDE, 2)
+    theta1 = torch.stack([c[:, 0:3], c[:, 3:6]], 1).transpose(1, 2)
+    theta1 = theta1.div_(torch.tensor([0.5 * SIDE] * 2, dtype=torch.float32, device=device))
+    theta2 = torch.stack([c[:, 6:8], c[:, 6:8]], 2)  # (B, 2, 2): g, h for both columns
+    steps = torch.linspace(0.5, SIDE + 0.5 - 1.0, steps=SIDE, device=device)
+    below = _plane(steps, steps, theta2, 0, 1.0)
+    return tuple(_plane(steps, steps, theta1, k, theta1[:, 2, k, None, None]).div_(below).sub_(1.0)
+                 for k in (0, 1))
 
 
 class _Elastic(_Geometric):
@@ -413,11 +423,9 @@ class _Elastic(_Geometric):
         return {"displacement": torch.cat(fields, 1).permute(0, 2, 3, 1).contiguous()}
 
     def apply(self, x: torch.Tensor, p: dict) -> torch.Tensor:
-        side = torch.linspace((1 - SIDE) / SIDE, (SIDE - 1) / SIDE, SIDE, device=x.device, dtype=torch.float32)
-        identity = torch.empty(1, SIDE, SIDE, 2, dtype=torch.float32, device=x.device)
-        identity[..., 0].copy_(side)
-        identity[..., 1].copy_(side[:, None])
-        return self.resample(x, identity + p["displacement"].to(x.device))
+        side = torch.linspace((1 - SIDE) / SIDE, (SIDE - 1) / SIDE, SIDE, device=x.device)
+        shift = p["displacement"].to(x.device)
+        return self.resample(x, shift[..., 0] + side[None, None, :], shift[..., 1] + side[None, :, None])
 
 
 def _blur(field: torch.Tensor, sigma: list[float]) -> torch.Tensor:
@@ -445,7 +453,7 @@ class _Erasing:
     area and aspect ratio (up to 10 tries, as torchvision) set to ``value``."""
 
     def __init__(self, t):
-        self.t = repr(t)
+        self.t, self.name = repr(t), type(t).__name__
         value = t.value
         if isinstance(value, (list, tuple)):
             value = value[0] if len(value) == 1 else None
@@ -471,8 +479,9 @@ class _Erasing:
         h, w = np.where(found, h[rows, first], 0), np.where(found, w[rows, first], 0)
         top = _randint(u[rows, 21 + first], 0, SIDE - h + 1)
         left = _randint(u[rows, 31 + first], 0, SIDE - w + 1)
-        return {"i": torch.from_numpy(np.where(found, top, 0)), "j": torch.from_numpy(np.where(found, left, 0)),
-                "h": torch.from_numpy(h), "w": torch.from_numpy(w)}
+        top, left = np.where(found, top, 0), np.where(found, left, 0)
+        return {"i": torch.from_numpy(top), "j": torch.from_numpy(left), "h": torch.from_numpy(h),
+                "w": torch.from_numpy(w)}
 
     def apply(self, x: torch.Tensor, p: dict) -> torch.Tensor:
         at = torch.arange(SIDE, device=x.device)

@@ -11,8 +11,11 @@ iterator class per mode):
   use.
 
 Each yields ``(x, y)``: images ``[B, 1, 28, 28]`` (float32 normalised, or uint8 with
-``normalize=False``) and int64 labels ``[B, *label_shape]``.
+``normalize=False``) and int64 labels ``[B, *label_shape]``; what is gathered is finished by
+a :class:`Finish` (augmented, normalised).
 """
+
+import functools
 
 import torch
 
@@ -25,26 +28,52 @@ from .sources import empty_batch
 GROUP_SAMPLES = 1024  # on the CPU, samples gathered per call (each batch is then a slice)
 
 
-def choose(source, device: torch.device, normalize: bool, resident: bool, pin: bool, prefetch: int):
+def choose(source, device: torch.device, normalize: bool, resident: bool, pin: bool, prefetch: int,
+           augment=None):
     """The delivery for ``source`` and the ``FastMNISTLoader`` arguments of the same names
-    (``pin``: pin host batches)."""
+    (``pin``: pin host batches; ``augment``: an ``augment.Augment`` or None)."""
     to_float = None  # uint8 -> float32 normalised, where the source gathers uint8
     if normalize and source.dtype == torch.uint8:
-        to_float = normalizer(source.info.mean, source.info.std, device)
+        reciprocal = augment is not None and augment.reciprocal  # as the user's transform scales
+        to_float = normalizer(source.info.mean, source.info.std, device, reciprocal)
+    finish = Finish(to_float, augment)
     if device.type == "cuda" and not resident:
-        return CudaPrefetch(source, to_float, device, prefetch)
+        return CudaPrefetch(source, finish, device, prefetch)
     if source.random_access and device.type == "cpu" and not pin:
-        return Grouped(source, to_float)
-    return PerBatch(source, to_float, pin)
+        return Grouped(source, finish)
+    return PerBatch(source, finish, pin)
+
+
+class Finish:
+    """Gathered images -> what the loop gets: uint8 augmented by ``augment``'s geometric
+    steps, normalised by ``to_float`` (into ``out`` when given), then its erasing steps;
+    each part skipped where it is None."""
+
+    def __init__(self, to_float, augment):
+        self.to_float, self.augment = to_float, augment
+
+    @property
+    def makes_float(self) -> bool:
+        return self.to_float is not None
+
+    def __call__(self, x: torch.Tensor, idx, epoch: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        params = None if self.augment is None else self.augment.params(epoch, idx)
+        if params is not None:
+            x = self.augment.images(x, idx, epoch, params)
+        if self.to_float is not None:
+            x = self.to_float(x) if out is None else self.to_float(x, out=out)
+        if params is not None:
+            x = self.augment.normalised(x, idx, epoch, params)
+        return x
 
 
 class Grouped:
     """Batches sliced from groups of about ``GROUP_SAMPLES`` samples, gathered (and
-    normalised) into blocks of a :class:`BufferPool` per dtype, kept across epochs in each
+    finished) into blocks of a :class:`BufferPool` per dtype, kept across epochs in each
     process: a block is written again only once no batch of it is alive."""
 
-    def __init__(self, source, to_float):
-        self.source, self.to_float = source, to_float
+    def __init__(self, source, finish: Finish):
+        self.source, self.finish = source, finish
         self._pools = None  # made on first use in each process
 
     def batches(self, epoch_pass):
@@ -58,8 +87,8 @@ class Grouped:
             else:  # a DataLoader worker's batches: every k-th
                 idx = torch.cat([share[b * size:(b + 1) * size] for b in part])
             x, y = src.gather(idx, pools[src.dtype].take(len(idx)))
-            if self.to_float is not None:
-                x = self.to_float(x, out=pools[torch.float32].take(len(idx)))
+            out = pools[torch.float32].take(len(idx)) if self.finish.makes_float else None
+            x = self.finish(x, idx, epoch_pass.epoch, out)
             yield from zip(x.split(size), y.split(size), strict=True)
 
     def _pools_for(self, batch_size: int) -> dict[torch.dtype, BufferPool]:
@@ -73,30 +102,32 @@ class Grouped:
 
 
 class PerBatch:
-    """One gather per batch, into new (pinned, if ``pin``) tensors; uint8 normalised by
-    ``to_float`` unless it is None (the normalised tensor pinned in its turn)."""
+    """One gather per batch, into new (pinned, if ``pin``) tensors, then finished (a new
+    tensor, pinned in its turn)."""
 
-    def __init__(self, source, to_float, pin: bool):
-        self.source, self.to_float, self.pin = source, to_float, pin
+    def __init__(self, source, finish: Finish, pin: bool):
+        self.source, self.finish, self.pin = source, finish, pin
 
     def batches(self, epoch_pass):
         src = self.source
+        changes = self.finish.makes_float or self.finish.augment is not None
         for idx in src.index_batches(epoch_pass):
             out = empty_batch(src.dtype, len(idx), True, src.label_shape) if self.pin else ()
             x, y = src.gather(idx, *out)
-            if self.to_float is not None:
-                x = self.to_float(x).pin_memory() if self.pin else self.to_float(x)
-            yield x, y
+            x = self.finish(x, idx, epoch_pass.epoch)
+            yield (x.pin_memory() if self.pin and changes else x), y
 
 
 class CudaPrefetch:
-    """Batches on ``device``: gathered into reused pinned host buffers, copied (and
-    normalised on the GPU) on a side stream ``prefetch`` batches ahead (``device.py``)."""
+    """Batches on ``device``: gathered into reused pinned host buffers, copied (then
+    augmented and normalised on the GPU) on a side stream ``prefetch`` batches ahead
+    (``device.py``)."""
 
-    def __init__(self, source, to_float, device: torch.device, prefetch: int):
-        self.source, self.to_float, self.device, self.prefetch = source, to_float, device, prefetch
+    def __init__(self, source, finish: Finish, device: torch.device, prefetch: int):
+        self.source, self.finish, self.device, self.prefetch = source, finish, device, prefetch
 
     def batches(self, epoch_pass):
         src = self.source
+        finish = functools.partial(self.finish, epoch=epoch_pass.epoch)
         return prefetch_to_cuda(src.index_batches(epoch_pass), src.gather, src.dtype, epoch_pass.batch_size,
-                                self.device, self.prefetch, self.to_float or (lambda x: x), src.label_shape)
+                                self.device, self.prefetch, finish, src.label_shape)

@@ -15,15 +15,16 @@ def prefetch_to_cuda(
     batch_size: int,
     device: torch.device,
     depth: int,
-    finish: Callable[[torch.Tensor], torch.Tensor],
+    finish: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     label_shape: tuple[int, ...] = (),
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(x, y)`` on ``device`` for each batch of sample indices.
 
     ``gather(idx, x_out, y_out)`` fills pinned host tensors (images ``(len(idx), 1, 28, 28)``
-    of ``dtype``, int64 labels ``(len(idx), *label_shape)``); the copy and ``finish`` (e.g. normalisation,
-    run on the GPU) go on a side stream ``depth`` batches ahead of the consumer. Each of the
-    ``depth + 1`` pinned slots is reused only once its previous copy has completed.
+    of ``dtype``, int64 labels ``(len(idx), *label_shape)``); the copy and ``finish(x, idx)``
+    (augmentation and normalisation, run on the GPU) go on a side stream ``depth`` batches
+    ahead of the consumer. Each of the ``depth + 1`` pinned slots is reused only once its
+    previous copy has completed.
     """
     stream = torch.cuda.Stream(device)
     slots = []
@@ -36,7 +37,7 @@ def prefetch_to_cuda(
         n = len(idx)
         gather(idx, host_x[:n], host_y[:n])
         with torch.cuda.stream(stream):
-            x = finish(host_x[:n].to(device, non_blocking=True))
+            x = finish(host_x[:n].to(device, non_blocking=True), idx)
             y = host_y[:n].to(device, non_blocking=True)
             copied.record(stream)
         pending.append((x, y, copied))

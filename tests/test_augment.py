@@ -1,0 +1,417 @@
+"""Augmentation replayed from the user's torchvision transform: the same pixels as
+torchvision's own functional ops given the parameters the loader reports (real MNIST
+digits), parameters distributed as torchvision's own draws, the same bytes for a sample
+whatever the batch size, world size, workers, resume or residency, and clear refusals."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+from torchvision import transforms as v1
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+from fastmnist import FastMNISTError, FastMNISTLoader, convert
+from fastmnist.formats.idx import read_images, read_labels
+from fastmnist.loading.augment import _perspective_coefficients
+
+from .conftest import decode_indices, indexed_images, write_split
+
+MEAN, STD = 0.1307, 0.3081
+N = 1003  # samples of the invariance sets
+
+
+def _v1(*steps, erase=()):
+    return v1.Compose([*steps, v1.ToTensor(), v1.Normalize((MEAN,), (STD,)), *erase])
+
+
+def _v2(*steps, erase=()):
+    return v2.Compose(
+        [v2.ToImage(), *steps, v2.ToDtype(torch.float32, scale=True), v2.Normalize([MEAN], [STD]), *erase]
+    )
+
+
+NEAREST, BILINEAR = v1.InterpolationMode.NEAREST, v1.InterpolationMode.BILINEAR
+CASES = {  # name -> (transform, interpolation of its geometric step)
+    "affine": (_v1(v1.RandomAffine(10, translate=(0.1, 0.1), scale=(0.9, 1.1))), NEAREST),
+    "affine shear, bilinear, fill": (
+        _v1(
+            v1.RandomAffine(
+                15,
+                translate=(0.2, 0.1),
+                scale=(0.8, 1.2),
+                shear=(-10, 10, -5, 5),
+                interpolation=BILINEAR,
+                fill=40,
+            )
+        ),
+        BILINEAR,
+    ),
+    "affine v2": (_v2(v2.RandomAffine(10, translate=(0.1, 0.1), scale=(0.9, 1.1))), NEAREST),
+    "rotation": (_v1(v1.RandomRotation(30)), NEAREST),
+    "rotation bilinear about a point": (
+        _v1(v1.RandomRotation((-20, 40), interpolation=BILINEAR, center=(10, 17))),
+        BILINEAR,
+    ),
+    "rotation by quarter turns": (_v1(v1.RandomRotation((90, 90))), NEAREST),
+    "crop": (_v1(v1.RandomCrop(28, padding=2)), NEAREST),
+    "crop v2, uneven padding, fill": (_v2(v2.RandomCrop(28, padding=[1, 3, 2, 0], fill=9)), NEAREST),
+    "perspective": (_v1(v1.RandomPerspective(0.5, p=0.7)), BILINEAR),
+    "perspective nearest v2": (_v2(v2.RandomPerspective(0.4, p=1.0, interpolation=NEAREST)), NEAREST),
+    "elastic": (_v1(v1.ElasticTransform(alpha=34.0, sigma=4.0)), BILINEAR),
+    "elastic nearest v2": (_v2(v2.ElasticTransform(alpha=50.0, sigma=5.0, interpolation=NEAREST)), NEAREST),
+    "erasing": (_v1(erase=[v1.RandomErasing(p=0.8)]), None),
+    "erasing v2, a value": (_v2(erase=[v2.RandomErasing(p=1.0, scale=(0.05, 0.4), value=1.5)]), None),
+    "affine then erasing": (
+        _v1(v1.RandomAffine(10, translate=(0.1, 0.1)), erase=[v1.RandomErasing(p=0.5)]),
+        NEAREST,
+    ),
+}
+
+
+def _replay(image: torch.Tensor, step: dict, interpolation, fill: float) -> torch.Tensor:
+    """torchvision's functional op of one step on one uint8 ``(1, 28, 28)`` image."""
+    kind = step["transform"]
+    if kind == "RandomAffine":
+        return F.affine(
+            image,
+            angle=float(step["angle"]),
+            translate=[int(v) for v in step["translate"]],
+            scale=float(step["scale"]),
+            shear=[float(v) for v in step["shear"]],
+            interpolation=interpolation,
+            fill=fill,
+            center=step["center"],
+        )
+    if kind == "RandomRotation":
+        return F.rotate(
+            image, float(step["angle"]), interpolation=interpolation, center=step["center"], fill=fill
+        )
+    if kind == "RandomCrop":
+        left, top, right, bottom = step["padding"]
+        padded = F.pad(image, [left, top, right, bottom], fill=fill)
+        return F.crop(padded, int(step["top"]), int(step["left"]), 28, 28)
+    if kind == "RandomPerspective":
+        if not step["applied"]:
+            return image
+        start = [[0, 0], [27, 0], [27, 27], [0, 27]]
+        return F.perspective(image, start, step["endpoints"].tolist(), interpolation=interpolation, fill=fill)
+    assert kind == "ElasticTransform"
+    return F.elastic(image, step["displacement"][None], interpolation=interpolation, fill=fill)
+
+
+def _case_details(transform) -> dict:
+    """What the reference needs of the geometric step: fill, center, padding; scaling."""
+    steps = transform.transforms
+    geometric = [
+        t
+        for t in steps
+        if type(t).__name__ not in ("ToTensor", "ToImage", "ToDtype", "Normalize", "RandomErasing")
+    ]
+    details = {
+        "reciprocal": any(type(t).__name__ == "ToDtype" for t in steps),
+        "fill": 0.0,
+        "center": None,
+        "padding": None,
+        "erase": next((t for t in steps if type(t).__name__ == "RandomErasing"), None),
+    }
+    if geometric:
+        t = geometric[0]
+        fill = t.fill if not isinstance(t.fill, dict) else next(iter(t.fill.values()))
+        details["fill"] = float(fill[0] if isinstance(fill, (list, tuple)) else fill)
+        details["center"] = getattr(t, "center", None)
+        if type(t).__name__ == "RandomCrop":
+            pad = t.padding
+            details["padding"] = (
+                [pad] * 4
+                if isinstance(pad, int)
+                else [pad[0], pad[2], pad[1], pad[3]]
+                if isinstance(t, v2.RandomCrop)
+                else list(pad)
+            )
+    return details
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_same_parameters_same_pixels_as_torchvision(real_shards, real_root, name):
+    """256 real test digits through the loader, each equal to torchvision's functional op
+    with the reported parameters, then its float conversion and Normalize (and erase): bit
+    for bit, bilinear included (the same float32 grid, then grid_sample itself)."""
+    transform, interpolation = CASES[name]
+    loader = FastMNISTLoader(real_shards, "test", batch_size=256, shuffle=False, seed=11, transform=transform)
+    x, _ = next(iter(loader))
+    images = torch.from_numpy(read_images(real_root / "MNIST" / "raw" / "t10k-images-idx3-ubyte.gz")[:256])
+    params = loader.augmentation_params(0, torch.arange(256))
+    details = _case_details(transform)
+    for i in range(256):
+        image = images[i]
+        for step in params:
+            if step["transform"] != "RandomErasing":
+                row = {k: (v[i] if isinstance(v, torch.Tensor) else v) for k, v in step.items()}
+                row.update(center=details["center"], padding=details["padding"])
+                image = _replay(image, row, interpolation, details["fill"])
+        scaled = (
+            F.to_dtype(image, torch.float32, scale=True) if details["reciprocal"] else image.float().div(255)
+        )
+        ref = F.normalize(scaled, [MEAN], [STD])
+        for step in params:
+            if step["transform"] == "RandomErasing" and step["h"][i] > 0:
+                ref = F.erase(
+                    ref,
+                    int(step["i"][i]),
+                    int(step["j"][i]),
+                    int(step["h"][i]),
+                    int(step["w"][i]),
+                    torch.tensor(
+                        float(
+                            details["erase"].value
+                            if not isinstance(details["erase"].value, (list, tuple))
+                            else details["erase"].value[0]
+                        )
+                    ),
+                )
+        assert torch.equal(x[i], ref), (name, i, ((x[i] - ref).abs() * STD * 255).max().item())
+
+
+def _ks(a: np.ndarray, b: np.ndarray) -> float:
+    """The two-sample Kolmogorov-Smirnov statistic."""
+    a, b = np.sort(a), np.sort(b)
+    grid = np.concatenate([a, b])
+    return float(
+        np.abs(
+            np.searchsorted(a, grid, side="right") / len(a) - np.searchsorted(b, grid, side="right") / len(b)
+        ).max()
+    )
+
+
+def _critical(n: int, m: int, alpha: float = 1e-3) -> float:
+    return math.sqrt(-math.log(alpha / 2) / 2) * math.sqrt((n + m) / (n * m))
+
+
+DRAWS = 100_000
+
+
+def _torchvision_draws(transform, count: int) -> list[dict]:
+    torch.manual_seed(0)
+    dummy = torch.zeros(1, 28, 28, dtype=torch.uint8)
+    return [transform.make_params([dummy]) for _ in range(count)]
+
+
+def test_affine_parameters_follow_torchvision(indexed_shards):
+    """100,000 draws of RandomAffine's angle, translations, scale and shears against
+    torchvision's own ``make_params``: KS at a fixed seed for the continuous ones, the
+    frequency of every integer translation within 1 point, both ends of each range reached."""
+    t = v2.RandomAffine(20, translate=(0.1, 0.2), scale=(0.8, 1.2), shear=(-10, 10, -5, 5))
+    ours = FastMNISTLoader(indexed_shards, transform=_v2(t), seed=3).augmentation_params(0, np.arange(DRAWS))[
+        0
+    ]
+    theirs = _torchvision_draws(t, DRAWS)
+    columns = {
+        "angle": (ours["angle"], [p["angle"] for p in theirs], (-20, 20)),
+        "scale": (ours["scale"], [p["scale"] for p in theirs], (0.8, 1.2)),
+        "shear x": (ours["shear"][:, 0], [p["shear"][0] for p in theirs], (-10, 10)),
+        "shear y": (ours["shear"][:, 1], [p["shear"][1] for p in theirs], (-5, 5)),
+    }
+    for name, (mine, reference, (low, high)) in columns.items():
+        mine = mine.numpy().astype(np.float64)
+        assert _ks(mine, np.array(reference)) < _critical(DRAWS, DRAWS), name
+        assert mine.min() < low + 0.01 * (high - low) and mine.max() > high - 0.01 * (high - low), name
+    for k, limit in ((0, 3), (1, 6)):
+        mine = np.bincount(ours["translate"][:, k].numpy() + limit, minlength=2 * limit + 1) / DRAWS
+        reference = (
+            np.bincount(np.array([p["translate"][k] for p in theirs]) + limit, minlength=2 * limit + 1)
+            / DRAWS
+        )
+        assert np.abs(mine - reference).max() < 0.01 and mine[0] > 0 and mine[-1] > 0
+
+
+def test_crop_rotation_perspective_and_erasing_parameters_follow_torchvision(indexed_shards):
+    """RandomCrop's offsets, RandomRotation's angle, RandomPerspective's corners (through the
+    8 coefficients torchvision solves from them) and RandomErasing's rectangles, 100,000 of
+    ours against 20,000 of torchvision's ``make_params``."""
+    transform = _v2(
+        v2.RandomCrop(28, padding=3),
+        v2.RandomRotation((-30, 45)),
+        v2.RandomPerspective(0.6, p=0.3),
+        erase=[v2.RandomErasing(p=0.6)],
+    )
+    crop, rotation, perspective, erasing = FastMNISTLoader(
+        indexed_shards, transform=transform
+    ).augmentation_params(4, np.arange(DRAWS))
+    steps, count = transform.transforms, 20_000
+    critical = _critical(DRAWS, count)
+    theirs = _torchvision_draws(steps[1], count)
+    for key in ("top", "left"):
+        mine = np.bincount(crop[key].numpy(), minlength=7) / DRAWS
+        assert len(mine) == 7 and mine.min() > 0
+        assert np.abs(mine - np.bincount([p[key] for p in theirs], minlength=7) / count).max() < 0.015, key
+    angle = rotation["angle"].numpy()
+    assert _ks(angle, np.array([p["angle"] for p in _torchvision_draws(steps[2], count)])) < critical
+    assert angle.min() < -29.9 and angle.max() > 44.9
+    assert abs(perspective["applied"].float().mean().item() - 0.3) < 0.01  # torchvision: rand(1) < p
+    mine = _perspective_coefficients(perspective["endpoints"][:count]).numpy()
+    reference = np.array([p["coefficients"] for p in _torchvision_draws(steps[3], count)])
+    for k in range(8):
+        assert _ks(mine[:, k], reference[:, k]) < _critical(count, count), f"coefficient {k}"
+    bound = int(0.6 * 14) + 1  # torchvision's corner offsets: 0 .. bound - 1 from each edge
+    corners = perspective["endpoints"].reshape(-1, 8).numpy()
+    for k in range(8):
+        values = np.minimum(corners[:, k], 27 - corners[:, k])
+        assert set(np.unique(values)) == set(range(bound)), k
+    theirs = _torchvision_draws(steps[-1], count)
+    fitted = [p for p in theirs if p["v"] is not None]
+    erased = erasing["h"].numpy() > 0
+    assert abs(erased.mean() - 0.6 * len(fitted) / count) < 0.015  # applied with p, when a box fits
+    for key in ("h", "w", "i", "j"):
+        mine = erasing[key].numpy()[erased].astype(float)
+        assert _ks(mine, np.array([p[key] for p in fitted], float)) < _critical(len(mine), len(fitted)), key
+
+
+def _indexed_real(tmp_path_factory, real_root):
+    """Two sets of ``N`` samples in the same order: real test digits, and images encoding
+    their index (a loader over the second tells which samples a batch of the first holds)."""
+    root = tmp_path_factory.mktemp("aug_sets")
+    digits = read_images(real_root / "MNIST" / "raw" / "t10k-images-idx3-ubyte.gz")[:N, 0]
+    labels = read_labels(real_root / "MNIST" / "raw" / "t10k-labels-idx1-ubyte.gz")[:N]
+    for name, images in (("real", digits), ("indexed", indexed_images(N))):
+        write_split(root / name, "train", images, labels)
+        write_split(root / name, "test", images[:10], labels[:10])
+        convert(root / name, root / f"{name}-set", progress=False)
+    return root / "real-set", root / "indexed-set"
+
+
+@pytest.fixture(scope="module")
+def paired_sets(tmp_path_factory, real_root):
+    return _indexed_real(tmp_path_factory, real_root)
+
+
+TRANSFORM = _v1(
+    v1.RandomAffine(10, translate=(0.1, 0.1), scale=(0.9, 1.1)),
+    v1.RandomCrop(28, padding=2),
+    erase=[v1.RandomErasing(p=0.5)],
+)
+
+
+def _by_sample(batches, index_batches) -> dict[int, bytes]:
+    out = {}
+    for (x, _), (ix, _) in zip(batches, index_batches, strict=True):
+        for sample, image in zip(decode_indices(ix), x, strict=True):
+            out.setdefault(sample, []).append(image.numpy().tobytes())
+    return out
+
+
+def test_a_sample_gets_the_same_bytes_whatever_the_run(paired_sets):
+    """Epoch 1's augmented bytes of every sample: the same at batch sizes 1, 64 and 1000,
+    on 1, 2 and 3 ranks, with 2 DataLoader workers, resident, and resumed mid-epoch on
+    another world size."""
+    real, indexed = paired_sets
+
+    def run(world, batch, workers=0, **kw):
+        seen = {}
+        for rank in range(world):
+            pair = [
+                FastMNISTLoader(s, batch_size=batch, seed=5, rank=rank, world_size=world, **kw, **extra)
+                for s, extra in ((real, {"transform": TRANSFORM}), (indexed, {"normalize": False}))
+            ]
+            for loader in pair:
+                loader.set_epoch(1)
+            if workers:
+                pair = [DataLoader(loader, batch_size=None, num_workers=workers) for loader in pair]
+            for sample, images in _by_sample(*pair).items():
+                seen.setdefault(sample, []).extend(images)
+        return seen
+
+    reference = run(1, 1000)
+    assert sorted(reference) == list(range(N)) and all(len(v) == 1 for v in reference.values())
+    for config in (
+        {"world": 1, "batch": 1},
+        {"world": 2, "batch": 64},
+        {"world": 3, "batch": 64},
+        {"world": 1, "batch": 64, "workers": 2},
+        {"world": 1, "batch": 64, "resident": True},
+    ):
+        seen = run(**config)
+        assert set(seen) == set(reference), config
+        for sample, images in seen.items():
+            assert set(images) == set(reference[sample]), (config, sample)  # padding repeats are identical
+
+    # stopped after 5 batches on 2 ranks, resumed on 3: every sample's bytes as in the reference
+    pairs = [
+        [
+            FastMNISTLoader(s, batch_size=64, seed=5, rank=r, world_size=2, **extra)
+            for s, extra in ((real, {"transform": TRANSFORM}), (indexed, {"normalize": False}))
+        ]
+        for r in range(2)
+    ]
+    seen, states = {}, []
+    for pair in pairs:
+        for loader in pair:
+            loader.set_epoch(1)
+        its = [iter(loader) for loader in pair]
+        for _ in range(5):
+            (x, _), (ix, _) = next(its[0]), next(its[1])
+            for sample, image in zip(decode_indices(ix), x, strict=True):
+                seen.setdefault(sample, set()).add(image.numpy().tobytes())
+        states.append([loader.state_dict() for loader in pair])
+    for rank in range(3):
+        resumed = [
+            FastMNISTLoader(s, batch_size=64, seed=5, rank=rank, world_size=3, **extra)
+            for s, extra in ((real, {"transform": TRANSFORM}), (indexed, {"normalize": False}))
+        ]
+        for loader, state in zip(resumed, states[0], strict=True):
+            loader.load_state_dict(state)
+        for sample, images in _by_sample(*resumed).items():
+            seen.setdefault(sample, set()).update(images)
+    assert sorted(seen) == list(range(N))
+    for sample, images in seen.items():
+        assert images == set(reference[sample]), sample
+
+
+def test_the_next_epoch_draws_new_parameters(indexed_shards):
+    loader = FastMNISTLoader(indexed_shards, transform=TRANSFORM)
+    first, second = (loader.augmentation_params(e, np.arange(100))[0]["angle"] for e in (0, 1))
+    assert not torch.equal(first, second)
+    assert torch.equal(
+        first,
+        FastMNISTLoader(indexed_shards, transform=TRANSFORM).augmentation_params(0, np.arange(100))[0][
+            "angle"
+        ],
+    )
+
+
+@pytest.mark.parametrize(
+    "transform, message",
+    [
+        (_v1(v1.ColorJitter(0.5)), "ColorJitter cannot be replayed per sample; supported: RandomAffine"),
+        (v1.Compose([v1.RandomHorizontalFlip(), v1.ToTensor()]), "RandomHorizontalFlip cannot be replayed"),
+        (
+            v1.Compose([v1.ToTensor(), v1.Normalize((0.5,), (0.5,))]),
+            "normalises with mean [0.5], std [0.5], but the set",
+        ),
+        (v1.Compose([v1.RandomAffine(10), v1.ToTensor()]), "must convert to float and Normalize"),
+        (v1.Compose([v1.ToTensor(), v1.RandomAffine(10), v1.Normalize((MEAN,), (STD,))]), "after ToTensor"),
+        (_v1(v1.RandomAffine(10, interpolation=v1.InterpolationMode.BICUBIC)), "interpolation 'bicubic'"),
+        (_v1(v1.RandomRotation(10, expand=True)), "expand=True"),
+        (_v1(erase=[v1.RandomErasing(value="random")]), "value='random' is not supported"),
+        (
+            v2.Compose([v2.ToImage(), v2.ToDtype(torch.float16, scale=True), v2.Normalize([MEAN], [STD])]),
+            "ToDtype(torch.float32, scale=True)",
+        ),
+    ],
+)
+def test_refusals_name_the_transform(indexed_shards, transform, message):
+    with pytest.raises(FastMNISTError) as caught:
+        FastMNISTLoader(indexed_shards, transform=transform)
+    assert message in str(caught.value)
+
+
+def test_a_set_converted_with_another_normalisation_refuses_the_usual_transform(tmp_path, indexed_shards):
+    root = tmp_path / "raw"
+    write_split(root, "train", indexed_images(50), np.arange(50) % 10)
+    convert(root, tmp_path / "set", mean=0.5, std=0.25, progress=False)
+    with pytest.raises(FastMNISTError, match=r"converted with mean 0.5, std 0.25"):
+        FastMNISTLoader(tmp_path / "set", transform=_v1(v1.RandomAffine(5)))
+    with pytest.raises(FastMNISTError, match="needs normalize=True"):
+        FastMNISTLoader(indexed_shards, transform=_v1(v1.RandomAffine(5)), normalize=False)
