@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fastmnist.bench.pipelines import COUNTED, FLOOR, SEED
+from fastmnist.bench.pipelines import COUNTED, FAST_AFFINE, FLOOR, SEED, SEED_AFFINE
 from fastmnist.bench.report import check, interleaved, markdown, reference_from, run_report, warnings_of
 
 REFERENCE = Path(__file__).resolve().parents[1] / "benchmarks" / "reference.json"
@@ -32,7 +32,9 @@ def test_report_files_agree_with_the_run(quick_report):
             "fastmnist in StatefulDataLoader, workers=2",
             "fastmnist in StatefulDataLoader, workers=2, snapshot every 64 steps",
             f"{COUNTED} in DataLoader, workers=2",
-            f"{COUNTED} in StatefulDataLoader, workers=2"} <= set(names)
+            f"{COUNTED} in StatefulDataLoader, workers=2", SEED_AFFINE, FAST_AFFINE,
+            "seed pipeline + RandomAffine, workers=2", "fastmnist + RandomAffine (bilinear)",
+            "fastmnist + ElasticTransform (bilinear)"} <= set(names)
     assert all(r["samples"] == 60000 for r in result["rows"])
     seed = next(r for r in result["rows"] if r["pipeline"] == SEED)
     assert seed["x_seed"] == 1.0
@@ -50,6 +52,7 @@ def test_report_files_agree_with_the_run(quick_report):
     assert f"{states['6M']['state_dict_us']:.1f} us at 6,000,000 samples" in markdown
     assert "Batch 64: StatefulDataLoader(num_workers=2) runs at " in markdown
     assert "every 64 steps; over an index_select dataset whose state is one counter, " in markdown
+    assert "Batch 64: FastMNISTLoader with the recipe's RandomAffine (nearest) runs at " in markdown
     png = (out / "bench.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
     assert len(result["memory"]["rss_mb_after_each"]) == 3

@@ -36,6 +36,10 @@ COUNTED = "index_select dataset (state: one counter)"  # see _CountedBatches
 # the fault row's retries: 0.5 s read timeout (the server stalls once for 1 s), short backoff
 FAST_RETRY = Retry(attempts=30, total_s=60, timeout_s=0.5, backoff_s=0.005)
 FLOOR = "index_select floor"
+# the augmentation rows (measured at the report's first batch size only): the recipe's RandomAffine
+AFFINE = dict(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1))
+SEED_AFFINE = "seed pipeline + RandomAffine, workers=0"
+FAST_AFFINE = "fastmnist + RandomAffine (nearest)"
 
 
 def pipelines(raw_root: Path, shards: Path, cuda: bool | None = None
@@ -52,8 +56,8 @@ def pipelines(raw_root: Path, shards: Path, cuda: bool | None = None
     ram_x = torch.from_numpy(split.array("images_f32", mode="c")).clone()  # in-RAM copies
     ram_y = torch.from_numpy(split.array("labels", mode="c")).clone()
 
-    def seed(workers, bs, pin=False):
-        return DataLoader(torchvision.datasets.MNIST(str(raw_root), train=True, transform=tf),
+    def seed(workers, bs, pin=False, transform=tf):
+        return DataLoader(torchvision.datasets.MNIST(str(raw_root), train=True, transform=transform),
                           batch_size=bs, shuffle=True, num_workers=workers, pin_memory=pin)
 
     def floor(bs):
@@ -71,6 +75,7 @@ def pipelines(raw_root: Path, shards: Path, cuda: bool | None = None
         "fastmnist float32": lambda bs: FastMNISTLoader(shards, batch_size=bs),
         "fastmnist uint8": lambda bs: FastMNISTLoader(shards, batch_size=bs, images="uint8"),
     }
+    found.update(_augmented(shards, mean, std, seed))
     for stateful in (False, True):  # torchdata's cost on its own, beside the loader's rows
         found[f"{COUNTED} in {'Stateful' if stateful else ''}DataLoader, workers=2"] = (
             lambda bs, s=stateful: _Epochs(_counted_through_workers, ram_x, ram_y, bs, s))
@@ -102,6 +107,50 @@ def pipelines(raw_root: Path, shards: Path, cuda: bool | None = None
         found["seed pipeline to cuda, workers=2"] = lambda bs: _Epochs(
             _to_cuda, seed(2, bs, pin=True))
     return found
+
+
+def augmented(name: str) -> bool:
+    """Whether pipeline ``name`` is one of the augmentation rows."""
+    return "RandomAffine" in name or "Elastic" in name
+
+
+def _augmented(shards: Path, mean: float, std: float, seed) -> dict:
+    """The augmentation rows (``seed(workers, batch_size, transform)`` makes the seed
+    pipeline): the seed pipeline with the recipe's ``RandomAffine`` (PIL, per sample),
+    FastMNISTLoader with the same transform (nearest and bilinear) and with
+    ``ElasticTransform``, and kornia's batched ``RandomAffine`` on the loader's batches
+    when kornia is installed."""
+    from torchvision import transforms
+
+    def recipe(*steps):
+        return transforms.Compose([*steps, transforms.ToTensor(), transforms.Normalize((mean,), (std,))])
+
+    affine = recipe(transforms.RandomAffine(**AFFINE))
+    bilinear = recipe(transforms.RandomAffine(**AFFINE, interpolation=transforms.InterpolationMode.BILINEAR))
+    found = {
+        SEED_AFFINE: lambda bs: seed(0, bs, transform=affine),
+        "seed pipeline + RandomAffine, workers=2": lambda bs: seed(2, bs, transform=affine),
+        FAST_AFFINE: lambda bs: FastMNISTLoader(shards, batch_size=bs, transform=affine),
+        "fastmnist + RandomAffine (bilinear)": lambda bs: FastMNISTLoader(shards, batch_size=bs,
+                                                                          transform=bilinear),
+        "fastmnist + ElasticTransform (bilinear)": lambda bs: FastMNISTLoader(
+            shards, batch_size=bs, transform=recipe(transforms.ElasticTransform(alpha=34.0, sigma=4.0))),
+    }
+    if importlib.util.find_spec("kornia"):
+        found["kornia RandomAffine (batched) on fastmnist batches"] = lambda bs: _Epochs(
+            _kornia_affine, shards, bs)
+    return found
+
+
+def _kornia_affine(shards: Path, batch_size: int):
+    """kornia's batched ``RandomAffine`` (its own per-sample draws, nearest) on each float32
+    batch of FastMNISTLoader."""
+    import kornia.augmentation
+
+    affine = kornia.augmentation.RandomAffine(**AFFINE, resample="nearest", p=1.0)
+    with torch.no_grad():
+        for x, y in FastMNISTLoader(shards, batch_size=batch_size):
+            yield affine(x), y
 
 
 def _stock_webdataset(urls: list[str], batch_size: int, mean: float, std: float):

@@ -20,9 +20,12 @@ from ..loader import FastMNISTLoader
 from ..store import open_shards
 from .pipelines import (
     COUNTED,
+    FAST_AFFINE,
     FLOOR,
     SEED,
+    SEED_AFFINE,
     PeakRSS,
+    augmented,
     copy_bandwidth,
     pipelines,
     rss_bytes,
@@ -49,11 +52,12 @@ def run_report(raw_root: Path, shards: Path, out_dir: Path, batch_sizes=(64, 256
     out_dir.mkdir(parents=True, exist_ok=True)
     found = pipelines(raw_root, shards)
     rows = []
-    total = len(batch_sizes) * len(found)
-    with tqdm(total=total, desc="bench", unit="pipeline", disable=not progress) as bar:
-        for bs in batch_sizes:
-            wanted = {name: seed_rounds if name.startswith(SLOW) else rounds for name in found}
-            rows += interleaved(found, bs, wanted, min_seconds, bar.update)
+    per_size = [{name: f for name, f in found.items() if bs == batch_sizes[0] or not augmented(name)}
+                for bs in batch_sizes]  # the augmentation rows at the first batch size only
+    with tqdm(total=sum(map(len, per_size)), desc="bench", unit="pipeline", disable=not progress) as bar:
+        for bs, pipelines_of_size in zip(batch_sizes, per_size, strict=True):
+            wanted = {name: seed_rounds if name.startswith(SLOW) else rounds for name in pipelines_of_size}
+            rows += interleaved(pipelines_of_size, bs, wanted, min_seconds, bar.update)
     bandwidth = copy_bandwidth()
     for bs in batch_sizes:
         group = {r["pipeline"]: r for r in rows if r["batch_size"] == bs}
@@ -249,6 +253,12 @@ def markdown(result: dict) -> str:
                          f"({bandwidth / 1e9:.1f} GB/s: one 256 MB copy_, median of 5).")
     for bs in dict.fromkeys(r["batch_size"] for r in result["rows"]):
         group = {r["pipeline"]: r["samples_per_s"] for r in result["rows"] if r["batch_size"] == bs}
+        if {FAST_AFFINE, SEED_AFFINE, "fastmnist float32", "fastmnist uint8"} <= group.keys():
+            affine = group[FAST_AFFINE]
+            lines.append(f"Batch {bs}: FastMNISTLoader with the recipe's RandomAffine (nearest) runs at "
+                         f"{affine / group['fastmnist float32']:.2f} of the un-augmented loader (float32; "
+                         f"{affine / group['fastmnist uint8']:.2f} of uint8, the path it shares) and {affine / group[SEED_AFFINE]:.0f}x the seed pipeline with "
+                         "the same transform (workers=0).")
         if {WORKERS_2, STATEFUL_2, STATEFUL_2_64, COUNTED_2, COUNTED_STATEFUL_2} <= group.keys():
             lines.append(f"Batch {bs}: StatefulDataLoader(num_workers=2) runs at "
                          f"{group[STATEFUL_2] / group[WORKERS_2]:.2f} of DataLoader(num_workers=2) over "
