@@ -257,7 +257,8 @@ def markdown(result: dict) -> str:
             affine = group[FAST_AFFINE]
             lines.append(f"Batch {bs}: FastMNISTLoader with the recipe's RandomAffine (nearest) runs at "
                          f"{affine / group['fastmnist float32']:.2f} of the un-augmented loader (float32; "
-                         f"{affine / group['fastmnist uint8']:.2f} of uint8, the path it shares) and {affine / group[SEED_AFFINE]:.0f}x the seed pipeline with "
+                         f"{affine / group['fastmnist uint8']:.2f} of uint8, the path it shares) and "
+                         f"{affine / group[SEED_AFFINE]:.0f}x the seed pipeline with "
                          "the same transform (workers=0).")
         if {WORKERS_2, STATEFUL_2, STATEFUL_2_64, COUNTED_2, COUNTED_STATEFUL_2} <= group.keys():
             lines.append(f"Batch {bs}: StatefulDataLoader(num_workers=2) runs at "
