@@ -10,21 +10,22 @@ from .loader import FastMNISTLoader
 
 
 class FastMNISTDataModule(lightning.LightningDataModule):
-    """Train batches of ``batch_size`` from the ``train`` split, shuffled by ``seed``;
-    validation and test batches of ``eval_batch_size`` from the ``test`` split, in order and
-    each sample exactly once over all processes (``even=False``). ``loader_options`` go to
-    every ``FastMNISTLoader`` (``device``, ``source``, ``normalize``, ...). Rank and world
-    size come from the process group Lightning starts."""
+    """Train batches of ``batch_size`` from the ``train`` split, shuffled by ``seed`` and
+    augmented by ``transform`` (a torchvision transform, see ``FastMNISTLoader``; None: not
+    augmented); validation and test batches of ``eval_batch_size`` from the ``test`` split,
+    in order, un-augmented, and each sample exactly once over all processes
+    (``even=False``). ``loader_options`` go to every ``FastMNISTLoader`` (``device``,
+    ``images``, ...). Rank and world size come from the process group Lightning starts."""
 
     def __init__(self, path, batch_size: int = 64, eval_batch_size: int = 1000, seed: int = 0,
-                 **loader_options):
+                 transform=None, **loader_options):
         super().__init__()
         self.path, self.batch_size, self.eval_batch_size, self.seed = path, batch_size, eval_batch_size, seed
-        self.loader_options = loader_options
+        self.transform, self.loader_options = transform, loader_options
 
     def train_dataloader(self) -> FastMNISTLoader:
         return FastMNISTLoader(self.path, "train", self.batch_size, shuffle=True, seed=self.seed,
-                               **self.loader_options)
+                               transform=self.transform, **self.loader_options)
 
     def val_dataloader(self) -> FastMNISTLoader:
         return self._evaluation()

@@ -8,6 +8,7 @@ which samples each rank and worker visits and where an epoch stands is the plan'
 """
 
 import os
+import threading
 import warnings
 from collections.abc import Iterator
 
@@ -26,6 +27,9 @@ WORKER_WARNING = (
     "mapped arrays takes microseconds to gather, and each one now crosses a process boundary "
     "(about 1 ms; see docs/benchmarks.md). Iterate the loader directly; use "
     "device='cuda' for pinned, overlapped copies to the GPU.")
+
+
+_CLAIMS = threading.Lock()  # makes a loader's check-and-claim of its iterating thread one step
 
 
 class FastMNISTLoader(IterableDataset):
@@ -203,6 +207,32 @@ class FastMNISTLoader(IterableDataset):
         self._plan.load_state_dict(state, in_worker=get_worker_info() is not None)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The next epoch's batches. One thread at a time: a second thread's ``iter()``
+        while another thread's epoch is under way is refused."""
+        self._check_thread()
+        return self._epoch()
+
+    def _check_thread(self, claim: bool = False) -> None:
+        """Refuse a thread other than the one iterating (in this process); with ``claim``,
+        become that thread."""
+        me = (os.getpid(), threading.get_ident())
+        with _CLAIMS:
+            owner = self.__dict__.get("_iterating")
+            if owner is not None and owner[0] == me[0] and owner != me:
+                raise FastMNISTError("this loader is being iterated by another thread; give each thread its "
+                                     "own FastMNISTLoader (they share the page cache)")
+            if claim:
+                self._iterating = me
+
+    def _epoch(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self._check_thread(claim=True)
+        try:
+            yield from self._batches()
+        finally:
+            with _CLAIMS:
+                self._iterating = None
+
+    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         worker = get_worker_info()
         k, w = (1, 0) if worker is None else (worker.num_workers, worker.id)
         if w == 0 and worker is not None and self.source.random_access:

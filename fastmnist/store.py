@@ -1,11 +1,15 @@
 """A converted shard set: a directory (or a URL) holding ``manifest.json`` and the data files
 it lists.
 
-Opening a local set reads and validates the manifest and checks every file's size; arrays
-are mapped lazily (``np.load(mmap_mode=...)``: O(1), nothing is read until it is indexed).
+Opening a local set opens its directory once and reads the manifest and every file through
+that handle, so they all come from one version of the set: a conversion that replaces the
+set meanwhile (it swaps in a new directory) cannot mix versions. The manifest is validated
+and every file's size checked; arrays are mapped lazily (O(1), nothing is read until it is
+indexed), their ``.npy`` headers compared byte for byte with the converter's.
 """
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,44 +17,92 @@ import numpy as np
 
 from .errors import FastMNISTError
 from .formats.datasets import convert_command, find_raw_root
-from .formats.files import hashed
-from .formats.manifest import MANIFEST, MAX_MANIFEST_BYTES, Manifest, SplitInfo, parse_manifest
+from .formats.files import hashed, open_regular
+from .formats.manifest import MANIFEST, MAX_MANIFEST_BYTES, Manifest, SplitInfo, npy_header, parse_manifest
 from .remote.transport import DEFAULT_RETRY, Retry, expand_urls, fetch, join
 
+REPLACED = "the set was replaced after it was opened (a conversion with --force?); open it again"
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 4 MiB blocks."""
-    with open(path, "rb") as f:
-        return hashed(f, hashlib.sha256())[0].hexdigest()
+
+class Directory:
+    """A set's directory, held open: files opened through it are that directory's even
+    after a conversion renames another one into its place. Closed when collected; never
+    pickled (``None`` in its place)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        try:
+            self.fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise FastMNISTError(f"{root}: no such directory") from None
+        except NotADirectoryError:
+            raise FastMNISTError(f"{root}: not a directory") from None
+        except OSError as e:
+            raise FastMNISTError(f"{root}: cannot open: {e.strerror}") from None
+
+    def open(self, name: str):
+        """The regular file ``name`` of this directory, opened for binary reading."""
+        try:
+            return open_regular(name, dir_fd=self.fd, shown=self.root / name)
+        except FastMNISTError as e:
+            if "file not found" in str(e) and self.replaced():
+                raise FastMNISTError(f"{self.root / name}: {REPLACED}") from None
+            raise
+
+    def replaced(self) -> bool:
+        """Whether another directory now has this one's path (a conversion swapped it)."""
+        try:
+            now, held = os.stat(self.root), os.fstat(self.fd)
+        except OSError:
+            return True
+        return (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino)
+
+    def __del__(self):
+        if getattr(self, "fd", None) is not None:
+            os.close(self.fd)
+
+    def __reduce__(self):
+        return type(None), ()
+
+
+def sha256_file(f) -> str:
+    """Hex sha256 of an open binary file, from its start, read in 4 MiB blocks."""
+    f.seek(0)
+    return hashed(f, hashlib.sha256())[0].hexdigest()
 
 
 def read_manifest(root) -> Manifest:
     """The validated manifest of the set at ``root``; errors name the file and the problem."""
-    root = Path(root)
+    return _read_manifest(Directory(Path(root)))
+
+
+def _read_manifest(directory: Directory) -> Manifest:
+    root = directory.root
     path = root / MANIFEST
-    if not root.is_dir():
-        raise FastMNISTError(f"{root}: {'not a directory' if root.exists() else 'no such directory'}")
     try:
-        if path.stat().st_size > MAX_MANIFEST_BYTES:
-            raise FastMNISTError(f"{path}: larger than a manifest may be ({MAX_MANIFEST_BYTES} bytes)")
-        text = path.read_bytes()
-    except FileNotFoundError:
+        with directory.open(MANIFEST) as f:
+            text = f.read(MAX_MANIFEST_BYTES + 1)
+    except FastMNISTError as e:
+        if "file not found" not in str(e):
+            raise
         raw = find_raw_root(root)
         hint = "" if raw is None else (f"; {root} holds raw {raw[1]} files: convert them first with "
                                        f"`{convert_command(*raw)}` and open the --out directory")
         raise FastMNISTError(f"{path}: no manifest: not a converted fastmnist set{hint}") from None
-    except OSError as e:
-        raise FastMNISTError(f"{path}: unreadable manifest: {e}") from None
+    if len(text) > MAX_MANIFEST_BYTES:
+        raise FastMNISTError(f"{path}: larger than a manifest may be ({MAX_MANIFEST_BYTES} bytes)")
     return parse_manifest(text, path)
 
 
 @dataclass(frozen=True)
 class Split:
     """One split of a local set: its validated ``info`` (a ``SplitInfo``, whose fields it
-    also answers to) and the directory ``root`` holding it."""
+    also answers to), the directory ``root`` holding it, and that directory held open
+    (``directory``; None once pickled: files are then opened by path)."""
 
     root: Path
     info: SplitInfo
+    directory: Directory | None = None
 
     def __getattr__(self, field: str):
         """The manifest entry's fields, as the split's own: ``name``, ``count``, ``mean``,
@@ -61,31 +113,57 @@ class Split:
 
     def path(self, name: str) -> Path:
         """The path of array ``name`` (a key of ``info.arrays``) or of a shard's file name."""
-        return self.root / (self.info.arrays[name].file if name in self.info.arrays else name)
+        return self.root / self.file(name)
 
-    def array(self, name: str, mode: str = "r") -> np.ndarray:
-        """Memory-mapped array ``name`` ("images_u8", "images_f32" or "labels");
-        ``mode`` as ``np.load``'s mmap_mode."""
+    def file(self, name: str) -> str:
+        """The file name of array ``name`` (a key of ``info.arrays``), or ``name`` itself."""
+        return self.info.arrays[name].file if name in self.info.arrays else name
+
+    def open(self, name: str):
+        """Array ``name``'s or shard ``name``'s file, opened for binary reading, from this
+        split's version of the set."""
+        if self.directory is not None:
+            return self.directory.open(self.file(name))
+        return open_regular(self.path(name))
+
+    def array(self, name: str, mode: str = "r", f=None) -> np.ndarray:
+        """Memory-mapped array ``name`` ("images_u8", "images_f32" or "labels") of its
+        file (``f`` when given, an open file of it), whose ``.npy`` header must be exactly
+        the converter's for that dtype and shape; ``mode`` as ``np.memmap``'s."""
         if name not in self.info.arrays:
             raise FastMNISTError(f"{self.root}: split {self.name!r} has no {name} array "
                                  f"(it has {', '.join(self.info.arrays) or 'none'})")
         meta = self.info.arrays[name]
+        header = npy_header(meta.dtype, meta.shape)
+        opened = self.open(name) if f is None else None
         try:
-            arr = np.load(self.path(name), mmap_mode=mode, allow_pickle=False)
+            # pread: a file shared with forked workers has one offset, which reads would move
+            found = os.pread((f or opened).fileno(), len(header), 0)
+            if found != header:
+                raise FastMNISTError(f"{self.path(name)}: .npy header differs from the converter's for "
+                                     f"{meta.dtype} {list(meta.shape)} (C order): found {found[:120]!r}")
+            return np.memmap(f or opened, dtype=meta.dtype, mode=mode, offset=len(header), shape=meta.shape)
         except (OSError, ValueError) as e:
             raise FastMNISTError(f"{self.path(name)}: cannot map: {e}") from None
-        if arr.shape != meta.shape or str(arr.dtype) != meta.dtype:
-            raise FastMNISTError(f"{self.path(name)}: expected {meta.dtype} {list(meta.shape)}, "
-                                 f"found {arr.dtype} {list(arr.shape)}")
-        return arr
+        finally:
+            if opened is not None:
+                opened.close()  # the mapping holds the file
+
+    def __getstate__(self):
+        return {**self.__dict__, "directory": None}
+
+    def __setstate__(self, state):
+        for key, value in state.items():
+            object.__setattr__(self, key, value)
 
 
 @dataclass(frozen=True)
 class ShardSet:
-    """An opened local set: its manifest; arrays are mapped on demand."""
+    """An opened local set: its manifest, and its directory held open (see ``Split``)."""
 
     root: Path
     manifest: Manifest
+    directory: Directory | None = None
 
     @property
     def splits(self) -> list[str]:
@@ -98,40 +176,49 @@ class ShardSet:
     def split(self, name: str) -> Split:
         if name not in self.manifest.splits:
             raise FastMNISTError(f"{self.root}: no split {name!r}; this set has {', '.join(self.splits)}")
-        return Split(self.root, self.manifest.splits[name])
+        return Split(self.root, self.manifest.splits[name], self.directory)
 
 
 def open_shards(root, verify: bool = False) -> ShardSet:
     """Open the set at ``root``: read the manifest, check every file's size (and sha256 if
-    ``verify``). Raises :class:`FastMNISTError` naming the first bad file."""
+    ``verify``), all from one version of the set. Raises :class:`FastMNISTError` naming the
+    first bad file."""
     root = Path(root)
-    manifest = read_manifest(root)
+    directory = Directory(root)
+    manifest = _read_manifest(directory)
     for meta in manifest.files():
         path = root / meta.file
         try:
-            size = path.stat().st_size
+            size = os.stat(meta.file, dir_fd=directory.fd).st_size
         except FileNotFoundError:
+            if directory.replaced():
+                raise FastMNISTError(f"{path}: {REPLACED}") from None
             raise FastMNISTError(f"{path}: missing shard file listed in the manifest") from None
         if size != meta.size:
             raise FastMNISTError(f"{path}: size {size} bytes, manifest says {meta.size} "
                                  "(truncated or replaced)")
-        if verify and sha256_file(path) != meta.sha256:
-            raise FastMNISTError(f"{path}: sha256 differs from the manifest (corrupted)")
-    return ShardSet(root, manifest)
+        if verify:
+            with directory.open(meta.file) as f:
+                if sha256_file(f) != meta.sha256:
+                    raise FastMNISTError(f"{path}: sha256 differs from the manifest (corrupted)")
+    return ShardSet(root, manifest, directory)
 
 
 def verify_shards(root) -> list[str]:
     """Re-hash every file of the set; one message per file that is missing or differs."""
-    root = Path(root)
+    directory = Directory(Path(root))
     problems = []
-    for meta in read_manifest(root).files():
-        path = root / meta.file
-        if not path.exists():
-            problems.append(f"{path}: missing")
-        elif path.stat().st_size != meta.size:
-            problems.append(f"{path}: size {path.stat().st_size}, expected {meta.size}")
-        elif sha256_file(path) != meta.sha256:
-            problems.append(f"{path}: sha256 differs from the manifest")
+    for meta in _read_manifest(directory).files():
+        path = directory.root / meta.file
+        try:
+            with directory.open(meta.file) as f:
+                size = os.fstat(f.fileno()).st_size
+                if size != meta.size:
+                    problems.append(f"{path}: size {size}, expected {meta.size}")
+                elif sha256_file(f) != meta.sha256:
+                    problems.append(f"{path}: sha256 differs from the manifest")
+        except FastMNISTError as e:
+            problems.append(f"{path}: missing" if "file not found" in str(e) else str(e))
     return problems
 
 

@@ -415,3 +415,22 @@ def test_a_set_converted_with_another_normalisation_refuses_the_usual_transform(
         FastMNISTLoader(tmp_path / "set", transform=_v1(v1.RandomAffine(5)))
     with pytest.raises(FastMNISTError, match="needs normalize=True"):
         FastMNISTLoader(indexed_shards, transform=_v1(v1.RandomAffine(5)), normalize=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available here")
+def test_augmented_on_the_gpu_equals_the_cpu(paired_sets):
+    """Nearest-neighbour steps and erasing run on the device from the uint8 batches: the same
+    bytes as on the CPU (elementwise float32 arithmetic and a gather round alike there)."""
+    real, _ = paired_sets
+    tf = _v1(
+        v1.RandomAffine(10, translate=(0.1, 0.1), scale=(0.9, 1.1)),
+        v1.RandomCrop(28, padding=2),
+        erase=[v1.RandomErasing(p=0.5)],
+    )
+    cpu = FastMNISTLoader(real, batch_size=256, seed=3, transform=tf)
+    for device_loader in (
+        FastMNISTLoader(real, batch_size=256, seed=3, transform=tf, device="cuda"),
+        FastMNISTLoader(real, batch_size=256, seed=3, transform=tf, device="cuda", resident=True),
+    ):
+        for (x, y), (cx, cy) in zip(device_loader, cpu, strict=True):
+            assert torch.equal(x.cpu(), cx) and torch.equal(y.cpu(), cy)

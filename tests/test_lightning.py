@@ -80,3 +80,21 @@ def test_killed_mid_epoch_and_resumed_on_one_process(indexed_shards, tmp_path):
     assert {rank for _, rank, _ in after} == {0}
     seen = Counter(i for _, _, indices in before + after for i in indices)
     assert seen == Counter(range(INDEXED_N))  # the pad sample of 2 ranks was never reached
+
+
+def test_the_data_module_augments_training_batches_only(indexed_shards):
+    """``transform=`` reaches the train loader (its batches are the loader's own with that
+    transform) and never the validation or test loaders."""
+    from torchvision import transforms
+
+    from fastmnist import FastMNISTLoader
+    from fastmnist.lightning import FastMNISTDataModule
+
+    tf = transforms.Compose([transforms.RandomAffine(15), transforms.ToTensor(),
+                             transforms.Normalize((0.1307,), (0.3081,))])
+    dm = FastMNISTDataModule(indexed_shards, batch_size=50, seed=2, transform=tf)
+    augmented = next(iter(FastMNISTLoader(indexed_shards, batch_size=50, seed=2, transform=tf)))[0]
+    plain = next(iter(FastMNISTLoader(indexed_shards, batch_size=50, seed=2)))[0]
+    assert torch.equal(next(iter(dm.train_dataloader()))[0], augmented) and not torch.equal(augmented, plain)
+    for evaluation in (dm.val_dataloader(), dm.test_dataloader()):
+        assert evaluation._augment is None

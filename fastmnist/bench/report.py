@@ -54,9 +54,10 @@ def run_report(raw_root: Path, shards: Path, out_dir: Path, batch_sizes=(64, 256
     rows = []
     per_size = [{name: f for name, f in found.items() if bs == batch_sizes[0] or not augmented(name)}
                 for bs in batch_sizes]  # the augmentation rows at the first batch size only
-    with tqdm(total=sum(map(len, per_size)), desc="bench", unit="pipeline", disable=not progress) as bar:
-        for bs, pipelines_of_size in zip(batch_sizes, per_size, strict=True):
-            wanted = {name: seed_rounds if name.startswith(SLOW) else rounds for name in pipelines_of_size}
+    for bs, pipelines_of_size in zip(batch_sizes, per_size, strict=True):
+        wanted = {name: seed_rounds if name.startswith(SLOW) else rounds for name in pipelines_of_size}
+        with tqdm(total=sum(wanted.values()), desc=f"bench, batch {bs}", unit="epoch",
+                  disable=not progress) as bar:
             rows += interleaved(pipelines_of_size, bs, wanted, min_seconds, bar.update)
     bandwidth = copy_bandwidth()
     for bs in batch_sizes:
@@ -90,7 +91,7 @@ def interleaved(found: dict, batch_size: int, wanted: dict, min_seconds: float, 
     turn, while it has fewer than ``wanted[name]`` epochs or (with more than one wanted)
     less than ``min_seconds`` of them. Samples/s is the median over its epochs, ``spread``
     their interquartile range over that median; ``peak_extra_mb`` the most resident memory
-    an epoch added. ``done(1)`` is called as each pipeline finishes."""
+    an epoch added. ``done(1)`` is called after each epoch timed."""
     built, rows = {}, {}
     for name, factory in found.items():
         start = time.perf_counter()
@@ -110,8 +111,7 @@ def interleaved(found: dict, batch_size: int, wanted: dict, min_seconds: float, 
                 rows[name]["samples"] = run_epoch(built[name])
                 rows[name]["seconds"].append(time.perf_counter() - t)
             rows[name]["peak_extra_mb"] = max(rows[name]["peak_extra_mb"], rss.peak_extra / 1e6)
-            if not needs_more(name):
-                done(1)
+            done(1)
     for r in rows.values():
         rates = sorted(r["samples"] / s for s in r["seconds"])
         r["rounds"] = len(rates)

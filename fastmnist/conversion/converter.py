@@ -35,7 +35,7 @@ from ..formats.datasets import (
     find_raw_root,
     get_spec,
 )
-from ..formats.files import BackgroundWriter, hashed
+from ..formats.files import BackgroundWriter, hashed, open_regular
 from ..formats.idx import IMAGES, IdxReader, check_classes, label_kind
 from ..formats.manifest import (
     ARRAYS,
@@ -84,6 +84,10 @@ def convert(root, out, dataset: str = "mnist", *, splits=None, mean=None, std=No
         raise FastMNISTError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
     if shard_size < 1:
         raise FastMNISTError(f"shard_size must be positive, got {shard_size}")
+    if mean is not None and not 0 <= float(mean) <= 1:  # of pixel values / 255 (NaN fails too)
+        raise FastMNISTError(f"mean must be a number in [0, 1], got {mean!r}")
+    if std is not None and not 0 < float(std) <= 1:
+        raise FastMNISTError(f"std must be a number in (0, 1], got {std!r}")
     if spec.extended and format != "npy":
         raise FastMNISTError(f"{spec.name}: its labels are 8 numbers per sample, which tar shards "
                              "(one class per sample) cannot hold; convert with format 'npy'")
@@ -207,12 +211,13 @@ def _raw_file_items(raw_files: dict):
 
 
 def _fingerprint(path: Path, spec: DatasetSpec) -> dict:
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         md5, sha = hashed(f, hashlib.md5(), hashlib.sha256())
+        size = os.fstat(f.fileno()).st_size
     expected = spec.md5.get(path.name)
     return {
         "file": str(path),
-        "size": path.stat().st_size,
+        "size": size,
         "md5": md5.hexdigest(),
         "sha256": sha.hexdigest(),
         # torchvision publishes md5s of the .gz files only; None: cannot tell
@@ -353,14 +358,16 @@ class _SplitWriter:
             if self.shard is None:
                 entry = {"file": shard_file_name(self.split, number), "first": shard_first,
                          "count": shard_stop - shard_first}
-                self.shard = w.open(self.tmp / entry["file"], entry)
+                self.shard, self.shard_labels = w.open(self.tmp / entry["file"], entry), hashlib.sha256()
                 self.shards.append(entry)
             stop = min(end, shard_stop)
             part = slice(at - first, stop - first)
             w.append(self.shard, tar.records(at, images[part], labels[part]))
+            self.shard_labels.update(np.ascontiguousarray(labels[part], dtype="<i8").tobytes())
             if stop == shard_stop:
                 w.append(self.shard, tar.archive_padding(shard_stop - shard_first))
                 w.close(self.shard)
+                self.shard[2]["labels_sha256"] = self.shard_labels.hexdigest()  # tar.labels_digest's
                 self.shard = None
             at = stop
 

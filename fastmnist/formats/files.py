@@ -9,9 +9,34 @@ fsync finds little left to wait for.
 import ctypes
 import hashlib
 import os
+import stat
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from ..errors import FastMNISTError
+
+
+def open_regular(path, dir_fd: int | None = None, shown=None):
+    """``path`` (relative to the directory ``dir_fd`` when given) opened for binary reading
+    if it is a regular file (after symbolic links); a FIFO, a device, a socket or a
+    directory is refused with a ``FastMNISTError`` naming it (as ``shown``, if given).
+    Opened non-blocking first, so that a FIFO cannot hang the open itself."""
+    shown = path if shown is None else shown
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    except FileNotFoundError:
+        raise FastMNISTError(f"{shown}: file not found") from None
+    except OSError as e:
+        raise FastMNISTError(f"{shown}: cannot open: {e.strerror}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else \
+            "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a file"
+        raise FastMNISTError(f"{shown}: not a regular file ({kind})")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
 
 
 def hashed(f, *hashes, block: int = 1 << 22) -> tuple:

@@ -8,6 +8,7 @@ was found. A header is checked against the file's size before any large allocati
 import gzip
 import lzma
 import math
+import os
 import struct
 import zlib
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import FastMNISTError
+from .files import open_regular
 
 IMAGE_SIDE = 28
 # how much each can expand data: deflate at most 1032x; xz reached 6,843x on zeros
@@ -56,12 +58,11 @@ class IdxReader:
         ndim = 1 + len(kind.row_shape)
         header_len = 4 + 4 * ndim
         try:
-            file_size = self.path.stat().st_size
-            opener = {".gz": gzip.open, ".xz": _XzReader}.get(self.path.suffix, open)
-            self._file = opener(self.path, "rb")
+            self._raw = open_regular(self.path)
+            file_size = os.fstat(self._raw.fileno()).st_size
+            self._file = {".gz": lambda f: gzip.GzipFile(fileobj=f), ".xz": _XzReader}.get(
+                self.path.suffix, lambda f: f)(self._raw)
             header = self._file.read(header_len)
-        except FileNotFoundError:
-            raise FastMNISTError(f"{path}: file not found") from None
         except (OSError, EOFError, zlib.error, lzma.LZMAError) as e:
             raise self._unreadable(e) from None
         if len(header) >= 4 and (found := struct.unpack(">i", header[:4])[0]) != kind.magic:
@@ -131,8 +132,9 @@ class IdxReader:
         return FastMNISTError(f"{self.path}: cannot read: {e}")
 
     def close(self) -> None:
-        if getattr(self, "_file", None) is not None:
-            self._file.close()
+        for f in (getattr(self, "_file", None), getattr(self, "_raw", None)):
+            if f is not None:
+                f.close()
 
     def __enter__(self):
         return self
@@ -146,8 +148,8 @@ class _XzReader:
     ``XZ_MEMORY_LIMIT`` (``lzma.open`` takes no limit, and a hostile header sets the
     dictionary size the decoder allocates). One stream; data after it is an error."""
 
-    def __init__(self, path: Path, mode: str = "rb"):
-        self._raw = open(path, mode)
+    def __init__(self, raw):
+        self._raw = raw
         self._decoder = lzma.LZMADecompressor(lzma.FORMAT_XZ, memlimit=XZ_MEMORY_LIMIT)
 
     def read(self, n: int) -> bytes:

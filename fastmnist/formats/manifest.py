@@ -97,6 +97,7 @@ class Shard:
     count: int
     size: int
     sha256: str
+    labels_sha256: str | None = None  # of its labels as int64; absent in sets made before it
 
 
 @dataclass(frozen=True)
@@ -237,10 +238,11 @@ class _Reader:
         count = self.count(raw, "count", field, 0, MAX_SAMPLES)
         self.get(raw, "image_shape", field, list, lambda v: tuple(v) == IMAGE_SHAPE,
                  f"expected {list(IMAGE_SHAPE)}")
-        finite = lambda v: math.isfinite(v)  # noqa: E731
-        mean = float(self.get(raw, "mean", field, (int, float), finite, "expected a finite number"))
-        std = float(self.get(raw, "std", field, (int, float), lambda v: finite(v) and v > 0,
-                             "expected a finite positive number"))
+        # of pixel values / 255: a mean in [0, 1], a standard deviation in (0, 1]
+        mean = float(self.get(raw, "mean", field, (int, float), lambda v: math.isfinite(v) and 0 <= v <= 1,
+                              "expected a number in [0, 1]"))
+        std = float(self.get(raw, "std", field, (int, float), lambda v: math.isfinite(v) and 0 < v <= 1,
+                             "expected a number in (0, 1]"))
         label_shape = ()
         if "label_shape" in raw:
             label_shape = tuple(self.get(
@@ -302,8 +304,10 @@ class _Reader:
             self.get(meta, "count", path, int, lambda v, e=n: v == e, f"expected {n}")
             size = tar.archive_size(n)
             self.get(meta, "size", path, int, lambda v, e=size: v == e, f"expected {size} for {n} samples")
+            labels = self.get(meta, "labels_sha256", path, str, _SHA256.fullmatch, "expected 64 hex digits") \
+                if "labels_sha256" in meta else None
             shards.append(Shard(name, first, n, size, self.get(
-                meta, "sha256", path, str, _SHA256.fullmatch, "expected 64 hex digits")))
+                meta, "sha256", path, str, _SHA256.fullmatch, "expected 64 hex digits"), labels))
         return tuple(shards)
 
 

@@ -11,6 +11,7 @@ writes for the same samples (a test proves it), so stock webdataset and ``tarfil
 the shards; fastmnist writes and checks them without a per-sample Python loop.
 """
 
+import hashlib
 import io
 import tarfile
 
@@ -142,12 +143,17 @@ def archive_padding(count: int) -> np.ndarray:
     return np.zeros(archive_size(count) - count * RECORD, np.uint8)
 
 
-def decode_shard(data, first: int, count: int, name: str, num_classes: int = 10 ** LABEL_DIGITS
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def labels_digest(labels: np.ndarray) -> str:
+    """Hex sha256 of a shard's labels as int64 (little-endian), as the manifest records it."""
+    return hashlib.sha256(np.ascontiguousarray(labels, dtype="<i8").tobytes()).hexdigest()
+
+
+def decode_shard(data, first: int, count: int, name: str, num_classes: int = 10 ** LABEL_DIGITS,
+                 labels_sha256: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Check a shard's bytes against the layout (keys ``first..first + count - 1``, labels
-    below ``num_classes``) and return its uint8 images ``(count, 1, 28, 28)`` and int64
-    labels ``(count,)``, both copies (so ``data`` can be freed); errors name the shard and
-    the sample."""
+    below ``num_classes`` and, given ``labels_sha256``, hashing to it as int64) and return
+    its uint8 images ``(count, 1, 28, 28)`` and int64 labels ``(count,)``, both copies (so
+    ``data`` can be freed); errors name the shard and the sample."""
     a = np.frombuffer(data, np.uint8)
     if len(a) != archive_size(count):
         raise FastMNISTError(f"{name}: {len(a)} bytes, {count} samples make {archive_size(count)}")
@@ -160,6 +166,9 @@ def decode_shard(data, first: int, count: int, name: str, num_classes: int = 10 
         wrong = int(np.argmax(labels >= num_classes))
         raise FastMNISTError(f"{name}: sample {wrong}: label {labels[wrong]} is not a class of this set "
                              f"(0..{num_classes - 1}; corrupted)")
+    if labels_sha256 is not None and labels_digest(labels) != labels_sha256:
+        raise FastMNISTError(f"{name}: its labels differ from the manifest's labels_sha256 (a .cls entry "
+                             "was changed)")
     images = rows[:, IMAGE:IMAGE + PIXELS].reshape(count, 1, IMAGE_SIDE, IMAGE_SIDE).copy()
     if not _in_layout(rows, first, labels):  # find and name the first difference
         expected = records(first, images, labels)

@@ -21,6 +21,9 @@ from .order import batch_count, delivered, rank_share, runs, samples_per_rank, w
 
 STATE_VERSION = 2
 MAX_INTERVALS = 1 << 16  # a few per rank per resume; a state with more is not one of ours
+# bounds on a state's step, checked before anything is computed or allocated from it
+MAX_STEP = {"batches_done": 1 << 40, "anchor": 1 << 40, "batch_size": 1 << 24, "world_size": 1 << 16,
+            "workers": 1 << 10}
 # The "step" of a state: a list rather than an object, so that torchdata's per-batch
 # snapshots (which flatten nested objects key by key) stay cheap.
 STEP_FIELDS = ("base", "batches_done", "anchor", "batch_size", "world_size", "drop_last", "even", "workers")
@@ -105,8 +108,9 @@ def check_state(state, expected: dict, n: int) -> dict:
         for key, least in (("batches_done", 0), ("anchor", 0), ("batch_size", 1), ("world_size", 1),
                            ("workers", 1)):
             value = step[key]
-            if not isinstance(value, int) or isinstance(value, bool) or value < least:
-                raise FastMNISTError(f"state_dict: step's {key} must be an integer >= {least}, "
+            most = MAX_STEP[key]
+            if not isinstance(value, int) or isinstance(value, bool) or not least <= value <= most:
+                raise FastMNISTError(f"state_dict: step's {key} must be an integer in {least}..{most}, "
                                      f"got {_shown(value)}")
         if not isinstance(step["drop_last"], bool) or not isinstance(step["even"], bool):
             raise FastMNISTError("state_dict: step's drop_last and even must be true or false")
@@ -275,8 +279,10 @@ class EpochPlan:
         """See ``FastMNISTLoader.load_state_dict``; ``in_worker``: loaded in a DataLoader
         worker (torchdata restoring each worker's own snapshot)."""
         candidates, since_snapshot = loader_states(state)
+        if not candidates:
+            raise FastMNISTError("state_dict: a StatefulDataLoader state with no worker snapshot in it")
         # the freshest of a StatefulDataLoader's worker states is the one its last batch came with
-        state = max((check_state(s, self.identity, self.count) for s in candidates),
+        state = max((self._consistent(check_state(s, self.identity, self.count)) for s in candidates),
                     key=lambda s: (s["epoch"], count(s["consumed"])))
         if since_snapshot:  # batches the DataLoader yielded after its last snapshot
             state = self._advanced(state, since_snapshot)
@@ -296,6 +302,15 @@ class EpochPlan:
         else:
             self.resume = Step(state["epoch"], state["consumed"])
         self.next_epoch, self.step = self.resume.epoch, None
+
+    def _consistent(self, state: dict) -> dict:
+        """``state`` (checked in form) if its consumed positions are those its step implies."""
+        step = state["step"]
+        if step is not None:
+            if self._consumed(step) != state["consumed"]:
+                raise FastMNISTError(f"state_dict: consumed {_shown(state['consumed'])} is not what its step "
+                                     f"{_shown(list(step.values()))} implies; the state is damaged")
+        return state
 
     def _consumed(self, step: dict) -> Intervals:
         """The positions consumed once every rank has yielded ``step["batches_done"]``

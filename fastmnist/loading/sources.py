@@ -31,11 +31,12 @@ from ..formats.manifest import IMAGE_SHAPE, SplitInfo
 from ..formats.normalize import normalize_u8
 from ..formats.tar import decode_shard
 from ..remote.cache import ShardCache
-from ..remote.transport import Retry, fetch, is_url
-from ..store import Split, open_remote, open_shards
+from ..remote.transport import Retry, is_url
+from ..store import REPLACED, Split, open_remote, open_shards
 from .order import block_order, epoch_order, shard_order
 
 IMAGE_ARRAYS = {"float32": "images_f32", "uint8": "images_u8"}  # stored images -> the .npy array
+OPEN_ATTEMPTS = 5  # opens of a local set that a conversion replaced meanwhile, before giving up
 
 
 def open_source(path, split: str, stored: str | None, normalize: bool, device: torch.device,
@@ -63,6 +64,18 @@ def open_source(path, split: str, stored: str | None, normalize: bool, device: t
         # tar shards hold uint8; on the CPU they are normalised while gathered
         mean_std = (info.mean, info.std) if normalize and device.type == "cpu" else None
         return StreamSource(info, urls, prefetch, verify, mean_std, retry, storage_options)
+    for attempt in range(OPEN_ATTEMPTS):  # a conversion may replace the set while it is opened
+        try:
+            return _array_source(path, split, stored, chosen, device if resident else None, verify, format,
+                                 locality)
+        except FastMNISTError as e:
+            if REPLACED not in str(e) or attempt == OPEN_ATTEMPTS - 1:
+                raise
+
+
+def _array_source(path, split: str, stored: str, chosen: bool, device, verify: bool, format: str | None,
+                  locality: int | None) -> "ArraySource":
+    """The local set's split as an ``ArraySource``, its files opened from one version."""
     local = open_shards(path, verify=verify).split(split)
     format = format or local.formats[0]
     if format not in local.formats:
@@ -74,7 +87,7 @@ def open_source(path, split: str, stored: str | None, normalize: bool, device: t
         if IMAGE_ARRAYS[stored] not in local.info.arrays:
             raise FastMNISTError(f"{path}: split {split!r} has no {IMAGE_ARRAYS[stored]} array "
                                  f"for images={stored!r}")
-    return ArraySource(local, format, stored, device if resident else None, locality)
+    return ArraySource(local, format, stored, device, locality)
 
 
 class ArraySource:
@@ -93,6 +106,13 @@ class ArraySource:
         self.device, self.locality = device, locality
         self.order_name = f"blocks of {locality}" if locality else "samples"
         self.dtype = torch.float32 if stored == "float32" else torch.uint8
+        names = [IMAGE_ARRAYS[stored], "labels"] if format == "npy" else [s.file for s in split.shards]
+        if format == "npy" and stored == "float32" and "images_u8" in split.info.arrays:
+            names.append("images_u8")  # to check the float32 array against it
+        # Held open from now on: this version of the set, whatever a conversion does to the
+        # directory later; a process that unpickles this source checks it has that version.
+        self._files = {name: split.open(name) for name in names}
+        self._versions = {name: _version(f) for name, f in self._files.items()}
         self._tensors = None  # (images, labels), made on first use in each process
 
     @property
@@ -130,21 +150,34 @@ class ArraySource:
             self._tensors = images, labels
         return self._tensors
 
+    def _opened(self) -> dict:
+        """The source's files, opened when it was made (or, in a process that unpickled it,
+        by path, and refused unless they are the same files)."""
+        if self._files is None:
+            self._files = {name: self.split.open(name) for name in self._versions}
+            for name, f in self._files.items():
+                if _version(f) != self._versions[name]:
+                    raise FastMNISTError(f"{self.split.path(name)}: {REPLACED}")
+        return self._files
+
     def _mapped(self) -> tuple[torch.Tensor, torch.Tensor]:
-        split = self.split
+        split, files = self.split, self._opened()
+        name = IMAGE_ARRAYS[self.stored]
         # copy-on-write mappings: writable for torch, and never written back
-        images = torch.from_numpy(split.array(IMAGE_ARRAYS[self.stored], mode="c"))
-        labels = split.array("labels", mode="c")
+        images = torch.from_numpy(split.array(name, mode="c", f=files[name]))
+        labels = split.array("labels", mode="c", f=files["labels"])
+        if "images_u8" in files and self.count:
+            _check_normalised(split, images, split.array("images_u8", f=files["images_u8"]))
         # a hostile or damaged file must not hand a training loop a class it does not have
         classes = labels[:, 0] if labels.ndim > 1 else labels
         check_classes(split.path("labels"), classes, self.info.num_classes)
         return images, torch.from_numpy(labels)
 
     def _decoded(self) -> tuple[torch.Tensor, torch.Tensor]:
-        split = self.split
-        paths = [str(split.path(s.file)) for s in split.shards]
-        parts = [decode_shard(fetch(path, s.size), s.first, s.count, path, self.info.num_classes)
-                 for path, s in zip(paths, split.shards, strict=True)]
+        split, files = self.split, self._opened()
+        parts = [decode_shard(read_whole(files[s.file], s.size, split.path(s.file)), s.first, s.count,
+                              str(split.path(s.file)), self.info.num_classes, s.labels_sha256)
+                 for s in split.shards]
         images = torch.from_numpy(np.concatenate([p[0] for p in parts]))
         labels = torch.from_numpy(np.concatenate([p[1] for p in parts]))
         if self.stored == "float32":  # tar shards hold uint8 images: normalise them once
@@ -152,7 +185,8 @@ class ArraySource:
         return images, labels
 
     def __getstate__(self):
-        return {**self.__dict__, "_tensors": None}  # workers map the files themselves
+        # spawned workers open and map the files themselves (forked ones inherit them)
+        return {**self.__dict__, "_tensors": None, "_files": None}
 
 
 class StreamSource:
@@ -217,6 +251,35 @@ def empty_batch(dtype: torch.dtype, n: int, pin: bool, label_shape: tuple[int, .
     and int64 labels ``(n, *label_shape)``, pinned if ``pin``."""
     return (torch.empty((n, *IMAGE_SHAPE), dtype=dtype, pin_memory=pin),
             torch.empty((n, *label_shape), dtype=torch.int64, pin_memory=pin))
+
+
+def _check_normalised(split: Split, images_f32: torch.Tensor, images_u8: np.ndarray) -> None:
+    """Refuse a set whose float32 images are not its uint8 images normalised with the
+    manifest's mean and std (its first and last samples compared)."""
+    for k in (0, split.count - 1):
+        expected = normalize_u8(torch.from_numpy(np.array(images_u8[k])), split.mean, split.std)
+        if not torch.equal(images_f32[k], expected):
+            raise FastMNISTError(f"{split.path('images_f32')}: sample {k} is not the uint8 image normalised "
+                                 f"with the manifest's mean {split.mean} and std {split.std}: the manifest "
+                                 "or the array was changed")
+
+
+def _version(f) -> tuple[int, int]:
+    """Which file ``f`` is: its device and inode."""
+    st = os.fstat(f.fileno())
+    return st.st_dev, st.st_ino
+
+
+def read_whole(f, size: int, shown) -> np.ndarray:
+    """uint8 ``(size,)``: the open file ``f`` from its start, which must hold exactly ``size``
+    bytes (``shown`` names it in errors)."""
+    buf = np.empty(size, np.uint8)
+    got = 0
+    while got < size and (n := os.preadv(f.fileno(), [memoryview(buf)[got:]], got)):
+        got += n
+    if got < size or os.pread(f.fileno(), 1, size):
+        raise FastMNISTError(f"{shown}: size changed: the manifest says {size} bytes")
+    return buf
 
 
 def _remove_dir(path: Path, owner: int) -> None:

@@ -145,7 +145,8 @@ class ShardCache:
                      stop=self.stopped)
         if self.verify and hashlib.sha256(data).hexdigest() != shard.sha256:
             raise FastMNISTError(f"{url}: sha256 differs from the manifest (corrupted)")
-        images, labels = decode_shard(data, shard.first, shard.count, url, self.num_classes)
+        images, labels = decode_shard(data, shard.first, shard.count, url, self.num_classes,
+                                      shard.labels_sha256)
         if handoff is not None and s in handoff.gives:
             handoff.give(s, images, labels)
         return images, labels

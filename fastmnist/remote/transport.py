@@ -28,6 +28,7 @@ log = logging.getLogger("fastmnist")
 CLOUD_HINT = "pip install 'fastmnist[cloud]' (fsspec and s3fs; other stores need their fsspec backend)"
 SCHEME = r"[a-zA-Z][\w+.-]*://"  # a URL's start, as fsspec reads it
 CHUNK = 1 << 24  # bytes per fsspec read: a failed read resumes from the last whole chunk
+READ_SIZE = 1 << 18  # bytes per read of a stream at most: one system call, then the deadline checked
 
 
 def is_url(source) -> bool:
@@ -58,12 +59,13 @@ class Retry:
     fsspec's I/O errors. At most ``attempts`` tries and ``total_s`` seconds per object,
     waiting ``backoff_s``, then twice as long each time (times a random 0.5-1.5), and
     resuming from the byte reached (HTTP Range, from the start where the server ignores
-    ranges; fsspec: from the last whole ``CHUNK``). Other errors (404, 403, missing
-    credentials, ...) fail at once."""
+    ranges; fsspec: from the last whole ``CHUNK``). ``total_s`` bounds the whole fetch, a
+    body that trickles in included; ``timeout_s`` one wait for the server. Other errors
+    (404, 403, missing credentials, ...) fail at once."""
 
     attempts: int = 8
-    total_s: float = 300.0
-    timeout_s: float = 60.0
+    total_s: float = 60.0
+    timeout_s: float = 20.0
     backoff_s: float = 0.1
 
 
@@ -91,7 +93,8 @@ def fetch(url: str, size: int | None = None, limit: int | None = None, retry: Re
                 raise FastMNISTError(f"{url}: more than {limit} bytes")
             return np.frombuffer(data, np.uint8) if size is not None else data
         if url.startswith(("http://", "https://")):
-            return _retrying(url, retry, _http_attempts(url, size, limit, retry), stop)
+            deadline = time.monotonic() + retry.total_s
+            return _retrying(url, retry, _http_attempts(url, size, limit, retry, deadline), stop)
         if not url.startswith("file://") and is_url(url):
             return _retrying(url, retry, _fsspec_attempts(url, size, limit, storage_options), stop)
         with urllib.request.urlopen(url, timeout=retry.timeout_s) if url.startswith("file://") \
@@ -137,21 +140,22 @@ def _retrying(url: str, retry: Retry, attempt, stop: threading.Event | None = No
                          f"(at most {retry.attempts} in {retry.total_s:g} s); last error: {error}")
 
 
-def _http_attempts(url: str, size: int | None, limit: int | None, retry: Retry):
+def _http_attempts(url: str, size: int | None, limit: int | None, retry: Retry, deadline: float):
     """One attempt at fetching ``url`` over HTTP(S) per call, each resuming from the byte
-    the last one reached."""
+    the last one reached, none waiting past ``deadline`` (``time.monotonic()``)."""
     got, buf = 0, None
 
     def attempt():
         nonlocal got, buf
         try:
             headers = {"Range": f"bytes={got}-"} if got and size is not None else {}
-            with urllib.request.urlopen(urllib.request.Request(url, headers=headers),
-                                        timeout=retry.timeout_s) as f:
+            wait = max(0.001, min(retry.timeout_s, deadline - time.monotonic()))
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=wait) as f:
                 if got and not _resumes_at(f, got, size):
                     got = 0  # the server sent the whole object: start over
                 length = _announced_length(f)
-                got, buf = _read(url, f, size, limit, None if length is None else got + length, got, buf)
+                got, buf = _read(url, f, size, limit, None if length is None else got + length, got, buf,
+                                 (deadline, retry.total_s))
                 return buf
         except urllib.error.HTTPError as e:
             if e.code not in TRANSIENT_STATUS:
@@ -241,16 +245,28 @@ class _Partial(Exception):
         self.got, self.buf, self.error = got, buf, error
 
 
-def _read(url: str, f, size: int | None, limit: int | None, length: int | None, got: int, buf):
+def _read(url: str, f, size: int | None, limit: int | None, length: int | None, got: int, buf,
+          deadline: tuple[float, float] | None = None):
     """Read the rest of the object from ``f`` into ``buf`` from byte ``got`` on: ``(got,
     buf)``, buf a uint8 array of ``size`` (allocated once the announced ``length`` agrees
     with it), or bytes, at most ``limit`` of them, when ``size`` is None (read whole each
-    time). A read that ends early raises ``_Partial`` with what arrived."""
+    time). A read that ends early raises ``_Partial`` with what arrived. ``deadline``:
+    ``(time.monotonic() limit, total_s)``; past it the fetch fails, however slowly bytes
+    still come (each read takes what one system call returns)."""
+    read1 = getattr(f, "read1", f.read)
+    readinto1 = getattr(f, "readinto1", f.readinto)
+
+    def in_time():
+        if deadline is not None and time.monotonic() > deadline[0]:
+            raise FastMNISTError(f"{url}: not complete within {deadline[1]:g} s (Retry.total_s): "
+                                 f"{got if size is not None else len(data)} bytes arrived")
+
     if size is None:
         data = bytearray()
         try:
-            while chunk := f.read(1 << 20):
+            while chunk := read1(READ_SIZE):
                 data += chunk
+                in_time()
                 if limit is not None and len(data) > limit:
                     raise FastMNISTError(f"{url}: more than {limit} bytes")
         except (OSError, http.client.HTTPException) as e:
@@ -265,8 +281,9 @@ def _read(url: str, f, size: int | None, limit: int | None, length: int | None, 
         buf = np.empty(size, np.uint8)  # unlike bytearray, not zeroed while holding the GIL
     view = memoryview(buf)
     try:
-        while got < size and (n := f.readinto(view[got:])):
+        while got < size and (n := readinto1(view[got:got + READ_SIZE])):
             got += n
+            in_time()
     except (OSError, http.client.HTTPException) as e:
         raise _Partial(got, buf, f"{type(e).__name__}: {e}") from None
     if got < size:
