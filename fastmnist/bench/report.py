@@ -283,29 +283,31 @@ def kind_of(pipeline: str) -> str:
 
 
 def chart(result: dict, path: Path) -> None:
-    """Horizontal bars of samples/s (log scale), grouped in-process / workers / streaming,
-    one bar per batch size, a dashed line at each batch size's floor; each bar labelled
-    with its ratio to the seed pipeline (one decimal under 10). Titled SYNTHETIC when the
-    data is generated, and carrying the run's warnings."""
+    """Horizontal bars of samples/s (log scale) at the run's first batch size (where every
+    pipeline, augmentation included, was measured), grouped in-process / workers /
+    streaming, a dashed line at the floor; each bar labelled with its ratio to the seed
+    pipeline (one decimal under 10). Titled SYNTHETIC when the data is generated, and
+    carrying the run's warnings."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = result["rows"]
+    sizes = [result["rows"][0]["batch_size"]]
+    rows = [r for r in result["rows"] if r["batch_size"] in sizes]
     kinds = ("in-process", "workers", "streaming")
     names = sorted(dict.fromkeys(r["pipeline"] for r in rows), key=lambda n: kinds.index(kind_of(n)))
-    sizes = list(dict.fromkeys(r["batch_size"] for r in rows))
-    warned = warnings_of(result)
+    warned = [w for w in warnings_of(result) if w.startswith(f"batch {sizes[0]}")]
     fig, ax = plt.subplots(figsize=(10, 1.2 + 0.45 * len(names) * len(sizes) + 0.2 * len(warned)))
     height = 0.8 / len(sizes)
     for k, bs in enumerate(sizes):
         by_name = {r["pipeline"]: r for r in rows if r["batch_size"] == bs}
-        ys = [i + k * height for i in range(len(names))]
-        bars = ax.barh(ys, [by_name[n]["samples_per_s"] for n in names], height=height, label=f"batch {bs}")
+        here = [n for n in names if n in by_name]  # the augmentation rows are at one batch size
+        ys = [names.index(n) + k * height for n in here]
+        bars = ax.barh(ys, [by_name[n]["samples_per_s"] for n in here], height=height, label=f"batch {bs}")
         ax.axvline(by_name[FLOOR]["samples_per_s"], color=bars.patches[0].get_facecolor(), linestyle="--",
                    linewidth=0.8)
-        for bar, n in zip(bars, names, strict=True):
+        for bar, n in zip(bars, here, strict=True):
             ratio = by_name[n]["x_seed"]
             ax.text(bar.get_width() * 1.05, bar.get_y() + bar.get_height() / 2,
                     f"{ratio:.1f}x" if ratio < 10 else f"{ratio:.0f}x", va="center", fontsize=7)
