@@ -41,6 +41,7 @@ from ..formats.manifest import (
     ARRAYS,
     IMAGE_SHAPE,
     MANIFEST,
+    MIN_STD,
     Manifest,
     array_file_name,
     describe,
@@ -86,8 +87,8 @@ def convert(root, out, dataset: str = "mnist", *, splits=None, mean=None, std=No
         raise FastMNISTError(f"shard_size must be positive, got {shard_size}")
     if mean is not None and not 0 <= float(mean) <= 1:  # of pixel values / 255 (NaN fails too)
         raise FastMNISTError(f"mean must be a number in [0, 1], got {mean!r}")
-    if std is not None and not 0 < float(std) <= 1:
-        raise FastMNISTError(f"std must be a number in (0, 1], got {std!r}")
+    if std is not None and not MIN_STD <= float(std) <= 1:
+        raise FastMNISTError(f"std must be a number in [{MIN_STD:g}, 1], got {std!r}")
     if spec.extended and format != "npy":
         raise FastMNISTError(f"{spec.name}: its labels are 8 numbers per sample, which tar shards "
                              "(one class per sample) cannot hold; convert with format 'npy'")

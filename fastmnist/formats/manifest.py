@@ -28,6 +28,7 @@ MAX_SAMPLES = 100_000_000  # per split (MNIST8M has 8.1M)
 MAX_SHARD_SAMPLES = 1_000_000
 MAX_CLASSES = 1000  # tar shards hold labels of up to 3 digits
 MAX_LABEL_COLUMNS = 64  # qmnist-extended has 8
+MIN_STD = 1e-4  # a pixel standard deviation of 0.03 grey levels; below it, (x - mean) / std overflows
 IMAGE_SHAPE = (1, IMAGE_SIDE, IMAGE_SIDE)  # one image, as stored and yielded
 ARRAYS = {"images_u8": "uint8", "images_f32": "float32", "labels": "int64"}  # name -> dtype
 _SPLIT_NAME = re.compile(r"[a-z][a-z0-9]{0,31}")
@@ -238,11 +239,12 @@ class _Reader:
         count = self.count(raw, "count", field, 0, MAX_SAMPLES)
         self.get(raw, "image_shape", field, list, lambda v: tuple(v) == IMAGE_SHAPE,
                  f"expected {list(IMAGE_SHAPE)}")
-        # of pixel values / 255: a mean in [0, 1], a standard deviation in (0, 1]
+        # of pixel values / 255: a mean in [0, 1], a standard deviation in (0, 1] that float32
+        # divides by without overflowing
         mean = float(self.get(raw, "mean", field, (int, float), lambda v: math.isfinite(v) and 0 <= v <= 1,
                               "expected a number in [0, 1]"))
-        std = float(self.get(raw, "std", field, (int, float), lambda v: math.isfinite(v) and 0 < v <= 1,
-                             "expected a number in (0, 1]"))
+        std = float(self.get(raw, "std", field, (int, float), lambda v: MIN_STD <= v <= 1,
+                             f"expected a number in [{MIN_STD:g}, 1]"))
         label_shape = ()
         if "label_shape" in raw:
             label_shape = tuple(self.get(

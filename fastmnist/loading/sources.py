@@ -166,7 +166,7 @@ class ArraySource:
         # copy-on-write mappings: writable for torch, and never written back
         images = torch.from_numpy(split.array(name, mode="c", f=files[name]))
         labels = split.array("labels", mode="c", f=files["labels"])
-        if "images_u8" in files and self.count:
+        if self.stored == "float32" and "images_u8" in files and self.count:
             _check_normalised(split, images, split.array("images_u8", f=files["images_u8"]))
         # a hostile or damaged file must not hand a training loop a class it does not have
         classes = labels[:, 0] if labels.ndim > 1 else labels
