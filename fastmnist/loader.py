@@ -10,7 +10,7 @@ which samples each rank and worker visits and where an epoch stands is the plan'
 import os
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
@@ -118,7 +118,8 @@ class FastMNISTLoader(IterableDataset):
                  images: str | None = None, normalize: bool = True, resident: bool = False,
                  pin_memory: bool | None = None, prefetch: int = 2, verify: bool = False,
                  format: str | None = None, even: bool = True, retry: Retry | None = None,
-                 storage_options: dict | None = None, locality: int | None = None, transform=None):
+                 storage_options: dict | None = None, locality: int | None = None,
+                 transform: Callable | None = None):
         if locality is not None and (type(locality) is not int or locality < 1):
             raise FastMNISTError(f"locality must be a positive number of samples or None, got {locality!r}")
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:

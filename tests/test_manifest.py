@@ -130,7 +130,8 @@ def _attack(root, location, document, canary):
     assert peak < PEAK_BYTES, f"allocated {peak} bytes"
     assert not canary.exists(), "a command from the manifest was run"
     inside = str(root / "set") + "/"
-    outside = [p for p in _Audit.opened if p.startswith(str(root)) and not p.startswith(inside)]
+    # the set's directory itself is opened too (its files are read through it)
+    outside = [p for p in _Audit.opened if p.startswith(str(root)) and not (p + "/").startswith(inside)]
     assert outside == [], f"opened outside the set: {outside}"
     pattern = re.compile(rf"cat {re.escape(inside)}(manifest\.json|(train|test)-\d{{6}}\.tar)")
     for command in _Audit.commands:
@@ -201,8 +202,8 @@ def test_hostile_shard_names_are_refused_naming_the_field(hostile, server, tmp_p
      r"splits.train.wds.shards\[1\].first: expected 200, found 0"),
     (lambda m: m["splits"]["train"]["wds"]["shards"].pop(), r"splits.train.wds.shards: 5 shards, but 1003 "
                                                             r"samples in shards of 200 make 6"),
-    (lambda m: m["splits"]["train"].update(std=0), r"splits.train.std: expected a finite positive"),
-    (lambda m: m["splits"]["train"].update(mean=float("nan")), r"splits.train.mean: expected a finite"),
+    (lambda m: m["splits"]["train"].update(std=0), r"splits.train.std: expected a number in \[0.0001, 1\]"),
+    (lambda m: m["splits"]["train"].update(mean=float("nan")), r"splits.train.mean: expected a number in"),
     (lambda m: m["splits"]["train"].update(count=True), r"splits.train.count: expected an integer, found"),
     (lambda m: m["splits"].update({"../x": {}}), r"splits: name '../x' does not match"),
     (lambda m: m.update(format_version="1"), r"format_version: expected an integer, found str"),

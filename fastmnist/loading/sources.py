@@ -7,8 +7,8 @@ and its ``order_name`` (recorded in states); ``consecutive``, true when ranks an
 DataLoader workers should take consecutive runs of that order rather than strided
 positions; ``random_access``, true when any sample can be gathered at any time;
 ``index_batches(epoch_pass)``, the batches of sample indices of a :class:`~.plan.Pass`
-(fetching ahead what they will need); and ``gather``. A source is picklable:
-what it maps, decodes or fetches is made in each process on first use, never pickled.
+(fetching ahead what they will need); and ``gather``. A source is picklable: what it
+maps, decodes or fetches is made in each process on first use, never pickled.
 
 - :class:`ArraySource`: the whole split as tensors (memory-mapped ``.npy`` arrays, or local
   tar shards decoded once; optionally resident on a device), gathered with ``index_select``.
@@ -45,11 +45,9 @@ def open_source(path, split: str, stored: str | None, normalize: bool, device: t
     """The source of ``split`` at ``path`` (a local set's directory, or shard URLs), with the
     ``FastMNISTLoader`` arguments of the same names; ``stored`` None picks float32 on the CPU
     and uint8 on CUDA, with ``normalize=False``, or when the set has no float32 array."""
+    chosen = stored is not None
     if stored is None:
         stored = "uint8" if device.type == "cuda" or not normalize else "float32"
-        chosen = False
-    else:
-        chosen = True
     if stored not in IMAGE_ARRAYS or (stored == "float32" and not normalize):
         raise FastMNISTError(f"images must be 'float32' or 'uint8' (uint8 when normalize=False), "
                              f"got {stored!r}")
