@@ -13,6 +13,7 @@ import os
 import random
 import re
 import shlex
+import socket
 import subprocess
 import threading
 import time
@@ -28,7 +29,6 @@ log = logging.getLogger("fastmnist")
 CLOUD_HINT = "pip install 'fastmnist[cloud]' (fsspec and s3fs; other stores need their fsspec backend)"
 SCHEME = r"[a-zA-Z][\w+.-]*://"  # a URL's start, as fsspec reads it
 CHUNK = 1 << 24  # bytes per fsspec read: a failed read resumes from the last whole chunk
-READ_SIZE = 1 << 18  # bytes per read of a stream at most: one system call, then the deadline checked
 
 
 def is_url(source) -> bool:
@@ -154,8 +154,10 @@ def _http_attempts(url: str, size: int | None, limit: int | None, retry: Retry, 
                 if got and not _resumes_at(f, got, size):
                     got = 0  # the server sent the whole object: start over
                 length = _announced_length(f)
-                got, buf = _read(url, f, size, limit, None if length is None else got + length, got, buf,
-                                 (deadline, retry.total_s))
+                with _Watchdog(f, deadline) as watchdog:
+                    got, buf = _read(url, f, size, limit, None if length is None else got + length, got, buf)
+                if watchdog.fired:  # what arrived may have been cut short: not the object
+                    past_deadline()
                 return buf
         except urllib.error.HTTPError as e:
             if e.code not in TRANSIENT_STATUS:
@@ -163,9 +165,16 @@ def _http_attempts(url: str, size: int | None, limit: int | None, retry: Retry, 
             raise _Transient(f"HTTP error {e.code} {e.reason}", got) from None
         except _Partial as e:  # the connection ended early: keep what arrived
             got, buf = e.got, e.buf
+            past_deadline()
             raise _Transient(e.error, got) from None
         except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+            past_deadline()
             raise _Transient(f"{type(e).__name__}: {getattr(e, 'reason', e)}", got) from None
+
+    def past_deadline():
+        if time.monotonic() >= deadline:
+            raise FastMNISTError(f"{url}: not complete within {retry.total_s:g} s (Retry.total_s): "
+                                 f"{got} bytes arrived") from None
 
     return attempt
 
@@ -245,28 +254,16 @@ class _Partial(Exception):
         self.got, self.buf, self.error = got, buf, error
 
 
-def _read(url: str, f, size: int | None, limit: int | None, length: int | None, got: int, buf,
-          deadline: tuple[float, float] | None = None):
+def _read(url: str, f, size: int | None, limit: int | None, length: int | None, got: int, buf):
     """Read the rest of the object from ``f`` into ``buf`` from byte ``got`` on: ``(got,
     buf)``, buf a uint8 array of ``size`` (allocated once the announced ``length`` agrees
     with it), or bytes, at most ``limit`` of them, when ``size`` is None (read whole each
-    time). A read that ends early raises ``_Partial`` with what arrived. ``deadline``:
-    ``(time.monotonic() limit, total_s)``; past it the fetch fails, however slowly bytes
-    still come (each read takes what one system call returns)."""
-    read1 = getattr(f, "read1", f.read)
-    readinto1 = getattr(f, "readinto1", f.readinto)
-
-    def in_time():
-        if deadline is not None and time.monotonic() > deadline[0]:
-            raise FastMNISTError(f"{url}: not complete within {deadline[1]:g} s (Retry.total_s): "
-                                 f"{got if size is not None else len(data)} bytes arrived")
-
+    time). A read that ends early raises ``_Partial`` with what arrived."""
     if size is None:
         data = bytearray()
         try:
-            while chunk := read1(READ_SIZE):
+            while chunk := f.read(1 << 20):
                 data += chunk
-                in_time()
                 if limit is not None and len(data) > limit:
                     raise FastMNISTError(f"{url}: more than {limit} bytes")
         except (OSError, http.client.HTTPException) as e:
@@ -281,9 +278,8 @@ def _read(url: str, f, size: int | None, limit: int | None, length: int | None, 
         buf = np.empty(size, np.uint8)  # unlike bytearray, not zeroed while holding the GIL
     view = memoryview(buf)
     try:
-        while got < size and (n := readinto1(view[got:got + READ_SIZE])):
+        while got < size and (n := f.readinto(view[got:])):
             got += n
-            in_time()
     except (OSError, http.client.HTTPException) as e:
         raise _Partial(got, buf, f"{type(e).__name__}: {e}") from None
     if got < size:
@@ -293,6 +289,34 @@ def _read(url: str, f, size: int | None, limit: int | None, length: int | None, 
     if f.read(1):
         raise FastMNISTError(f"{url}: longer than the {size} bytes the manifest says")
     return got, buf
+
+
+class _Watchdog:
+    """Shuts the connection of the response ``f`` down at ``deadline`` (``time.monotonic()``),
+    so that a read blocked on a server that stalls or trickles ends there: reads stay
+    whole (straight into the buffer) and the deadline still holds."""
+
+    def __init__(self, f, deadline: float):
+        self.timer = threading.Timer(max(0.0, deadline - time.monotonic()), self._cut, (f.fileno(),))
+        self.timer.daemon = True
+        self.fired = False
+
+    def __enter__(self):
+        self.timer.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.timer.cancel()
+
+    def _cut(self, fd: int) -> None:
+        self.fired = True
+        connection = socket.socket(fileno=fd)
+        try:
+            connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        finally:
+            connection.detach()  # the response still owns the descriptor
 
 
 def _resumes_at(f, got: int, size: int) -> bool:
