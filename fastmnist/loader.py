@@ -148,6 +148,7 @@ class FastMNISTLoader(IterableDataset):
         self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
         self.rank, self.world_size, self.even = rank, world_size, even
         self.normalize, self.resident, self.pin_memory = normalize, resident, pin_memory
+        self._iterating = None  # (process, thread) iterating an epoch now
         self._plan = EpochPlan(self.source, batch_size, shuffle, seed, drop_last, rank, world_size, even)
         self._delivery = delivery.choose(self.source, self.device, normalize, resident,
                                          pin_memory and self.device.type == "cpu", prefetch, self._augment)
@@ -218,7 +219,7 @@ class FastMNISTLoader(IterableDataset):
         become that thread."""
         me = (os.getpid(), threading.get_ident())
         with _CLAIMS:
-            owner = self.__dict__.get("_iterating")
+            owner = self._iterating
             if owner is not None and owner[0] == me[0] and owner != me:
                 raise FastMNISTError("this loader is being iterated by another thread; give each thread its "
                                      "own FastMNISTLoader (they share the page cache)")

@@ -227,6 +227,25 @@ def test_affine_parameters_follow_torchvision(indexed_shards):
         assert np.abs(mine - reference).max() < 0.01 and mine[0] > 0 and mine[-1] > 0
 
 
+def test_elastic_displacements_follow_torchvision(indexed_shards):
+    """ElasticTransform's displacement field: at the centre, an edge and a corner pixel,
+    each component over 3,000 samples against 3,000 of torchvision's ``make_params`` (KS);
+    the field is smooth as torchvision's blur makes it (neighbours correlated alike)."""
+    t = v2.ElasticTransform(alpha=40.0, sigma=4.0)
+    count = 3000
+    ours = FastMNISTLoader(indexed_shards, transform=_v2(t)).augmentation_params(2, np.arange(count))[0]
+    mine = ours["displacement"].numpy()
+    theirs = np.concatenate([p["displacement"].numpy() for p in _torchvision_draws(t, count)])
+    for y, x in ((14, 14), (0, 13), (27, 27)):
+        for c in (0, 1):
+            assert _ks(mine[:, y, x, c], theirs[:, y, x, c]) < _critical(count, count), (y, x, c)
+
+    def neighbour_correlation(d):
+        return np.corrcoef(d[:, 14, 14, 0], d[:, 14, 15, 0])[0, 1]
+
+    assert abs(neighbour_correlation(mine) - neighbour_correlation(theirs)) < 0.05
+
+
 def test_crop_rotation_perspective_and_erasing_parameters_follow_torchvision(indexed_shards):
     """RandomCrop's offsets, RandomRotation's angle, RandomPerspective's corners (through the
     8 coefficients torchvision solves from them) and RandomErasing's rectangles, 100,000 of

@@ -34,14 +34,14 @@ CLI = [sys.executable, "-m", "fastmnist.cli"]
 STRESS_S = 30
 SWAPS = """
 import subprocess, sys, time
-stop, roots, target = float(sys.argv[1]), sys.argv[2:4], sys.argv[4]
+stop, roots, target = float(sys.argv[1]), sys.argv[2:-1], sys.argv[-1]
 k = 0
 while time.time() < stop:
     k += 1
-    subprocess.run([sys.executable, "-m", "fastmnist.cli", "convert", "--root", roots[k % 2], "--out", target,
+    subprocess.run([sys.executable, "-m", "fastmnist.cli", "convert", "--root", roots[k % 3], "--out", target,
                     "--format", "both", "--force", "--quiet"], check=True)
 print(k)
-"""  # converts the two roots into one folder in turn, until the time given
+"""  # converts the roots into one folder in turn, until the time given
 
 
 def _reference(path: Path) -> dict:
@@ -57,13 +57,13 @@ def _reference(path: Path) -> dict:
 
 @pytest.mark.parametrize("format", ["npy", "wds"])
 def test_a_set_replaced_under_its_readers_is_never_mixed(tmp_path, format):
-    """For 30 s, conversions of two different sets (3,000 and 4,500 samples) replace one
-    folder with --force while readers iterate it, in this process and through
+    """For 30 s, conversions of three different sets (3,000, 4,500 and 3,000 samples)
+    replace one folder in turn with --force while readers iterate it, in this process and through
     DataLoader(num_workers=2): every batch is exactly the set its loader opened (by index,
     images and labels); a reader completes its epochs on that version or stops with the
     documented error."""
     roots = []
-    for seed, n in ((1, 3000), (2, 4500)):
+    for seed, n in ((1, 3000), (2, 4500), (3, 3000)):
         write_raw(tmp_path / f"raw{seed}", n, 10, seed=seed, compressed=False)
         roots.append(tmp_path / f"raw{seed}")
     references = {}

@@ -20,9 +20,8 @@ import numpy as np
 import torch
 
 from ..errors import FastMNISTError
-from ..formats.idx import IMAGE_SIDE
+from ..formats.idx import IMAGE_SIDE as SIDE
 
-SIDE = IMAGE_SIDE
 SUPPORTED = ("Compose", "RandomAffine", "RandomRotation", "RandomCrop", "RandomPerspective",
              "ElasticTransform", "RandomErasing", "ToTensor", "ToImage", "PILToTensor", "ToDtype",
              "Normalize")
@@ -80,18 +79,16 @@ class Augment:
             lambda draws, n=number: uniforms(self.seed, epoch, n, indices, draws))}
             for number, step in enumerate(self.steps)]
 
-    def images(self, x: torch.Tensor, indices, epoch: int, params: list | None = None) -> torch.Tensor:
-        """uint8 ``(B, 1, 28, 28)`` images of the samples ``indices`` -> uint8, the geometric
-        steps applied."""
-        params = params or self.params(epoch, indices)
-        for step, p in zip(self.geometric, params, strict=False):
+    def images(self, x: torch.Tensor, params: list[dict]) -> torch.Tensor:
+        """uint8 ``(B, 1, 28, 28)`` images -> uint8, the geometric steps applied with their
+        ``params`` (``params(epoch, indices)`` of those images)."""
+        for step, p in zip(self.geometric, params[:len(self.geometric)], strict=True):
             x = step.apply(x, p)
         return x
 
-    def normalised(self, x: torch.Tensor, indices, epoch: int, params: list | None = None) -> torch.Tensor:
+    def normalised(self, x: torch.Tensor, params: list[dict]) -> torch.Tensor:
         """float32 normalised ``(B, 1, 28, 28)`` -> the erasing steps applied (in place)."""
-        params = (params or self.params(epoch, indices))[len(self.geometric):]
-        for step, p in zip(self.erasing, params, strict=True):
+        for step, p in zip(self.erasing, params[len(self.geometric):], strict=True):
             x = step.apply(x, p)
         return x
 

@@ -59,11 +59,11 @@ class Finish:
     def __call__(self, x: torch.Tensor, idx, epoch: int, out: torch.Tensor | None = None) -> torch.Tensor:
         params = None if self.augment is None else self.augment.params(epoch, idx)
         if params is not None:
-            x = self.augment.images(x, idx, epoch, params)
+            x = self.augment.images(x, params)
         if self.to_float is not None:
             x = self.to_float(x) if out is None else self.to_float(x, out=out)
         if params is not None:
-            x = self.augment.normalised(x, idx, epoch, params)
+            x = self.augment.normalised(x, params)
         return x
 
 
