@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import FastMNISTError
+from .errors import FastMNISTError, MissingFileError
 from .formats.datasets import convert_command, find_raw_root
 from .formats.files import hashed, open_regular
 from .formats.manifest import MANIFEST, MAX_MANIFEST_BYTES, Manifest, SplitInfo, npy_header, parse_manifest
@@ -44,8 +44,8 @@ class Directory:
         """The regular file ``name`` of this directory, opened for binary reading."""
         try:
             return open_regular(name, dir_fd=self.fd, shown=self.root / name)
-        except FastMNISTError as e:
-            if "file not found" in str(e) and self.replaced():
+        except MissingFileError:
+            if self.replaced():
                 raise FastMNISTError(f"{self.root / name}: {REPLACED}") from None
             raise
 
@@ -82,9 +82,7 @@ def _read_manifest(directory: Directory) -> Manifest:
     try:
         with directory.open(MANIFEST) as f:
             text = f.read(MAX_MANIFEST_BYTES + 1)
-    except FastMNISTError as e:
-        if "file not found" not in str(e):
-            raise
+    except MissingFileError:
         raw = find_raw_root(root)
         hint = "" if raw is None else (f"; {root} holds raw {raw[1]} files: convert them first with "
                                        f"`{convert_command(*raw)}` and open the --out directory")
@@ -217,8 +215,10 @@ def verify_shards(root) -> list[str]:
                     problems.append(f"{path}: size {size}, expected {meta.size}")
                 elif sha256_file(f) != meta.sha256:
                     problems.append(f"{path}: sha256 differs from the manifest")
+        except MissingFileError:
+            problems.append(f"{path}: missing")
         except FastMNISTError as e:
-            problems.append(f"{path}: missing" if "file not found" in str(e) else str(e))
+            problems.append(str(e))
     return problems
 
 

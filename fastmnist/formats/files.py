@@ -14,7 +14,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from ..errors import FastMNISTError
+from ..errors import FastMNISTError, MissingFileError
 
 
 def open_regular(path, dir_fd: int | None = None, shown=None):
@@ -26,7 +26,7 @@ def open_regular(path, dir_fd: int | None = None, shown=None):
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
     except FileNotFoundError:
-        raise FastMNISTError(f"{shown}: file not found") from None
+        raise MissingFileError(f"{shown}: file not found") from None
     except OSError as e:
         raise FastMNISTError(f"{shown}: cannot open: {e.strerror}") from None
     mode = os.fstat(fd).st_mode
