@@ -38,9 +38,8 @@ class FastMNISTLoader(IterableDataset):
     Example::
 
         loader = FastMNISTLoader("shards/mnist", split="train", batch_size=64, shuffle=True)
-        for epoch in range(3):
-            for x, y in loader:  # x float32 [64, 1, 28, 28], y int64 [64]
-                ...
+        for x, y in loader:  # one epoch; x float32 [64, 1, 28, 28], y int64 [64]
+            ...
 
     Each ``iter()`` is one epoch of batches ``(x, y)``: x float32 ``[B, 1, 28, 28]``,
     normalised exactly as ``ToTensor()`` then ``Normalize((mean,), (std,))`` computes it

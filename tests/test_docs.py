@@ -23,6 +23,7 @@ def test_loader_help_opens_with_an_example_and_describes_every_argument():
     doc = inspect.getdoc(FastMNISTLoader)
     head = doc.split("\n\n")
     assert head[1] == "Example::" and "FastMNISTLoader(" in head[2] and "for x, y in loader" in head[2]
+    assert len(head[2].splitlines()) == 3
     described = doc.split("Args:")[1]
     for name in inspect.signature(FastMNISTLoader).parameters:
         assert f"\n    {name}: " in described, name
