@@ -18,12 +18,14 @@ import subprocess
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import FastMNISTError
+from ..formats.files import open_regular
 
 log = logging.getLogger("fastmnist")
 CLOUD_HINT = "pip install 'fastmnist[cloud]' (fsspec and s3fs; other stores need their fsspec backend)"
@@ -97,8 +99,10 @@ def fetch(url: str, size: int | None = None, limit: int | None = None, retry: Re
             return _retrying(url, retry, _http_attempts(url, size, limit, retry, deadline), stop)
         if not url.startswith("file://") and is_url(url):
             return _retrying(url, retry, _fsspec_attempts(url, size, limit, storage_options), stop)
-        with urllib.request.urlopen(url, timeout=retry.timeout_s) if url.startswith("file://") \
-                else open(url, "rb") as f:
+        # a local file (a path or file://), which must be a regular one: a FIFO would hang the read
+        local = urllib.request.url2pathname(urllib.parse.urlsplit(url).path) \
+            if url.startswith("file://") else url
+        with open_regular(local, shown=url) as f:
             return _read(url, f, size, limit, _announced_length(f), 0, None)[1]
     except _Partial as e:  # a local read that failed part way: nothing to retry
         raise FastMNISTError(f"{url}: cannot read: {e.error}") from None
