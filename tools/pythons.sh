@@ -15,7 +15,13 @@ TESTS=(tests/test_buffers.py tests/test_loader.py::test_exactly_once_across_rank
        tests/test_loader.py::test_order_is_a_pure_function_of_seed_and_epoch
        tests/test_loader.py::test_resume_with_dataloader_workers tests/test_loader.py::test_pickles_without_data)
 for version in 3.10 3.12 3.13; do
-  python=$(command -v "python$version" || ls -d "$HOME"/.pyenv/versions/"$version".*/bin/python 2>/dev/null | tail -1 || true)
+  python=""  # pyenv's own, else one on PATH that runs (a pyenv shim may not)
+  for candidate in "$HOME"/.pyenv/versions/"$version".*/bin/python "$(command -v "python$version" || true)"; do
+    if [ -n "$candidate" ] && [ -x "$candidate" ] && "$candidate" --version > /dev/null 2>&1; then
+      python=$candidate
+      break
+    fi
+  done
   if [ -z "$python" ]; then
     echo "pythons: no Python $version here"
     [ -z "${CI:-}" ] && continue || exit 1
