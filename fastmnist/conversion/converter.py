@@ -364,11 +364,11 @@ class _SplitWriter:
             stop = min(end, shard_stop)
             part = slice(at - first, stop - first)
             w.append(self.shard, tar.records(at, images[part], labels[part]))
-            self.shard_labels.update(np.ascontiguousarray(labels[part], dtype="<i8").tobytes())
+            self.shard_labels.update(tar.labels_bytes(labels[part]))
             if stop == shard_stop:
                 w.append(self.shard, tar.archive_padding(shard_stop - shard_first))
                 w.close(self.shard)
-                self.shard[2]["labels_sha256"] = self.shard_labels.hexdigest()  # tar.labels_digest's
+                self.shard[2]["labels_sha256"] = self.shard_labels.hexdigest()
                 self.shard = None
             at = stop
 

@@ -1,5 +1,7 @@
-"""Files written on a background thread: each chunk hashed (sha256) and appended in order,
-each file fsynced when complete, while the caller computes the next chunk.
+"""Files: opened for reading only when regular (``open_regular``), hashed block by block
+(``hashed``), and written on a background thread (``BackgroundWriter``): each chunk hashed
+(sha256) and appended in order, each file fsynced when complete, while the caller computes
+the next chunk.
 
 Each chunk's write-back to disk is started as soon as it is written (Linux
 ``sync_file_range``), so the disk works while the next chunks are computed and the final

@@ -143,9 +143,14 @@ def archive_padding(count: int) -> np.ndarray:
     return np.zeros(archive_size(count) - count * RECORD, np.uint8)
 
 
+def labels_bytes(labels: np.ndarray) -> bytes:
+    """Labels as the manifest's ``labels_sha256`` hashes them: int64, little-endian."""
+    return np.ascontiguousarray(labels, dtype="<i8").tobytes()
+
+
 def labels_digest(labels: np.ndarray) -> str:
-    """Hex sha256 of a shard's labels as int64 (little-endian), as the manifest records it."""
-    return hashlib.sha256(np.ascontiguousarray(labels, dtype="<i8").tobytes()).hexdigest()
+    """Hex sha256 of a shard's labels, as the manifest records it."""
+    return hashlib.sha256(labels_bytes(labels)).hexdigest()
 
 
 def decode_shard(data, first: int, count: int, name: str, num_classes: int = 10 ** LABEL_DIGITS,

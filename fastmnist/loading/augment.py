@@ -179,17 +179,26 @@ class _Geometric:
         if self.mode == "nearest":
             # grid_sample's nearest: unnormalise, round half to even; then one gather from
             # the image framed by a border of fill, where every outside coordinate lands
-            ix = gx.add_(1).mul_(w / 2).sub_(0.5).round_().clamp_(-1, w)
-            iy = gy.add_(1).mul_(h / 2).sub_(0.5).round_().clamp_(-1, h)
-            source = iy.mul_(w + 2).add_(ix).add_(w + 3).to(torch.int64).view(b, -1)
-            framed = torch.nn.functional.pad(x.view(b, h, w), (1, 1, 1, 1), value=round(self.fill))
-            return framed.view(b, -1).gather(1, source).view(b, 1, h, w)
+            ix = gx.add_(1).mul_(w / 2).sub_(0.5).round_()
+            iy = gy.add_(1).mul_(h / 2).sub_(0.5).round_()
+            return _gather(x, iy, ix, self.fill)
         planes = torch.cat([x.to(torch.float32), torch.ones_like(x, dtype=torch.float32)], 1)
         out = torch.nn.functional.grid_sample(planes, torch.stack([gx, gy], -1), mode="bilinear",
                                               padding_mode="zeros", align_corners=False)
         image, mask = out[:, :1], out[:, 1:]
         fill = torch.tensor(self.fill, dtype=torch.float32, device=x.device)
         return image.sub_(fill).mul_(mask).add_(fill).round_().to(x.dtype)
+
+
+def _gather(x: torch.Tensor, iy: torch.Tensor, ix: torch.Tensor, fill: float) -> torch.Tensor:
+    """uint8 ``(B, 1, H, W)`` images -> each output pixel the source pixel at row ``iy`` and
+    column ``ix`` (whole numbers, float or int, broadcast to ``(B, H, W)``; used up), ``fill``
+    where that is outside: one gather from the images framed by a border of ``fill``, where
+    every outside coordinate lands."""
+    b, _, h, w = x.shape
+    source = iy.clamp_(-1, h).mul_(w + 2).add(ix.clamp_(-1, w)).add_(w + 3).to(torch.int64)
+    framed = torch.nn.functional.pad(x.view(b, h, w), (1, 1, 1, 1), value=round(fill))
+    return framed.view(b, -1).gather(1, source.expand(b, h, w).reshape(b, -1)).view(b, 1, h, w)
 
 
 def _base(device) -> torch.Tensor:
@@ -330,14 +339,10 @@ class _Crop:
                 "left": torch.from_numpy(_randint(u[:, 1], 0, self.width - SIDE + 1))}
 
     def apply(self, x: torch.Tensor, p: dict) -> torch.Tensor:
-        b = len(x)
         rows = torch.arange(SIDE, device=x.device)
         y = (p["top"].to(x.device)[:, None] + rows - self.top)[:, :, None]  # (B, 28, 1) source rows
         xs = (p["left"].to(x.device)[:, None] + rows - self.left)[:, None, :]  # (B, 1, 28) source columns
-        inside = (y >= 0) & (y < SIDE) & (xs >= 0) & (xs < SIDE)
-        source = torch.where(inside, y * SIDE + xs, SIDE * SIDE).view(b, -1)
-        fill = torch.full((b, 1), round(self.fill), dtype=x.dtype, device=x.device)
-        return torch.cat([x.view(b, -1), fill], 1).gather(1, source).view(b, 1, SIDE, SIDE)
+        return _gather(x, y, xs, self.fill)
 
 
 class _Perspective(_Geometric):
