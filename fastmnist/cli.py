@@ -149,7 +149,7 @@ def _convert(args) -> int:
                   f"in {r.seconds:.2f}s")
             for key, src in r.manifest.inputs.items():
                 canon = {True: "canonical", False: "NOT canonical", None: "md5 unknown"}
-                print(f"  {key}: {_shown(src.file)} md5 {src.md5} ({canon[src.canonical]})")
+                print(f"  {key}: {_printable(src.file)} md5 {src.md5} ({canon[src.canonical]})")
     return 0
 
 
@@ -157,8 +157,8 @@ def _info(args) -> int:
     from .store import read_manifest
 
     m = read_manifest(args.path)
-    print(f"{_shown(args.path)}: {_shown(m.dataset)}{' (SYNTHETIC)' if m.synthetic else ''}, "
-          f"format {m.format_version}, {_shown(m.created_by)}")
+    print(f"{_printable(args.path)}: {_printable(m.dataset)}{' (SYNTHETIC)' if m.synthetic else ''}, "
+          f"format {m.format_version}, {_printable(m.created_by)}")
     rows = [("split", "array", "dtype", "shape", "bytes", "sha256")]
     for split, info in m.splits.items():
         for f in info.arrays.values():
@@ -171,11 +171,11 @@ def _info(args) -> int:
     for split, info in m.splits.items():
         print(f"{split}: {info.count} samples, mean {info.mean}, std {info.std}")
     for key, src in m.inputs.items():
-        print(f"source {key}: {_shown(src.file)} md5 {src.md5} canonical={src.canonical}")
+        print(f"source {key}: {_printable(src.file)} md5 {src.md5} canonical={src.canonical}")
     return 0
 
 
-def _shown(text) -> str:
+def _printable(text) -> str:
     """``text`` with every character a terminal would act on (controls, escapes) written as
     Python escapes: strings from a manifest can come from anyone."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
