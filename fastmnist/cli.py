@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .errors import FastMNISTError
 from .formats.datasets import DATASETS
+from .formats.foreign import KINDS
 
 
 def main(argv=None) -> int:
@@ -24,7 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(required=True, metavar="COMMAND")
     sub.add_parser = functools.partial(sub.add_parser, formatter_class=_ShowDefaults)
 
-    c = sub.add_parser("convert", help="raw IDX files -> validated, pre-normalised shards")
+    c = sub.add_parser("convert", help="raw IDX files (or hf, npz, csv, images, wds) -> validated, "
+                                              "pre-normalised shards")
     add_convert_args(c)
     c.set_defaults(func=_convert)
 
@@ -107,14 +109,38 @@ def add_bench_args(b: argparse.ArgumentParser) -> None:
 
 def add_convert_args(c: argparse.ArgumentParser) -> None:
     """The ``convert`` options, shared with ``tools/convert.py``."""
-    c.add_argument("--root", type=Path, required=True,
-                   help="torchvision root: files under ROOT/<Dataset>/raw/, compressed or not")
+    c.add_argument("path", nargs="?", type=str, metavar="PATH",
+                   help="the input: a torchvision root (idx), a .parquet/.arrow file or folder (hf), "
+                        "a .npz, a .csv, an image folder, tar shards (a file, folder, {000..009} "
+                        "pattern or URL)")
+    c.add_argument("--from", dest="kind", choices=KINDS,
+                   help="what PATH is (default: told from PATH where that is unambiguous)")
+    c.add_argument("--root", type=Path,
+                   help="torchvision root: files under ROOT/<Dataset>/raw/, compressed or not "
+                        "(the same as PATH with --from idx)")
     c.add_argument("--out", type=Path, required=True, help="directory of the shard set")
-    c.add_argument("--dataset", default="mnist", choices=list(DATASETS), metavar="NAME",
-                   help=f"which family dataset's files to read: {', '.join(DATASETS)}")
+    c.add_argument("--dataset", metavar="NAME",
+                   help=f"idx: the family dataset whose files to read (default: mnist): "
+                        f"{', '.join(DATASETS)}; other kinds: the name the manifest records "
+                        "(default: the input's)")
     c.add_argument("--split", action="append",
-                   help="split to convert (repeatable; without it: train and test, and QMNIST's nist, "
-                        "those present; QMNIST also has test10k and test50k)")
+                   help="idx: split to convert (repeatable; without it: train and test, and QMNIST's "
+                        "nist, those present; QMNIST also has test10k and test50k); other kinds: the "
+                        "split of an input that holds one (default: from its name, else train)")
+    c.add_argument("--image-key", help="npz array, hf column, or wds extension of the images "
+                                       "(default: detected)")
+    c.add_argument("--label-key", help="npz array, csv column (name or number), hf column, or wds "
+                                       "extension of the labels (default: detected; wds: cls)")
+    c.add_argument("--num-classes", type=int,
+                   help="other kinds: the number of classes (default: declared by the input, else the "
+                        "largest label + 1)")
+    c.add_argument("--grayscale", action="store_true",
+                   help="convert colour images to one channel (recorded in the manifest)")
+    c.add_argument("--resize", action="store_true",
+                   help="scale images of another size to 28x28, bilinear (recorded in the manifest)")
+    c.add_argument("--val-fraction", type=float,
+                   help="other kinds: hold out this fraction of train as a val split (seeded, recorded)")
+    c.add_argument("--seed", type=int, default=0, help="the seed of --val-fraction's draw")
     c.add_argument("--mean", type=float,
                    help="normalisation mean; without it MNIST's 0.1307, or computed from the train split")
     c.add_argument("--std", type=float,
@@ -125,18 +151,28 @@ def add_convert_args(c: argparse.ArgumentParser) -> None:
                    help="memory-mapped .npy arrays, WebDataset tar shards, or both")
     c.add_argument("--shard-size", type=int, default=10000, help="samples per tar shard")
     c.add_argument("--download", action="store_true",
-                   help="fetch missing raw files with torchvision's downloader")
+                   help="idx: fetch missing raw files with torchvision's downloader")
     c.add_argument("--force", action="store_true", help="rebuild even if up to date")
     c.add_argument("--quiet", action="store_true", help="no progress bar or summary")
 
 
 def _convert(args) -> int:
-    from .conversion.converter import convert
+    from .conversion.converter import convert, convert_from
 
-    r = convert(args.root, args.out, args.dataset, splits=args.split, mean=args.mean,
-                std=args.std, format=args.format, shard_size=args.shard_size,
-                float32=not args.no_float32, force=args.force,
-                download=args.download, progress=not args.quiet)
+    if (args.root is None) == (args.path is None):
+        raise FastMNISTError("convert: give the input once, as PATH or as --root")
+    common = {"mean": args.mean, "std": args.std, "format": args.format, "shard_size": args.shard_size,
+              "float32": not args.no_float32, "force": args.force, "progress": not args.quiet}
+    if args.root is not None or args.kind == "idx":
+        r = convert(args.root or args.path, args.out, args.dataset or "mnist", splits=args.split,
+                    download=args.download, **common)
+    else:
+        if args.split and len(args.split) > 1:
+            raise FastMNISTError("--split: one split name for an input that holds one")
+        r = convert_from(args.path, args.out, args.kind, split=args.split[0] if args.split else None,
+                         image_key=args.image_key, label_key=args.label_key, dataset=args.dataset,
+                         num_classes=args.num_classes, grayscale=args.grayscale, resize=args.resize,
+                         val_fraction=args.val_fraction, seed=args.seed, **common)
     if not args.quiet:
         kind = " (SYNTHETIC data)" if r.manifest.synthetic else ""
         counts = ", ".join(f"{k} {v.count}" for k, v in r.manifest.splits.items())

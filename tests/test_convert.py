@@ -319,6 +319,6 @@ def test_every_cli_option_has_help_and_shows_its_default():
     for name, command in commands.items():
         for action in command._actions:
             assert action.help, f"fastmnist {name} {action.option_strings or action.dest}: no help"
-    convert_help = commands["convert"].format_help()
+    convert_help = " ".join(commands["convert"].format_help().split())  # as one line
     assert "(default: npy)" in convert_help and "(default: 10000)" in convert_help
     assert "(default: mnist)" in convert_help

@@ -1,0 +1,363 @@
+"""Other inputs than IDX: Hugging Face parquet/Arrow/``datasets.Dataset``, ``.npz``, CSV,
+image folders, foreign WebDataset shards and in-memory arrays. Each fixture is written by
+the test from the real MNIST test digits with the tool its users have (pyarrow, numpy,
+Pillow, webdataset's ``TarWriter``, ``datasets``), converted, and loaded: the batches must be
+bit for bit those the same digits give through ``idx``."""
+
+import gzip
+import io
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+import fastmnist
+from fastmnist import FastMNISTError, FastMNISTLoader, convert, convert_arrays, convert_from
+from fastmnist.bench.inputs import png_bytes, write_csv, write_folder, write_parquet, write_wds
+from fastmnist.cli import main
+
+from .conftest import served
+
+MNIST = {"mean": 0.1307, "std": 0.3081}
+N = 10000
+
+
+@pytest.fixture(scope="module")
+def digits(real_root):
+    """The real test split: uint8 ``(10000, 28, 28)`` images and int64 labels."""
+    raw = real_root / "MNIST" / "raw"
+    with gzip.open(raw / "t10k-images-idx3-ubyte.gz") as f:
+        images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28).copy()
+    with gzip.open(raw / "t10k-labels-idx1-ubyte.gz") as f:
+        labels = np.frombuffer(f.read(), np.uint8, offset=8).astype(np.int64)
+    return images, labels
+
+
+@pytest.fixture(scope="module")
+def reference(real_root, tmp_path_factory):
+    """The test split converted through ``idx``: the batches every other kind must give."""
+    out = tmp_path_factory.mktemp("idx") / "set"
+    convert(real_root, out, splits=["test"], progress=False)
+    return _epoch(out)
+
+
+@pytest.fixture(scope="module")
+def pngs(digits):
+    """Each digit as PNG bytes, written by Pillow."""
+    return png_bytes(digits[0])
+
+
+def _epoch(out, split="test", images="float32"):
+    """Every batch of an unshuffled epoch, as two tensors: images (float32, or uint8 as
+    stored) and labels."""
+    batches = list(FastMNISTLoader(out, split, batch_size=1000, shuffle=False, images=images,
+                                   normalize=images == "float32"))
+    return torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
+
+
+def _same(out, reference, order=None):
+    x, y = _epoch(out)
+    ref_x, ref_y = reference
+    if order is not None:
+        ref_x, ref_y = ref_x[order], ref_y[order]
+    assert torch.equal(y, ref_y)
+    assert torch.equal(x, ref_x)  # bit for bit: the same float32 from the same bytes
+
+
+# --- each kind, bit for bit the idx conversion ----------------------------------------------
+
+def test_npz_keras_layout(digits, reference, tmp_path):
+    path = tmp_path / "mnist.npz"
+    np.savez(path, x_train=digits[0][:600], y_train=digits[1][:600], x_test=digits[0], y_test=digits[1])
+    r = convert_from(path, tmp_path / "set", progress=False, **MNIST)
+    assert set(r.manifest.splits) == {"train", "test"}
+    assert r.manifest.options["from"] == "npz" and r.manifest.dataset == "mnist"
+    assert {v.file for v in r.manifest.inputs.values()} == {"mnist.npz"}
+    _same(tmp_path / "set", reference)
+
+
+def test_npz_medmnist_layout_with_multilabel(digits, tmp_path):
+    """MedMNIST's names, (N, 1) labels of single-label sets, and a ChestMNIST-like set of 14
+    binary labels stored as [N, 14] int64."""
+    images, labels = digits
+    multi = (np.random.default_rng(0).random((N, 14)) < 0.2).astype(np.uint8)
+    path = tmp_path / "chestmnist.npz"
+    np.savez(path, train_images=images[:7000], train_labels=multi[:7000], val_images=images[7000:8000],
+             val_labels=multi[7000:8000], test_images=images[8000:], test_labels=multi[8000:])
+    convert_from(path, tmp_path / "chest", progress=False)
+    x, y = _epoch(tmp_path / "chest", "val", images="uint8")
+    assert y.dtype == torch.int64 and y.shape == (1000, 14)
+    assert torch.equal(y, torch.from_numpy(multi[7000:8000].astype(np.int64)))
+    assert torch.equal(x[:, 0], torch.from_numpy(images[7000:8000]))
+
+    single = tmp_path / "pneumoniamnist.npz"
+    np.savez(single, train_images=images, train_labels=(labels % 2)[:, None])
+    r = convert_from(single, tmp_path / "pneumonia", progress=False)
+    info = r.manifest.splits["train"]
+    assert info.num_classes == 2 and info.label_shape == ()
+    # mean and std from the train split, as numpy computes them over its pixels
+    assert info.mean == pytest.approx(images.mean() / 255, abs=1e-12)
+    assert info.std == pytest.approx((images / 255).std(), abs=1e-12)
+
+
+def test_csv_kaggle_layout_with_and_without_header(digits, reference, tmp_path):
+    write_csv(tmp_path / "test.csv", *digits)
+    write_csv(tmp_path / "mnist_test.csv", *digits, header=False)  # pjreddie's layout: no header
+    for name in ("test.csv", "mnist_test.csv"):
+        out = tmp_path / name.replace(".csv", "")
+        r = convert_from(tmp_path / name, out, progress=False, **MNIST)
+        assert list(r.manifest.splits) == ["test"]
+        _same(out, reference)
+
+
+def test_image_folder_in_torchvisions_order(digits, pngs, reference, tmp_path):
+    root = write_folder(tmp_path / "folder", "test", pngs, digits[1])
+    r = convert_from(root, tmp_path / "set", progress=False, **MNIST)
+    assert r.manifest.options["from"] == "images" and r.manifest.options["classes"] == list("0123456789")
+    # ImageFolder's own order: classes sorted by name, files sorted within one
+    from torchvision.datasets import ImageFolder
+
+    folder = ImageFolder(root / "test")
+    order = [int(p.rsplit("/", 1)[1][:5]) for p, _ in folder.samples]
+    assert [c for _, c in folder.samples] == digits[1][order].tolist()
+    _same(tmp_path / "set", reference, order)
+
+
+def test_hf_parquet_and_class_names(digits, pngs, reference, tmp_path):
+    folder = tmp_path / "hub" / "mnist"
+    folder.mkdir(parents=True)
+    # as the Hub stores ylecun/mnist: split in the file name, several files per split
+    write_parquet(folder / "test-00000-of-00002.parquet", pngs[:5000], digits[1][:5000], list("0123456789"))
+    write_parquet(folder / "test-00001-of-00002.parquet", pngs[5000:], digits[1][5000:], list("0123456789"))
+    r = convert_from(tmp_path / "hub", tmp_path / "set", progress=False, **MNIST)
+    assert r.manifest.options["classes"] == list("0123456789")
+    assert [v.file for v in r.manifest.inputs.values()] == [
+        "mnist/test-00000-of-00002.parquet", "mnist/test-00001-of-00002.parquet"]
+    _same(tmp_path / "set", reference)
+
+
+def test_hf_datasets_objects_and_save_to_disk(digits, reference, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from PIL import Image
+
+    ds = datasets.Dataset.from_dict(
+        {"image": [Image.fromarray(im) for im in digits[0]], "label": digits[1].tolist()},
+        features=datasets.Features({"image": datasets.Image(),
+                                    "label": datasets.ClassLabel(names=list("0123456789"))}))
+    whole = datasets.DatasetDict({"test": ds})
+    convert_from(whole, tmp_path / "in-memory", progress=False, **MNIST)
+    _same(tmp_path / "in-memory", reference)
+
+    whole.save_to_disk(tmp_path / "saved")  # Arrow stream files under saved/test/
+    r = convert_from(tmp_path / "saved", tmp_path / "from-disk", progress=False, **MNIST)
+    assert r.manifest.options["classes"] == list("0123456789")
+    assert all(not v.file.startswith("/") for v in r.manifest.inputs.values())
+    _same(tmp_path / "from-disk", reference)
+
+    # a shuffled view: the rows the Dataset shows, not those its Arrow table stores
+    order = np.random.default_rng(1).permutation(N)
+    convert_from(ds.select(order), tmp_path / "selected", split="test", progress=False, **MNIST)
+    _same(tmp_path / "selected", reference, torch.from_numpy(order))
+
+
+def test_foreign_webdataset_shards_local_and_over_http(digits, pngs, reference, tmp_path):
+    folder = write_wds(tmp_path / "shards", "test", pngs, digits[1])
+    convert_from(folder, tmp_path / "local", progress=False, **MNIST)
+    _same(tmp_path / "local", reference)
+    with served(folder) as url:
+        r = convert_from(url + "test-{000000..000002}.tar", tmp_path / "http", progress=False, **MNIST)
+    assert [v.file for v in r.manifest.inputs.values()][0].endswith("/test-000000.tar")
+    _same(tmp_path / "http", reference)
+
+
+def test_convert_arrays_in_memory(digits, reference, tmp_path):
+    images, labels = digits
+    r = convert_arrays(images, labels, tmp_path / "set", split="test", progress=False, **MNIST)
+    assert r.manifest.inputs["test"].file == "(in memory)"
+    _same(tmp_path / "set", reference)
+    again = convert_arrays(images[:, None], labels, tmp_path / "set", split="test", progress=False, **MNIST)
+    assert not again.skipped  # (N, 1, 28, 28) is another input; its set has the same bytes
+    _same(tmp_path / "set", reference)
+    assert convert_arrays(images[:, None], labels, tmp_path / "set", split="test", progress=False,
+                          **MNIST).skipped
+
+
+def test_tar_output_from_a_foreign_kind(digits, reference, tmp_path):
+    path = tmp_path / "mnist.npz"
+    np.savez(path, x_test=digits[0], y_test=digits[1])
+    convert_from(path, tmp_path / "set", format="wds", shard_size=3000, progress=False, **MNIST)
+    x, y = _epoch(tmp_path / "set")
+    assert torch.equal(y, reference[1]) and torch.equal(x, reference[0])
+
+
+# --- splits, normalisation, conversions ----------------------------------------------------
+
+def test_val_fraction_is_a_seeded_recorded_draw(digits, tmp_path):
+    images, labels = digits
+    r = convert_arrays(images, labels, tmp_path / "a", val_fraction=0.1, seed=7, progress=False)
+    assert r.manifest.options["val_fraction"] == 0.1 and r.manifest.options["val_seed"] == 7
+    train, val = _epoch(tmp_path / "a", "train", "uint8"), _epoch(tmp_path / "a", "val", "uint8")
+    assert len(val[1]) == 1000 and len(train[1]) == 9000
+    # together, exactly the input: every image once, and each split in the input's order
+    held = np.zeros(N, bool)
+    held[np.random.default_rng(7).permutation(N)[:1000]] = True
+    assert torch.equal(val[0][:, 0], torch.from_numpy(images[held]))
+    assert torch.equal(train[0][:, 0], torch.from_numpy(images[~held]))
+    assert torch.equal(train[1], torch.from_numpy(labels[~held]))
+    # mean/std from the train split that remains
+    assert r.manifest.splits["val"].mean == pytest.approx(images[~held].mean() / 255, abs=1e-12)
+    convert_arrays(images, labels, tmp_path / "b", val_fraction=0.1, seed=8, progress=False)
+    assert not torch.equal(_epoch(tmp_path / "b", "val", "uint8")[0], val[0])
+
+
+def test_grayscale_and_resize_only_when_asked_and_recorded(digits, tmp_path):
+    from PIL import Image
+
+    images = digits[0][:50]
+    rgb = np.stack([np.asarray(Image.fromarray(im).convert("RGB").resize((32, 32))) for im in images])
+    with pytest.raises(FastMNISTError, match=r"train arrays: images of shape 32x32x3, expected 28x28"):
+        convert_arrays(rgb, digits[1][:50], tmp_path / "refused", progress=False)
+    assert not (tmp_path / "refused").exists()
+    r = convert_arrays(rgb, digits[1][:50], tmp_path / "set", grayscale=True, resize=True, progress=False)
+    assert r.manifest.options["grayscale"].startswith("Pillow convert('L')")
+    assert r.manifest.options["resize"].startswith("Pillow resize to 28x28")
+    x, _ = _epoch(tmp_path / "set", "train", "uint8")
+    expected = [np.asarray(Image.fromarray(im).convert("L").resize((28, 28), Image.Resampling.BILINEAR))
+                for im in rgb]
+    assert torch.equal(x[:, 0], torch.from_numpy(np.stack(expected)))
+
+
+def test_cli_detects_the_kind_and_records_relative_inputs(digits, tmp_path, capsys):
+    path = tmp_path / "mnist.npz"
+    np.savez(path, x_train=digits[0][:500], y_train=digits[1][:500])
+    assert main(["convert", str(path), "--out", str(tmp_path / "set"), "--quiet"]) == 0
+    text = (tmp_path / "set" / "manifest.json").read_text()
+    assert str(tmp_path) not in text  # no absolute path of this machine
+    m = fastmnist.open_shards(tmp_path / "set").manifest
+    assert m.splits["train"].count == 500 and m.options["from"] == "npz"
+    assert main(["convert", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+    assert "a .npz or .csv file is given itself" in capsys.readouterr().err
+    mixed = tmp_path / "mixed"
+    (mixed / "0").mkdir(parents=True)
+    (mixed / "0" / "a.png").write_bytes(b"")
+    (mixed / "train.parquet").write_bytes(b"")
+    assert main(["convert", str(mixed), "--out", str(tmp_path / "x")]) == 2
+    assert "holds hf and images; pass --from" in capsys.readouterr().err
+
+
+def test_idx_manifest_records_inputs_relative_to_the_root(real_root, tmp_path):
+    r = convert(real_root, tmp_path / "set", splits=["test"], progress=False)
+    assert [v.file for v in r.manifest.inputs.values()] == [
+        "MNIST/raw/t10k-images-idx3-ubyte.gz", "MNIST/raw/t10k-labels-idx1-ubyte.gz"]
+
+
+# --- hostile inputs: a clear error naming the file and the row or key; nothing written -------
+
+def _refused(tmp_path, match, source, **kw):
+    out = tmp_path / "out"
+    with pytest.raises(FastMNISTError, match=match):
+        convert_from(source, out, progress=False, **MNIST, **kw)
+    assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_hostile_png_inputs_name_the_key(digits, pngs, tmp_path):
+    from PIL import Image
+
+    def rgb(im):
+        buf = io.BytesIO()
+        Image.fromarray(im).convert("RGB").save(buf, format="PNG")
+        return buf.getvalue()
+
+    def big(im):
+        buf = io.BytesIO()
+        Image.fromarray(im).resize((32, 32)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    cases = {"corrupt": (lambda b: b[:60] + b"\0" * 40, r"key sample000017: not a readable image"),
+             "rgb": (lambda b: rgb(digits[0][17]), r"key sample000017: a RGB image \(3 channels\)"),
+             "big": (lambda b: big(digits[0][17]), r"key sample000017: 32x32 pixels, expected 28x28")}
+    for name, (spoil, match) in cases.items():
+        def bad(i, sample, spoil=spoil):
+            return {**sample, "png": spoil(sample["png"])} if i == 17 else sample
+        folder = write_wds(tmp_path / name, "test", pngs[:100], digits[1][:100], spoil=bad)
+        _refused(tmp_path, r"^test-000000\.tar: " + match, folder)
+    folder = write_wds(tmp_path / "nocls", "test", pngs[:100], digits[1][:100],
+                       spoil=lambda i, s: {k: v for k, v in s.items() if k != "cls"} if i == 42 else s)
+    _refused(tmp_path, r"test-000000\.tar: key sample000042: no cls member \(it has png\)", folder)
+    folder = tmp_path / "notar"
+    folder.mkdir()
+    (folder / "test-000000.tar").write_bytes(b"not a tar" * 100)
+    _refused(tmp_path, r"test-000000\.tar: not a readable tar archive", folder)
+
+
+def test_hostile_labels_name_the_row(digits, pngs, tmp_path):
+    images, labels = digits
+    for value in (10, -1):
+        bad = labels[:100].copy()
+        bad[33] = value
+        write_parquet(tmp_path / f"test-{value}.parquet", pngs[:100], bad, list("0123456789"))
+        _refused(tmp_path, rf"test-{value}\.parquet: row 33: label {value}, expected a class in 0\.\.9",
+                 tmp_path / f"test-{value}.parquet")
+        np.savez(tmp_path / f"bad{value}.npz", x_train=images[:100], y_train=bad)
+        _refused(tmp_path, rf"bad{value}\.npz: x_train/y_train: index 33: label {value}",
+                 tmp_path / f"bad{value}.npz", num_classes=10)
+
+
+def test_hostile_csv_npz_and_folders(digits, pngs, tmp_path):
+    images, labels = digits
+    rows = [f"{lb}," + ",".join(map(str, im.reshape(-1))) for im, lb in zip(images[:20], labels[:20],
+                                                                            strict=True)]
+    rows[6] = rows[6].rsplit(",", 1)[0]  # 783 pixels
+    (tmp_path / "short.csv").write_text("\n".join(rows) + "\n")
+    _refused(tmp_path, r"short\.csv: line 7: 784 columns, expected 785", tmp_path / "short.csv")
+    rows[6] = rows[7].replace(",0,", ",x,", 1)
+    (tmp_path / "text.csv").write_text("\n".join(rows) + "\n")
+    _refused(tmp_path, r"text\.csv: could not convert string 'x' to int64 at row 6", tmp_path / "text.csv")
+    rows[6] = rows[7].replace(",0,", ",300,", 1)
+    (tmp_path / "range.csv").write_text("\n".join(rows) + "\n")
+    _refused(tmp_path, r"range\.csv: line 7: a pixel value outside 0\.\.255 \(300\)", tmp_path / "range.csv")
+    (tmp_path / "unlabelled.csv").write_text(
+        ",".join(f"pixel{i}" for i in range(784)) + "\n" + "\n".join(r.split(",", 1)[1] for r in rows[:3]))
+    _refused(tmp_path, r"unlabelled\.csv: no label column", tmp_path / "unlabelled.csv")
+
+    np.savez(tmp_path / "mismatch.npz", x_train=images[:100], y_train=labels[:99])
+    _refused(tmp_path, r"mismatch\.npz: x_train has 100 images but y_train has 99 labels",
+             tmp_path / "mismatch.npz")
+    np.savez(tmp_path / "pickled.npz", x_train=np.array([object()] * 3), y_train=labels[:3])
+    _refused(tmp_path, r"pickled\.npz: x_train/y_train: unreadable", tmp_path / "pickled.npz")
+    (tmp_path / "garbage.npz").write_bytes(b"PK\x03\x04 not really")
+    _refused(tmp_path, r"garbage\.npz: not a readable \.npz archive", tmp_path / "garbage.npz")
+
+    folder = tmp_path / "folder"
+    for i in range(30):
+        (folder / str(labels[i])).mkdir(parents=True, exist_ok=True)
+        (folder / str(labels[i]) / f"{i:05d}.png").write_bytes(pngs[i] if i != 12 else b"\x89PNG broken")
+    _refused(tmp_path, rf"folder: {labels[12]}/00012\.png: not a readable image", folder)
+
+
+def test_a_failed_conversion_keeps_the_set_already_there(digits, tmp_path):
+    images, labels = digits
+    convert_arrays(images[:100], labels[:100], tmp_path / "out", progress=False)
+    before = (tmp_path / "out" / "manifest.json").read_bytes()
+    bad = labels[:100].copy()
+    bad[5] = -1
+    with pytest.raises(FastMNISTError, match="index 5: label -1"):
+        convert_arrays(images[:100], bad, tmp_path / "out", progress=False)
+    assert (tmp_path / "out" / "manifest.json").read_bytes() == before
+    assert fastmnist.verify_shards(tmp_path / "out") == []
+
+
+def test_unsafe_tar_member_names_are_only_read(digits, pngs, tmp_path):
+    """A foreign tar is read from memory, never extracted: ../ names write nothing."""
+    path = tmp_path / "shards" / "test-000000.tar"
+    path.parent.mkdir()
+    with tarfile.open(path, "w") as tar:
+        for i in range(3):
+            for ext, data in (("png", pngs[i]), ("cls", str(digits[1][i]).encode())):
+                info = tarfile.TarInfo(f"../../escape{i}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    convert_from(path.parent, tmp_path / "set", progress=False, **MNIST)
+    assert not list(tmp_path.parent.glob("escape*"))
+    assert _epoch(tmp_path / "set")[1].tolist() == digits[1][:3].tolist()
