@@ -52,10 +52,10 @@ def test_convert_60k(benchmark, digits, tmp_path, kind):
     benchmark.extra_info["s_per_10k"] = statistics.median(benchmark.stats.stats.data) * 10000 / N
 
 
-@pytest.mark.parametrize("threads", [1, None], ids=["one thread", "all cores"])
-def test_decode_60k_pngs(benchmark, digits, threads):
+@pytest.mark.parametrize("workers", [1, None], ids=["one process", "one per core"])
+def test_decode_60k_pngs(benchmark, digits, workers):
     pngs = png_bytes(digits[0])
-    out = benchmark.pedantic(decode, args=(pngs, "", str), kwargs={"threads": threads}, rounds=3,
+    out = benchmark.pedantic(decode, args=(pngs, "", str), kwargs={"workers": workers}, rounds=3,
                              iterations=1)
     assert np.array_equal(out, digits[0])
     benchmark.extra_info["s_per_10k"] = statistics.median(benchmark.stats.stats.data) * 10000 / N

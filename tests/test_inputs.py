@@ -361,3 +361,13 @@ def test_unsafe_tar_member_names_are_only_read(digits, pngs, tmp_path):
     convert_from(path.parent, tmp_path / "set", progress=False, **MNIST)
     assert not list(tmp_path.parent.glob("escape*"))
     assert _epoch(tmp_path / "set")[1].tolist() == digits[1][:3].tolist()
+
+
+def test_decoding_in_processes_gives_the_same_images_and_names_the_bad_one(digits, pngs):
+    from fastmnist.formats.pictures import decode
+
+    assert np.array_equal(decode(pngs, "x", str, workers=2), digits[0])
+    spoiled = list(pngs)
+    spoiled[7001] = b"\x89PNG\r\n\x1a\n" + b"\0" * 30
+    with pytest.raises(FastMNISTError, match=r"^shards: image 7001: not a readable image"):
+        decode(spoiled, "shards", lambda i: f"image {i}", workers=2)

@@ -531,7 +531,11 @@ class _ArraySplit:
             yield first, images.reshape(len(images), *IMAGE_SHAPE), self.labels[first:first + _CHUNK]
 
     def pixel_counts(self) -> np.ndarray:
-        return np.bincount(self.images.reshape(-1), minlength=256)
+        """As :meth:`_IdxSplit.pixel_counts`, a chunk at a time (bincount widens to int64)."""
+        counts = np.zeros(256, np.int64)
+        for first in range(0, self.count, _CHUNK):
+            counts += np.bincount(self.images[first:first + _CHUNK].reshape(-1), minlength=256)
+        return counts
 
 
 def _prepare(read: dict[str, Samples], num_classes: int | None, grayscale: bool, resize: bool,
