@@ -8,12 +8,13 @@ which samples each rank and worker visits and where an epoch stands is the plan'
 """
 
 import os
+import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterator
 
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .errors import FastMNISTError
 from .loading import augment, delivery
@@ -190,6 +191,17 @@ class FastMNISTLoader(IterableDataset):
             raise FastMNISTError("this loader has no transform")
         return self._augment.params(epoch, indices)
 
+    def as_dataloader(self, **options) -> DataLoader:
+        """This loader inside a real ``torch.utils.data.DataLoader``, for trainers that take
+        nothing else (Lightning Fabric's ``setup_dataloaders``): ``batch_size=None``, so its
+        batches pass through as they are. The split stays this loader's: a trainer that
+        re-creates the DataLoader keeps the loader as its dataset, and no sampler can be set
+        on an iterable dataset. ``options`` go to ``DataLoader`` (``num_workers``, ...; with
+        workers, resume through torchdata's ``StatefulDataLoader`` instead). Save and load
+        this loader's own ``state_dict`` in checkpoints: with no workers the DataLoader takes
+        one batch from it per step, so its state is the step's."""
+        return DataLoader(self, batch_size=None, **options)
+
     def state_dict(self) -> dict:
         """Where the epoch stands, the same on every rank of a job in step: the epoch, the
         positions of its order consumed (``[start, stop)`` intervals: a few numbers, however
@@ -209,8 +221,11 @@ class FastMNISTLoader(IterableDataset):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The next epoch's batches. One thread at a time: a second thread's ``iter()``
-        while another thread's epoch is under way is refused."""
+        while another thread's epoch is under way is refused; so is a wrapper that would
+        split this rank's batches across the ranks again (``RESPLITTERS``)."""
         self._check_thread()
+        if self.world_size > 1:
+            _refuse_resplitting()
         return self._epoch()
 
     def _check_thread(self, claim: bool = False) -> None:
@@ -243,6 +258,28 @@ class FastMNISTLoader(IterableDataset):
             epoch_pass.yielded(number)
             yield batch
         epoch_pass.finish()
+
+
+# Modules whose wrappers iterate a dataset on one rank and divide what it yields among all
+# ranks, or keep every world_size-th batch on each, so that with this loader's own split each
+# rank would get 1/world_size of its share; and what to do instead.
+RESPLITTERS = {
+    "accelerate.data_loader": "Accelerate's prepared DataLoader divides the batches among the processes "
+    "again, on top of this loader's split by rank (each rank would get 1/world_size of its share): "
+    "give accelerator.prepare() the FastMNISTLoader itself, which it hands back unchanged",
+}
+
+
+def _refuse_resplitting(depth: int = 12) -> None:
+    """Raise if one of the ``depth`` callers of ``iter()`` is a ``RESPLITTERS`` wrapper."""
+    frame = sys._getframe(2)
+    for _ in range(depth):
+        if frame is None:
+            return
+        advice = RESPLITTERS.get(frame.f_globals.get("__name__", ""))
+        if advice is not None:
+            raise FastMNISTError(advice)
+        frame = frame.f_back
 
 
 def _distributed(rank, world_size) -> tuple[int, int]:
