@@ -40,7 +40,8 @@ def reference(indexed_shards) -> dict[int, list[list[int]]]:
 
 def _need(trainer: str) -> None:
     """Skip when the trainer is not installed, except in CI (the dev extra installs them all)."""
-    module = {"fabric": "lightning", "accelerate": "accelerate", "ignite": "ignite", "ray": "ray.train"}[trainer]
+    module = {"fabric": "lightning", "accelerate": "accelerate", "ignite": "ignite",
+              "ray": "ray.train"}[trainer]
     if os.environ.get("CI"):
         importlib.import_module(module)
     else:
