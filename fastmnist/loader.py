@@ -172,6 +172,12 @@ class FastMNISTLoader(IterableDataset):
         """As ``DataLoader.sampler`` with a ``DistributedSampler``: ``set_epoch``, ``len()``."""
         return EpochSampler(self._plan)
 
+    @property
+    def epoch(self) -> int:
+        """The epoch the next ``iter()`` runs, or continues after ``load_state_dict`` of a
+        state taken mid-epoch: a training loop's ``while loader.epoch < epochs`` resumes right."""
+        return self._plan.next_epoch
+
     def set_epoch(self, epoch: int) -> None:
         """Make the next ``iter()`` run ``epoch`` (as ``DistributedSampler.set_epoch``); a
         loaded state of another epoch is dropped."""

@@ -10,6 +10,7 @@ rank all of it) fails the comparison."""
 import importlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -127,3 +128,23 @@ def test_accelerate_dataloader_that_would_split_again_is_refused(indexed_shards,
     for rank in range(WORLD):
         text = (tmp_path / f"refused.rank{rank}.txt").read_text()
         assert "give accelerator.prepare() the FastMNISTLoader itself" in text
+
+
+@pytest.mark.parametrize("trainer", ["fabric", "accelerate", "ignite", "ray"])
+def test_the_documented_example_runs(trainer, indexed_shards, tmp_path):
+    """docs/trainers/<trainer>.md's example, as printed (the set's path put in), run with the
+    page's launch command for 3 epochs: it trains and writes its checkpoint."""
+    _need(trainer)
+    page = (REPO / "docs" / "trainers" / f"{trainer}.md").read_text()
+    example = re.search(r"```python\n(.*?)```", page, re.S).group(1)
+    launch = re.search(r"```bash\n(?:pip install .*\n)(.*?)\s*(#.*)?\n", page).group(1).split()
+    programs = {"python": sys.executable, "accelerate": str(Path(sys.executable).parent / "accelerate")}
+    command = [programs.get(launch[0], launch[0]), *launch[1:]]
+    assert command[-1] == "train.py"
+    (tmp_path / "train.py").write_text(example.replace('"shards/mnist"', repr(str(indexed_shards))))
+    done = subprocess.run(command, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    written = {"fabric": "checkpoint.ckpt", "accelerate": "checkpoint", "ignite": "checkpoints",
+               "ray": "ray_results"}[trainer]
+    assert (tmp_path / written).exists()
