@@ -161,6 +161,39 @@ def test_hf_datasets_objects_and_save_to_disk(digits, reference, tmp_path):
     _same(tmp_path / "selected", reference, torch.from_numpy(order))
 
 
+def test_hf_datasets_cache_of_a_loaded_dataset(digits, pngs, reference, tmp_path):
+    """``load_dataset`` writes Arrow files into its cache (``.../parquet-test.arrow``): that
+    folder converts as it is."""
+    datasets = pytest.importorskip("datasets")
+    source = write_parquet(tmp_path / "mnist.parquet", pngs, digits[1], list("0123456789"))
+    loaded = datasets.load_dataset("parquet", data_files={"test": str(source)},
+                                   cache_dir=str(tmp_path / "cache"))
+    assert loaded["test"].cache_files  # the Arrow files in the cache
+    r = convert_from(tmp_path / "cache", tmp_path / "set", progress=False, **MNIST)
+    assert list(r.manifest.splits) == ["test"]
+    _same(tmp_path / "set", reference)
+
+
+def test_foreign_webdataset_with_chosen_members(digits, tmp_path):
+    """PGM images under ``pgm`` and the class as ``label.txt``: named with image_key/label_key."""
+    import webdataset as wds
+    from PIL import Image
+
+    images, labels = digits[0][:300], digits[1][:300]
+    with wds.TarWriter(str(tmp_path / "digits.tar")) as sink:
+        for i, (im, label) in enumerate(zip(images, labels, strict=True)):
+            buf = io.BytesIO()
+            Image.fromarray(im).save(buf, format="PPM")  # a P5 (grey) PGM for mode L
+            sink.write({"__key__": f"d{i:04d}", "pgm": buf.getvalue(), "label.txt": str(label).encode()})
+    with pytest.raises(FastMNISTError, match=r"digits\.tar: key d0000: no cls member \(it has "
+                                             r"label\.txt, pgm\)"):
+        convert_from(tmp_path / "digits.tar", tmp_path / "set", progress=False)
+    convert_from(tmp_path / "digits.tar", tmp_path / "set", image_key="pgm", label_key="label.txt",
+                 progress=False, num_classes=10)
+    x, y = _epoch(tmp_path / "set", "train", "uint8")
+    assert torch.equal(x[:, 0], torch.from_numpy(images)) and y.tolist() == labels.tolist()
+
+
 def test_foreign_webdataset_shards_local_and_over_http(digits, pngs, reference, tmp_path):
     folder = write_wds(tmp_path / "shards", "test", pngs, digits[1])
     convert_from(folder, tmp_path / "local", progress=False, **MNIST)
