@@ -11,8 +11,8 @@ __version__ = "0.1.0"
 _WHERE = {  # public name -> the module that defines it
     "ConvertResult": "conversion.converter",
     "convert": "conversion.converter",
-    "convert_arrays": "conversion.converter",
-    "convert_from": "conversion.converter",
+    "convert_arrays": "conversion.inputs",
+    "convert_from": "conversion.inputs",
     "FastMNISTError": "errors",
     "FastMNISTLoader": "loader",
     "Manifest": "formats.manifest",

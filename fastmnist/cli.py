@@ -157,7 +157,8 @@ def add_convert_args(c: argparse.ArgumentParser) -> None:
 
 
 def _convert(args) -> int:
-    from .conversion.converter import convert, convert_from
+    from .conversion.converter import convert
+    from .conversion.inputs import convert_from
 
     if (args.root is None) == (args.path is None):
         raise FastMNISTError("convert: give the input once, as PATH or as --root")

@@ -5,7 +5,8 @@ Per split it writes ``{split}_images_u8.npy`` uint8 ``(N,1,28,28)``,
 ``Normalize``) and ``{split}_labels.npy`` int64 ``(N,)``, and/or WebDataset tar shards
 ``{split}-000000.tar``, ... (``tar.py``), plus ``manifest.json``.
 The set is built in a hidden sibling directory and swapped into place, under a lock, so
-readers see the old complete set or the new one, never a mix.
+readers see the old complete set or the new one, never a mix. :func:`build` is that
+writer; ``inputs.py`` feeds it from inputs other than IDX files.
 """
 
 import contextlib
@@ -15,12 +16,10 @@ import fcntl
 import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
 import time
 import types
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,14 +37,11 @@ from ..formats.datasets import (
     get_spec,
 )
 from ..formats.files import BackgroundWriter, hashed, open_regular
-from ..formats.foreign import KINDS, READERS, InputPart, Samples, detect
 from ..formats.idx import IMAGES, IdxReader, check_classes, label_kind
 from ..formats.manifest import (
     ARRAYS,
     IMAGE_SHAPE,
     MANIFEST,
-    MAX_CLASSES,
-    MAX_LABEL_COLUMNS,
     MIN_STD,
     Manifest,
     array_file_name,
@@ -56,10 +52,9 @@ from ..formats.manifest import (
     shard_file_name,
 )
 from ..formats.normalize import normalize_u8_numpy
-from ..formats.pictures import CONVERSIONS, conform_array
 from ..store import open_shards, read_manifest
 
-_CHUNK = 1000  # samples per chunk: 3 MB of float32, cache-sized
+CHUNK = 1000  # samples per chunk: 3 MB of float32, cache-sized
 FORMATS = ("npy", "wds", "both")
 
 
@@ -101,91 +96,16 @@ def convert(root, out, dataset: str = "mnist", *, splits=None, mean=None, std=No
         splits = {split: _IdxSplit(inp, spec) for split, inp in inputs.items()}
         return splits, spec.num_classes, spec.label_shape
 
-    output = _Output(out, format, shard_size, float32, progress)
+    output = Output(out, format, shard_size, float32, progress)
     fixed = (spec.mean, spec.std) if spec.mean is not None and mean is None and std is None else None
-    return _build(output, spec.name, synthetic, options, fingerprint, load, mean, std, fixed, force, start)
-
-
-def convert_arrays(images, labels, out, split: str = "train", mean=None, std=None, *, dataset: str = "arrays",
-                   num_classes: int | None = None, grayscale: bool = False, resize: bool = False,
-                   val_fraction: float | None = None, seed: int = 0, format: str = "npy",
-                   shard_size: int = 10000, float32: bool = True, force: bool = False,
-                   progress: bool = True) -> ConvertResult:
-    """Convert images and labels already in memory into the set at ``out``.
-
-    ``images``: uint8 ``(N, 28, 28)``, ``(N, 1, 28, 28)`` or ``(N, 28, 28, 1)`` (other sizes,
-    and channels-last colour, with ``resize``/``grayscale``); ``labels``: integers ``(N,)``,
-    or ``(N, K)`` for multi-label sets (stored ``[N, K]`` int64). Both may instead be
-    mappings ``{split: array}`` for several splits at once. ``num_classes``: default the
-    largest label + 1. ``val_fraction``: hold out that fraction of ``train`` (a seeded, recorded
-    draw) as a ``val`` split. Other arguments as for :func:`convert`.
-    """
-    start = time.perf_counter()
-    if isinstance(images, Mapping) != isinstance(labels, Mapping) or (
-            isinstance(images, Mapping) and set(images) != set(labels)):
-        raise FastMNISTError("images and labels: give both as arrays, or both as {split: array} "
-                             "with the same splits")
-    pairs = images.items() if isinstance(images, Mapping) else [(split, images)]
-    read = {name: Samples(im, labels[name] if isinstance(labels, Mapping) else labels,
-                          f"{name} arrays", lambda i: f"index {i}") for name, im in pairs}
-    fingerprint = {name: _array_fingerprint(s.images, s.labels) for name, s in read.items()}
-    prepared = _prepare(read, num_classes, grayscale, resize, val_fraction, seed)
-    options = _foreign_options("arrays", dataset, mean, std, format, shard_size, float32,
-                               grayscale, resize, val_fraction, seed, None, None)
-    output = _Output(Path(out), format, shard_size, float32, progress)
-    return _build(output, dataset, False, options, fingerprint, lambda: prepared, mean, std, None, force,
-                  start)
-
-
-def convert_from(source, out, kind: str | None = None, *, split: str | None = None,
-                 image_key: str | None = None, label_key: str | None = None, dataset: str | None = None,
-                 num_classes: int | None = None, grayscale: bool = False, resize: bool = False,
-                 val_fraction: float | None = None, seed: int = 0, mean=None, std=None,
-                 format: str = "npy", shard_size: int = 10000, float32: bool = True,
-                 force: bool = False, progress: bool = True) -> ConvertResult:
-    """Convert digits kept elsewhere into the set at ``out``: ``kind`` one of
-    ``foreign.KINDS`` (default: told from ``source``): "idx" (a torchvision root), "hf"
-    (parquet or Arrow files or folders, or a ``datasets.Dataset``/``DatasetDict``), "npz",
-    "csv", "images" (an ``ImageFolder`` tree) or "wds" (tar shards: files, a folder, a brace
-    pattern or URLs). ``split``: the split of an input that holds one (default: from its
-    name, else "train"). ``image_key``/``label_key``: the arrays, columns, members or
-    extensions to read (default: detected). ``dataset``: the name the manifest records
-    (default: the input's). Other arguments as for :func:`convert_arrays`.
-    """
-    start = time.perf_counter()
-    kind = kind or detect(source)
-    if kind == "idx":
-        return convert(source, out, dataset or "mnist", splits=[split] if split else None, mean=mean,
-                       std=std, format=format, shard_size=shard_size, float32=float32, force=force,
-                       progress=progress)
-    if kind not in READERS:
-        raise FastMNISTError(f"unknown input kind {kind!r}: expected one of {', '.join(KINDS)}")
-    reader = READERS[kind](source, split, image_key, label_key)
-    dataset = dataset or _input_name(source)
-    fingerprint = {}
-    for part in reader.files():
-        key = _input_key(part, fingerprint)
-        fingerprint[key] = _part_fingerprint(part, reader.fetch(part))
-    options = _foreign_options(kind, dataset, mean, std, format, shard_size, float32, grayscale, resize,
-                               val_fraction, seed, image_key, label_key)
-
-    def load():
-        with _progress_bar(None, f"decode {kind}", progress and reader.decodes) as bar:
-            read = reader.read(bar, grayscale, resize)
-        if not fingerprint:  # a datasets.Dataset in memory: its decoded contents
-            fingerprint.update({name: _array_fingerprint(s.images, s.labels) for name, s in read.items()})
-        if reader.classes is not None:
-            options["classes"] = reader.classes
-        return _prepare(read, num_classes or reader.num_classes, grayscale, resize, val_fraction, seed)
-
-    if not fingerprint:
-        load = _loaded_first(load)
-    output = _Output(Path(out), format, shard_size, float32, progress)
-    return _build(output, dataset, False, options, fingerprint, load, mean, std, None, force, start)
+    return build(output, spec.name, synthetic, options, fingerprint, load, mean, std, fixed, force, start)
 
 
 @dataclass(frozen=True)
-class _Output:
+class Output:
+    """Where a set goes and in what form (``format``, ``shard_size``, ``float32``; see
+    :func:`convert`), and whether a progress bar shows."""
+
     out: Path
     format: str
     shard_size: int
@@ -193,7 +113,7 @@ class _Output:
     progress: bool
 
 
-def _build(output: _Output, dataset: str, synthetic: bool, options: dict, fingerprint: dict, load,
+def build(output: Output, dataset: str, synthetic: bool, options: dict, fingerprint: dict, load,
            mean, std, fixed, force: bool, start: float) -> ConvertResult:
     """Write the set (unless it is up to date): ``load()`` gives ``({split: source}, num_classes,
     label_shape)``, a source having ``count``, ``chunks()`` and ``pixel_counts()``; ``fixed``:
@@ -225,7 +145,7 @@ def _build(output: _Output, dataset: str, synthetic: bool, options: dict, finger
         try:
             tmp.chmod(0o755)  # mkdtemp makes it private; the set is meant to be shared
             total = sum(src.count for src in splits.values())
-            with _progress_bar(total, f"convert {dataset}", output.progress) as bar, \
+            with progress_bar(total, f"convert {dataset}", output.progress) as bar, \
                     BackgroundWriter() as writer:
                 for split, src in splits.items():
                     out_files = _SplitWriter(tmp, split, src.count, label_shape, format, output.float32,
@@ -246,7 +166,7 @@ def _build(output: _Output, dataset: str, synthetic: bool, options: dict, finger
     return ConvertResult(out, written, False, time.perf_counter() - start)
 
 
-def _progress_bar(total: int | None, desc: str, shown: bool):
+def progress_bar(total: int | None, desc: str, shown: bool):
     """A tqdm bar counting images (of ``total``, None: not known), or a silent stand-in (tqdm
     is not even imported)."""
     if not shown:
@@ -329,88 +249,15 @@ def _fingerprint(path: Path, root: Path, spec: DatasetSpec) -> dict:
         md5, sha = hashed(f, hashlib.md5(), hashlib.sha256())
         size = os.fstat(f.fileno()).st_size
     expected = spec.md5.get(path.name)
-    return _entry(path.relative_to(root).as_posix(), size, md5, sha,
+    return input_entry(path.relative_to(root).as_posix(), size, md5, sha,
                   # torchvision publishes md5s of the .gz files only; None: cannot tell
                   None if expected is None else md5.hexdigest() == expected)
 
 
-def _entry(file: str, size: int, md5, sha256, canonical: bool | None = None) -> dict:
+def input_entry(file: str, size: int, md5, sha256, canonical: bool | None = None) -> dict:
+    """An input's manifest entry (``md5``/``sha256``: hashlib objects)."""
     return {"file": file, "size": size, "md5": md5.hexdigest(), "sha256": sha256.hexdigest(),
             "canonical": canonical}
-
-
-def _part_fingerprint(part: InputPart, data: bytes | None) -> dict:
-    """An input part's entry: a file's bytes, or a folder's files in name order (each
-    name, then its bytes) as one digest and their total size."""
-    md5, sha = hashlib.md5(), hashlib.sha256()
-    if data is not None:
-        md5.update(data)
-        sha.update(data)
-        return _entry(part.shown, len(data), md5, sha)
-    path = Path(part.path)
-    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
-    size = 0
-    for f in files:
-        if path.is_dir():
-            name = f.relative_to(path).as_posix().encode() + b"\0"
-            md5.update(name)
-            sha.update(name)
-        with open_regular(f) as fh:
-            hashed(fh, md5, sha)
-            size += os.fstat(fh.fileno()).st_size
-    return _entry(part.shown, size, md5, sha)
-
-
-def _array_fingerprint(images: np.ndarray, labels: np.ndarray) -> dict:
-    """The entry of a split given in memory: the digests of its images' and labels' bytes."""
-    md5, sha = hashlib.md5(), hashlib.sha256()
-    arrays = [np.ascontiguousarray(a) for a in (images, labels)]
-    for a in arrays:
-        for data in (repr((a.dtype.str, a.shape)).encode(), a.data):
-            md5.update(data)
-            sha.update(data)
-    return _entry("(in memory)", sum(a.nbytes for a in arrays), md5, sha)
-
-
-def _input_key(part: InputPart, taken: dict) -> str:
-    """The manifest key of an input part: its split, numbered from the second part on."""
-    base = part.split or "input"
-    n = sum(1 for k in taken if k == base or k.startswith(base + "-"))
-    return base if n == 0 else f"{base}-{n}"
-
-
-def _input_name(source) -> str:
-    """The dataset name a foreign input suggests: its file or folder name without the split."""
-    if not isinstance(source, (str, Path)):
-        return "datasets"
-    name = re.sub(r"\{.*", "", str(source).rstrip("/")).rsplit("/", 1)[-1]
-    name = re.sub(r"(\.tar|\.tgz|\.gz|\.npz|\.csv|\.parquet|\.arrow)+$", "", name)
-    name = re.sub(r"[-_.]?(train|test|validation|valid|val)\b.*", "", name, flags=re.I)
-    return name[:100] or "custom"
-
-
-def _foreign_options(kind: str, dataset: str, mean, std, format: str, shard_size: int, float32: bool,
-                     grayscale: bool, resize: bool, val_fraction, seed: int, image_key, label_key) -> dict:
-    """What a conversion from another kind was asked to do, as the manifest records it."""
-    options = {"from": kind, "dataset": dataset, "mean": mean, "std": std, "format": format,
-               "shard_size": shard_size if format != "npy" else None}
-    if not float32 and format != "wds":
-        options["float32"] = False
-    for name, asked in (("grayscale", grayscale), ("resize", resize)):
-        if asked:
-            options[name] = CONVERSIONS[name]
-    if val_fraction is not None:
-        options["val_fraction"], options["val_seed"] = val_fraction, seed
-    for name, key in (("image_key", image_key), ("label_key", label_key)):
-        if key is not None:
-            options[name] = key
-    return options
-
-
-def _loaded_first(load):
-    """``load`` run now (its result is needed before the up-to-date check), and kept."""
-    result = load()
-    return lambda: result
 
 
 def _prepare_parent(out: Path) -> None:
@@ -490,14 +337,14 @@ class _IdxSplit:
         return self.inp.count
 
     def chunks(self):
-        """The split's samples ``_CHUNK`` at a time, validated: ``(first, images, labels)``, uint8
+        """The split's samples ``CHUNK`` at a time, validated: ``(first, images, labels)``, uint8
         images ``(n, 1, 28, 28)`` and int64 labels ``(n, *spec.label_shape)``."""
         inp, spec = self.inp, self.spec
         start, stop = inp.files.start, inp.files.stop
         with IdxReader(inp.images, IMAGES) as fi, \
                 IdxReader(inp.labels, label_kind(spec.label_columns)) as fl:
             first = 0
-            for images, labels in zip(fi.chunks(_CHUNK, start, stop), fl.chunks(_CHUNK, start, stop),
+            for images, labels in zip(fi.chunks(CHUNK, start, stop), fl.chunks(CHUNK, start, stop),
                                       strict=True):
                 classes = labels[:, 0] if spec.label_columns else labels
                 check_classes(inp.labels, classes, spec.num_classes, start + first)
@@ -509,97 +356,9 @@ class _IdxSplit:
         """How many pixels of each value 0..255 the split has (int64 ``(256,)``)."""
         counts = np.zeros(256, np.int64)
         with IdxReader(self.inp.images, IMAGES) as f:
-            for chunk in f.chunks(_CHUNK, self.inp.files.start, self.inp.files.stop):
+            for chunk in f.chunks(CHUNK, self.inp.files.start, self.inp.files.stop):
                 counts += np.bincount(chunk.reshape(-1), minlength=256)
         return counts
-
-
-@dataclass(frozen=True)
-class _ArraySplit:
-    """A split held in memory: uint8 images ``(N, 28, 28)``, int64 labels ``(N, *label_shape)``."""
-
-    images: np.ndarray
-    labels: np.ndarray
-
-    @property
-    def count(self) -> int:
-        return len(self.labels)
-
-    def chunks(self):
-        for first in range(0, self.count, _CHUNK):
-            images = self.images[first:first + _CHUNK]
-            yield first, images.reshape(len(images), *IMAGE_SHAPE), self.labels[first:first + _CHUNK]
-
-    def pixel_counts(self) -> np.ndarray:
-        """As :meth:`_IdxSplit.pixel_counts`, a chunk at a time (bincount widens to int64)."""
-        counts = np.zeros(256, np.int64)
-        for first in range(0, self.count, _CHUNK):
-            counts += np.bincount(self.images[first:first + _CHUNK].reshape(-1), minlength=256)
-        return counts
-
-
-def _prepare(read: dict[str, Samples], num_classes: int | None, grayscale: bool, resize: bool,
-             val_fraction: float | None, seed: int) -> tuple[dict[str, _ArraySplit], int, tuple]:
-    """Splits as read, checked and made uniform: images 28x28 (converted only as asked),
-    labels int64 in ``0 .. num_classes - 1`` (default: the largest + 1), a ``val`` split drawn
-    from ``train`` if ``val_fraction``. Returns ``(splits, num_classes, label_shape)``."""
-    for name in read:
-        if not re.fullmatch(r"[a-z][a-z0-9]{0,31}", name):
-            raise FastMNISTError(f"split name {name!r}: expected a lower-case word such as train, test, val")
-    images = {name: conform_array(s.images, s.where, grayscale, resize) for name, s in read.items()}
-    labels = {name: _labels(s) for name, s in read.items()}
-    for name, s in read.items():
-        if len(images[name]) != len(labels[name]):
-            raise FastMNISTError(f"{s.where}: {len(images[name])} images but {len(labels[name])} labels")
-    shapes = {lb.shape[1:] for lb in labels.values()}
-    if len(shapes) > 1:
-        raise FastMNISTError(f"labels of different shapes across splits: {sorted(shapes)}")
-    label_shape = shapes.pop()
-    if num_classes is None:
-        num_classes = max([int(lb.max()) + 1 for lb in labels.values() if lb.size] or [1])
-    if not 1 <= num_classes <= MAX_CLASSES:
-        raise FastMNISTError(f"num_classes {num_classes}: expected 1..{MAX_CLASSES}")
-    for name, s in read.items():
-        bad = (labels[name] < 0) | (labels[name] >= num_classes)
-        if bad.any():
-            at = int(np.argmax(bad.reshape(len(bad), -1).any(axis=1)))
-            raise FastMNISTError(f"{s.where}: {s.name(at)}: label {labels[name][at].tolist()}, expected "
-                                 f"{'entries' if label_shape else 'a class'} in 0..{num_classes - 1}")
-    if val_fraction is not None:
-        _hold_out(images, labels, val_fraction, seed)
-    return {name: _ArraySplit(images[name], labels[name]) for name in read | images}, num_classes, label_shape
-
-
-def _labels(s: Samples) -> np.ndarray:
-    """int64 ``(N,)`` or ``(N, K)`` from labels as read (``(N, 1)`` is one class per sample)."""
-    labels = np.asarray(s.labels)
-    if labels.dtype == bool:
-        labels = labels.astype(np.int64)
-    if labels.dtype.kind not in "iu":
-        raise FastMNISTError(f"{s.where}: labels of dtype {labels.dtype}, expected integers")
-    if labels.ndim == 2 and labels.shape[1] == 1:
-        labels = labels[:, 0]
-    if labels.ndim not in (1, 2) or (labels.ndim == 2 and not 1 <= labels.shape[1] <= MAX_LABEL_COLUMNS):
-        raise FastMNISTError(f"{s.where}: labels of shape {labels.shape}, expected (N,) or (N, K) "
-                             f"with K <= {MAX_LABEL_COLUMNS}")
-    return labels.astype(np.int64)
-
-
-def _hold_out(images: dict, labels: dict, fraction: float, seed: int) -> None:
-    """Move a seeded draw of ``fraction`` of ``train`` into a new ``val`` split (both keep
-    their samples in the original order)."""
-    if not 0 < fraction < 1:
-        raise FastMNISTError(f"val_fraction must be in (0, 1), got {fraction!r}")
-    if "train" not in images:
-        raise FastMNISTError("val_fraction holds out part of the train split, and there is none")
-    taken = [name for name in images if name in ("val", "valid", "validation")]
-    if taken:
-        raise FastMNISTError(f"the input already has a {taken[0]} split; drop val_fraction")
-    n = len(labels["train"])
-    held = np.zeros(n, bool)
-    held[np.random.default_rng(seed).permutation(n)[:round(n * fraction)]] = True
-    for name, keep in (("val", held), ("train", ~held)):
-        images[name], labels[name] = images["train"][keep], labels["train"][keep]
 
 
 def _normalisation(dataset: str, splits: dict, mean, std) -> tuple[float, float]:
