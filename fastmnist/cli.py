@@ -6,8 +6,7 @@ import sys
 from pathlib import Path
 
 from .errors import FastMNISTError
-from .formats.datasets import DATASETS
-from .formats.foreign import KINDS
+from .formats.datasets import DATASETS, INPUT_KINDS
 
 
 def main(argv=None) -> int:
@@ -113,7 +112,7 @@ def add_convert_args(c: argparse.ArgumentParser) -> None:
                    help="the input: a torchvision root (idx), a .parquet/.arrow file or folder (hf), "
                         "a .npz, a .csv, an image folder, tar shards (a file, folder, {000..009} "
                         "pattern or URL)")
-    c.add_argument("--from", dest="kind", choices=KINDS,
+    c.add_argument("--from", dest="kind", choices=INPUT_KINDS,
                    help="what PATH is (default: told from PATH where that is unambiguous)")
     c.add_argument("--root", type=Path,
                    help="torchvision root: files under ROOT/<Dataset>/raw/, compressed or not "

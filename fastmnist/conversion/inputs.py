@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import FastMNISTError
+from ..formats.datasets import INPUT_KINDS
 from ..formats.files import hashed, open_regular
-from ..formats.foreign import KINDS, READERS, InputPart, Samples, detect
+from ..formats.foreign import READERS, InputPart, Samples, detect
 from ..formats.manifest import IMAGE_SHAPE, MAX_CLASSES, MAX_LABEL_COLUMNS
 from ..formats.pictures import CONVERSIONS, conform_array
 from .converter import CHUNK, ConvertResult, Output, build, convert, input_entry, progress_bar
@@ -60,7 +61,7 @@ def convert_from(source, out, kind: str | None = None, *, split: str | None = No
                  format: str = "npy", shard_size: int = 10000, float32: bool = True,
                  force: bool = False, progress: bool = True) -> ConvertResult:
     """Convert digits kept elsewhere into the set at ``out``: ``kind`` one of
-    ``foreign.KINDS`` (default: told from ``source``): "idx" (a torchvision root), "hf"
+    ``INPUT_KINDS`` (default: told from ``source``): "idx" (a torchvision root), "hf"
     (parquet or Arrow files or folders, or a ``datasets.Dataset``/``DatasetDict``), "npz",
     "csv", "images" (an ``ImageFolder`` tree) or "wds" (tar shards: files, a folder, a brace
     pattern or URLs). ``split``: the split of an input that holds one (default: from its
@@ -75,7 +76,7 @@ def convert_from(source, out, kind: str | None = None, *, split: str | None = No
                        std=std, format=format, shard_size=shard_size, float32=float32, force=force,
                        progress=progress)
     if kind not in READERS:
-        raise FastMNISTError(f"unknown input kind {kind!r}: expected one of {', '.join(KINDS)}")
+        raise FastMNISTError(f"unknown input kind {kind!r}: expected one of {', '.join(INPUT_KINDS)}")
     reader = READERS[kind](source, split, image_key, label_key)
     dataset = dataset or _input_name(source)
     fingerprint = {}

@@ -15,6 +15,9 @@ from pathlib import Path
 
 from ..errors import FastMNISTError
 
+# what `convert --from` reads: torchvision's IDX files (this module) and the kinds of
+# formats/foreign.py; here, so that the command line knows them without importing numpy
+INPUT_KINDS = ("idx", "hf", "npz", "csv", "images", "wds")
 COMPRESSIONS = (".gz", ".xz", "")  # a raw file may be stored compressed; torchvision extracts them
 # in a raw folder, says that its files were generated (``fastmnist synth``), not real data
 SYNTHETIC_MARKER = "fastmnist-synthetic.json"

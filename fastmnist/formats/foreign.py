@@ -23,9 +23,9 @@ import numpy as np
 
 from ..errors import FastMNISTError
 from . import pictures
+from .datasets import INPUT_KINDS
 from .files import open_regular
 
-KINDS = ("idx", "hf", "npz", "csv", "images", "wds")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".pgm", ".ppm", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 _SPLIT_WORD = re.compile(r"(?:^|[-_.])(train|test|validation|valid|val)(?=[-_.]|$)")
 _MAX_SHARD_BYTES = 4 << 30
@@ -76,7 +76,7 @@ def detect(path) -> str:
         if p.suffix.lower() in by_suffix:
             return by_suffix[p.suffix.lower()]
         raise FastMNISTError(f"{p}: cannot tell what kind of input this is from its name; "
-                             f"pass --from ({', '.join(KINDS)})")
+                             f"pass --from ({', '.join(INPUT_KINDS)})")
     if not p.is_dir():
         raise FastMNISTError(f"{p}: no such file or directory")
     found = set()
@@ -96,7 +96,8 @@ def detect(path) -> str:
         if not found:
             raise FastMNISTError(f"{p}: no raw IDX files, parquet/Arrow files, images or tar shards in it "
                                  "(a .npz or .csv file is given itself, not its folder)")
-        raise FastMNISTError(f"{p}: holds {' and '.join(sorted(found))}; pass --from ({', '.join(KINDS)})")
+        raise FastMNISTError(f"{p}: holds {' and '.join(sorted(found))}; "
+                             f"pass --from ({', '.join(INPUT_KINDS)})")
     return found.pop()
 
 
