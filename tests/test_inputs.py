@@ -6,6 +6,7 @@ bit for bit those the same digits give through ``idx``."""
 
 import gzip
 import io
+import json
 import tarfile
 
 import numpy as np
@@ -350,9 +351,9 @@ def test_hostile_csv_npz_and_folders(digits, pngs, tmp_path):
     rows[6] = rows[7].replace(",0,", ",300,", 1)
     (tmp_path / "range.csv").write_text("\n".join(rows) + "\n")
     _refused(tmp_path, r"range\.csv: line 7: a pixel value outside 0\.\.255 \(300\)", tmp_path / "range.csv")
-    (tmp_path / "unlabelled.csv").write_text(
-        ",".join(f"pixel{i}" for i in range(784)) + "\n" + "\n".join(r.split(",", 1)[1] for r in rows[:3]))
-    _refused(tmp_path, r"unlabelled\.csv: no label column", tmp_path / "unlabelled.csv")
+    (tmp_path / "nolabel.csv").write_text(",".join(f"pixel{i}" for i in range(785)) + "\n" + rows[0] + "\n")
+    _refused(tmp_path, r"nolabel\.csv: no label column among 785 columns \(a header without label\)",
+             tmp_path / "nolabel.csv")
 
     np.savez(tmp_path / "mismatch.npz", x_train=images[:100], y_train=labels[:99])
     _refused(tmp_path, r"mismatch\.npz: x_train has 100 images but y_train has 99 labels",
@@ -367,6 +368,44 @@ def test_hostile_csv_npz_and_folders(digits, pngs, tmp_path):
         (folder / str(labels[i])).mkdir(parents=True, exist_ok=True)
         (folder / str(labels[i]) / f"{i:05d}.png").write_bytes(pngs[i] if i != 12 else b"\x89PNG broken")
     _refused(tmp_path, rf"folder: {labels[12]}/00012\.png: not a readable image", folder)
+
+
+def test_kaggle_test_csv_without_labels_is_an_unlabelled_split(digits, tmp_path):
+    """Kaggle's test.csv (pixels only) beside its train.csv: the test split's labels are -1,
+    the manifest says it has none, and the loader checks that they are all -1."""
+    images, labels = digits
+    write_csv(tmp_path / "train.csv", images[:6000], labels[:6000])
+    np.savetxt(tmp_path / "test.csv", images[6000:].reshape(-1, 784), fmt="%d", delimiter=",",
+               header=",".join(f"pixel{i}" for i in range(784)), comments="")
+    convert_from(tmp_path / "train.csv", tmp_path / "train", progress=False)
+    r = convert_from(tmp_path / "test.csv", tmp_path / "test", num_classes=10, progress=False, **MNIST)
+    assert not r.manifest.splits["test"].labelled and r.manifest.splits["test"].num_classes == 10
+    x, y = _epoch(tmp_path / "test", "test", "uint8")
+    assert torch.equal(x[:, 0], torch.from_numpy(images[6000:])) and (y == -1).all()
+    with pytest.raises(FastMNISTError, match=r"test split has no labels, which tar shards"):
+        convert_from(tmp_path / "test.csv", tmp_path / "tar", format="wds", progress=False, **MNIST)
+    # in memory too: labels=None; a labelled file swapped in under the manifest is refused
+    convert_arrays(images[:50], None, tmp_path / "mem", split="test", progress=False, **MNIST)
+    np.save(tmp_path / "mem" / "test_labels.npy", labels[:50])  # a valid .npy of the same shape
+    with pytest.raises(FastMNISTError, match=r"test_labels\.npy: label 0: expected -1 \(the split has no "
+                                             r"labels\), found 7"):
+        list(FastMNISTLoader(tmp_path / "mem", "test", shuffle=False))
+
+
+def test_manifest_of_an_unlabelled_split_is_checked(digits, tmp_path):
+    from fastmnist.formats.manifest import parse_manifest
+
+    convert_arrays(digits[0][:30], None, tmp_path / "set", split="test", progress=False, **MNIST)
+    text = (tmp_path / "set" / "manifest.json").read_text()
+    assert parse_manifest(text, "m").splits["test"].labelled is False
+    raw = json.loads(text)
+    raw["splits"]["test"]["labelled"] = "no"
+    with pytest.raises(FastMNISTError, match=r"splits\.test\.labelled: expected true or false"):
+        parse_manifest(json.dumps(raw), "m")
+    raw["splits"]["test"]["labelled"] = False
+    raw["splits"]["test"]["wds"] = {"shard_size": 30, "shards": []}
+    with pytest.raises(FastMNISTError, match=r"splits\.test\.labelled: an unlabelled split has \.npy"):
+        parse_manifest(json.dumps(raw), "m")
 
 
 def test_a_failed_conversion_keeps_the_set_already_there(digits, tmp_path):

@@ -116,8 +116,8 @@ class Output:
 def build(output: Output, dataset: str, synthetic: bool, options: dict, fingerprint: dict, load,
            mean, std, fixed, force: bool, start: float) -> ConvertResult:
     """Write the set (unless it is up to date): ``load()`` gives ``({split: source}, num_classes,
-    label_shape)``, a source having ``count``, ``chunks()`` and ``pixel_counts()``; ``fixed``:
-    the dataset's own (mean, std), if it has one."""
+    label_shape)``, a source having ``count``, ``labelled``, ``chunks()`` and ``pixel_counts()``;
+    ``fixed``: the dataset's own (mean, std), if it has one."""
     out, format = output.out, output.format
     if format not in FORMATS:
         raise FastMNISTError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
@@ -139,6 +139,10 @@ def build(output: Output, dataset: str, synthetic: bool, options: dict, fingerpr
         if label_shape and format != "npy":
             raise FastMNISTError(f"{dataset}: its labels are {label_shape[0]} numbers per sample, which tar "
                                  "shards (one class per sample) cannot hold; convert with format 'npy'")
+        unlabelled = [split for split, src in splits.items() if not src.labelled]
+        if unlabelled and format != "npy":
+            raise FastMNISTError(f"{dataset}: the {unlabelled[0]} split has no labels, which tar shards "
+                                 "(one class per sample) cannot hold; convert with format 'npy'")
         norm = fixed or _normalisation(dataset, splits, mean, std)
         manifest = describe(dataset, synthetic, options, fingerprint, {})
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -153,7 +157,7 @@ def build(output: Output, dataset: str, synthetic: bool, options: dict, fingerpr
                     for first, images, labels in src.chunks():
                         out_files.add(first, images, labels)
                         bar.update(len(labels))
-                    manifest["splits"][split] = out_files.finish(num_classes)
+                    manifest["splits"][split] = out_files.finish(num_classes, src.labelled)
             text = json.dumps(manifest, indent=2) + "\n"
             written = parse_manifest(text, tmp / MANIFEST)  # what every reader will check
             _write_manifest(tmp, text)
@@ -331,6 +335,7 @@ class _IdxSplit:
 
     inp: _Input
     spec: DatasetSpec
+    labelled = True  # IDX splits always have their labels file
 
     @property
     def count(self) -> int:
@@ -423,13 +428,14 @@ class _SplitWriter:
                 self.shard = None
             at = stop
 
-    def finish(self, num_classes: int) -> dict:
+    def finish(self, num_classes: int, labelled: bool = True) -> dict:
         """The split's manifest entry (its files complete once the writer is done)."""
         for target in self.arrays.values():
             self.writer.close(target)
         return describe_split(self.count, *self.norm, num_classes,
                               {name: target[2] for name, target in self.arrays.items()}, self.label_shape,
-                              {"shard_size": self.shard_size, "shards": self.shards} if self.wds else None)
+                              {"shard_size": self.shard_size, "shards": self.shards} if self.wds else None,
+                              labelled)
 
 
 def _write_manifest(tmp: Path, text: str) -> None:

@@ -18,7 +18,7 @@ from ..errors import FastMNISTError
 from ..formats.datasets import INPUT_KINDS
 from ..formats.files import hashed, open_regular
 from ..formats.foreign import READERS, InputPart, Samples, detect
-from ..formats.manifest import IMAGE_SHAPE, MAX_CLASSES, MAX_LABEL_COLUMNS
+from ..formats.manifest import IMAGE_SHAPE, MAX_CLASSES, MAX_LABEL_COLUMNS, UNLABELLED
 from ..formats.pictures import CONVERSIONS, conform_array
 from .converter import CHUNK, ConvertResult, Output, build, convert, input_entry, progress_bar
 
@@ -32,7 +32,8 @@ def convert_arrays(images, labels, out, split: str = "train", mean=None, std=Non
 
     ``images``: uint8 ``(N, 28, 28)``, ``(N, 1, 28, 28)`` or ``(N, 28, 28, 1)`` (other sizes,
     and channels-last colour, with ``resize``/``grayscale``); ``labels``: integers ``(N,)``,
-    or ``(N, K)`` for multi-label sets (stored ``[N, K]`` int64). Both may instead be
+    or ``(N, K)`` for multi-label sets (stored ``[N, K]`` int64), or None for a split without
+    labels (stored as ``UNLABELLED``, -1, and marked so in the manifest; ``.npy`` only). Both may instead be
     mappings ``{split: array}`` for several splits at once. ``num_classes``: default the
     largest label + 1. ``val_fraction``: hold out that fraction of ``train`` (a seeded, recorded
     draw) as a ``val`` split. Other arguments as for :func:`convert`.
@@ -125,9 +126,10 @@ def _part_fingerprint(part: InputPart, data: bytes | None) -> dict:
 
 
 def _array_fingerprint(images: np.ndarray, labels: np.ndarray) -> dict:
-    """The entry of a split given in memory: the digests of its images' and labels' bytes."""
+    """The entry of a split given in memory: the digests of its images' and labels' bytes
+    (``labels`` None: it has none)."""
     md5, sha = hashlib.md5(), hashlib.sha256()
-    arrays = [np.ascontiguousarray(a) for a in (images, labels)]
+    arrays = [np.ascontiguousarray(a) for a in (images, labels) if a is not None]
     for a in arrays:
         for data in (repr((a.dtype.str, a.shape)).encode(), a.data):
             md5.update(data)
@@ -179,10 +181,12 @@ def _loaded_first(load):
 
 @dataclass(frozen=True)
 class _ArraySplit:
-    """A split held in memory: uint8 images ``(N, 28, 28)``, int64 labels ``(N, *label_shape)``."""
+    """A split held in memory: uint8 images ``(N, 28, 28)``, int64 labels ``(N, *label_shape)``
+    (``UNLABELLED`` each, unless ``labelled``)."""
 
     images: np.ndarray
     labels: np.ndarray
+    labelled: bool = True
 
     @property
     def count(self) -> int:
@@ -205,33 +209,42 @@ class _ArraySplit:
 def _prepare(read: dict[str, Samples], num_classes: int | None, grayscale: bool, resize: bool,
              val_fraction: float | None, seed: int) -> tuple[dict[str, _ArraySplit], int, tuple]:
     """Splits as read, checked and made uniform: images 28x28 (converted only as asked),
-    labels int64 in ``0 .. num_classes - 1`` (default: the largest + 1), a ``val`` split drawn
-    from ``train`` if ``val_fraction``. Returns ``(splits, num_classes, label_shape)``."""
+    labels int64 in ``0 .. num_classes - 1`` (default: the largest + 1), or ``UNLABELLED``
+    for a split read without labels; a ``val`` split drawn from ``train`` if
+    ``val_fraction``. Returns ``(splits, num_classes, label_shape)``."""
     for name in read:
         if not re.fullmatch(r"[a-z][a-z0-9]{0,31}", name):
             raise FastMNISTError(f"split name {name!r}: expected a lower-case word such as train, test, val")
     images = {name: conform_array(s.images, s.where, grayscale, resize) for name, s in read.items()}
-    labels = {name: _labels(s) for name, s in read.items()}
+    labels = {name: _labels(s) for name, s in read.items() if s.labels is not None}
     for name, s in read.items():
-        if len(images[name]) != len(labels[name]):
+        if name in labels and len(images[name]) != len(labels[name]):
             raise FastMNISTError(f"{s.where}: {len(images[name])} images but {len(labels[name])} labels")
     shapes = {lb.shape[1:] for lb in labels.values()}
     if len(shapes) > 1:
         raise FastMNISTError(f"labels of different shapes across splits: {sorted(shapes)}")
-    label_shape = shapes.pop()
+    label_shape = shapes.pop() if shapes else ()
+    if label_shape and len(labels) < len(read):
+        raise FastMNISTError("a split without labels cannot join splits of multi-label rows")
     if num_classes is None:
         num_classes = max([int(lb.max()) + 1 for lb in labels.values() if lb.size] or [1])
     if not 1 <= num_classes <= MAX_CLASSES:
         raise FastMNISTError(f"num_classes {num_classes}: expected 1..{MAX_CLASSES}")
-    for name, s in read.items():
-        bad = (labels[name] < 0) | (labels[name] >= num_classes)
+    for name, lb in labels.items():
+        bad = (lb < 0) | (lb >= num_classes)
         if bad.any():
             at = int(np.argmax(bad.reshape(len(bad), -1).any(axis=1)))
-            raise FastMNISTError(f"{s.where}: {s.name(at)}: label {labels[name][at].tolist()}, expected "
-                                 f"{'entries' if label_shape else 'a class'} in 0..{num_classes - 1}")
+            expected = "entries" if label_shape else "a class"
+            raise FastMNISTError(f"{read[name].where}: {read[name].name(at)}: label {lb[at].tolist()}, "
+                                 f"expected {expected} in 0..{num_classes - 1}")
+    unlabelled = {name for name in read if name not in labels}
+    labels.update({name: np.full(len(images[name]), UNLABELLED, np.int64) for name in unlabelled})
     if val_fraction is not None:
         _hold_out(images, labels, val_fraction, seed)
-    return {name: _ArraySplit(images[name], labels[name]) for name in read | images}, num_classes, label_shape
+        unlabelled |= {"val"} if "train" in unlabelled else set()
+    splits = {name: _ArraySplit(images[name], labels[name], name not in unlabelled)
+              for name in read | images}
+    return splits, num_classes, label_shape
 
 
 def _labels(s: Samples) -> np.ndarray:

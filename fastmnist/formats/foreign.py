@@ -34,11 +34,12 @@ _MAX_SHARD_BYTES = 4 << 30
 @dataclass
 class Samples:
     """One split as read: ``images`` uint8, decoded (``(N, 28, 28)``) or an array for
-    :func:`pictures.conform_array`; ``labels`` integers ``(N,)`` or ``(N, K)``; ``where``
-    the input it came from and ``name(i)`` how an error names sample ``i`` in it."""
+    :func:`pictures.conform_array`; ``labels`` integers ``(N,)`` or ``(N, K)``, None when the
+    input has none; ``where`` the input it came from and ``name(i)`` how an error names
+    sample ``i`` in it."""
 
     images: np.ndarray
-    labels: np.ndarray
+    labels: np.ndarray | None
     where: str
     name: Callable[[int], str] = field(default=lambda i: f"sample {i}")
 
@@ -193,7 +194,8 @@ class NpzReader(Reader):
 class CsvReader(Reader):
     """``label,pixel0..pixel783`` rows (Kaggle's Digit Recognizer), with or without a header;
     the label column is ``label_key`` (a header name or a column number), else the one named
-    "label", else the first of 785 columns."""
+    "label", else the first of 785 columns; 784 columns are pixels only (Kaggle's test.csv),
+    a split without labels."""
 
     decodes = False
 
@@ -214,24 +216,26 @@ class CsvReader(Reader):
             if n != width:
                 raise FastMNISTError(f"{path}: line {at + 1}: {n} columns, expected {width} "
                                      f"(as the first line)")
-        if width != 785:
-            raise FastMNISTError(f"{path}: {width} columns, expected a label and 784 pixels")
+        if width != 784 + (label_column is not None):
+            raise FastMNISTError(f"{path}: {width} columns, expected "
+                                 f"{'a label and ' if label_column is not None else ''}784 pixels")
         try:
             table = np.loadtxt(lines[first:], delimiter=",", dtype=np.int64, ndmin=2).reshape(-1, width)
         except ValueError as e:  # numpy counts rows from 0 after the header
             raise FastMNISTError(f"{path}: {e} (rows counted from 0{' after the header' if header else ''})"
                                  ) from None
-        pixels = np.delete(table, label_column, axis=1)
+        pixels = table if label_column is None else np.delete(table, label_column, axis=1)
         bad = (pixels < 0) | (pixels > 255)
         if bad.any():
             row = int(np.argmax(bad.any(axis=1)))
             raise FastMNISTError(f"{path}: line {row + first + 1}: a pixel value outside 0..255 "
                                  f"({pixels[row][bad[row]][0]})")
-        return {self.split_for(path.name): Samples(
-            pixels.astype(np.uint8).reshape(-1, 28, 28), table[:, label_column], path.name,
-            lambda i: f"line {i + first + 1}")}
+        labels = None if label_column is None else table[:, label_column]
+        return {self.split_for(path.name): Samples(pixels.astype(np.uint8).reshape(-1, 28, 28), labels,
+                                                   path.name, lambda i: f"line {i + first + 1}")}
 
-    def _label_column(self, path: Path, columns: list[str], header: bool) -> int:
+    def _label_column(self, path: Path, columns: list[str], header: bool) -> int | None:
+        """The label column's number; None for 784 columns with no label among them."""
         names = [c.strip().strip('"').lower() for c in columns]
         key = self.label_key
         if key is not None:
@@ -244,9 +248,10 @@ class CsvReader(Reader):
             return names.index("label")
         if len(columns) == 785 and not header:
             return 0
-        raise FastMNISTError(f"{path}: no label column ({len(columns)} columns"
-                             f"{', a header without label' if header else ''}); fastmnist sets hold "
-                             "labelled samples: name the column with --label-key")
+        if len(columns) == 784:
+            return None  # Kaggle's test.csv: pixels only
+        raise FastMNISTError(f"{path}: no label column among {len(columns)} columns"
+                             f"{' (a header without label)' if header else ''}; name it with --label-key")
 
 
 class ImageFolderReader(Reader):

@@ -28,6 +28,7 @@ MAX_SAMPLES = 100_000_000  # per split (MNIST8M has 8.1M)
 MAX_SHARD_SAMPLES = 1_000_000
 MAX_CLASSES = 1000  # tar shards hold labels of up to 3 digits
 MAX_LABEL_COLUMNS = 64  # qmnist-extended has 8
+UNLABELLED = -1  # the label of every sample of a split converted without labels
 MIN_STD = 1e-4  # a pixel standard deviation of 0.03 grey levels; below it, (x - mean) / std overflows
 IMAGE_SHAPE = (1, IMAGE_SIDE, IMAGE_SIDE)  # one image, as stored and yielded
 ARRAYS = {"images_u8": "uint8", "images_f32": "float32", "labels": "int64"}  # name -> dtype
@@ -43,6 +44,15 @@ def array_file_name(split: str, array: str) -> str:
 def shard_file_name(split: str, number: int) -> str:
     """The converter's name for tar shard ``number`` of ``split``."""
     return f"{split}-{number:06d}.tar"
+
+
+def check_unlabelled(path, labels: np.ndarray) -> None:
+    """Raise naming ``path`` and the label unless every entry of ``labels`` is ``UNLABELLED``."""
+    wrong = labels != UNLABELLED
+    if wrong.any():
+        at = int(np.argmax(wrong))
+        raise FastMNISTError(f"{path}: label {at}: expected {UNLABELLED} (the split has no labels), "
+                             f"found {labels[at]}")
 
 
 def npy_size(dtype: str, shape: tuple[int, ...]) -> int:
@@ -66,13 +76,16 @@ def describe(dataset: str, synthetic: bool, options: dict, inputs: dict, splits:
 
 
 def describe_split(count: int, mean: float, std: float, num_classes: int, arrays: dict,
-                   label_shape: tuple = (), wds: dict | None = None) -> dict:
+                   label_shape: tuple = (), wds: dict | None = None, labelled: bool = True) -> dict:
     """A split's manifest entry: ``arrays`` name -> ``{file, dtype, shape, size, sha256}``,
-    ``wds`` ``{shard_size, shards}`` when it has tar shards."""
+    ``wds`` ``{shard_size, shards}`` when it has tar shards; ``labelled`` False for a split
+    whose input had no labels (stored as -1)."""
     info = {"count": count, "image_shape": list(IMAGE_SHAPE), "mean": mean, "std": std,
             "num_classes": num_classes, "files": arrays}
     if label_shape:
         info["label_shape"] = list(label_shape)
+    if not labelled:
+        info["labelled"] = False
     if wds:
         info["wds"] = wds
     return info
@@ -105,7 +118,9 @@ class Shard:
 class SplitInfo:
     """One split: ``count`` samples normalised with ``mean``/``std``, stored as ``arrays``
     (name -> file; empty when the set has no .npy data) and/or tar ``shards``; each label is
-    one class (``label_shape`` ``()``) or, for ``qmnist-extended``, ``label_shape`` numbers."""
+    one class (``label_shape`` ``()``) or, for ``qmnist-extended`` and multi-label sets,
+    ``label_shape`` numbers; a split converted without labels (``labelled`` False) has
+    ``UNLABELLED`` for every label."""
 
     name: str
     count: int
@@ -116,6 +131,7 @@ class SplitInfo:
     shards: tuple[Shard, ...]
     shard_size: int | None
     label_shape: tuple[int, ...] = ()
+    labelled: bool = True  # False: the input had no labels; every label is UNLABELLED
 
     @property
     def formats(self) -> list[str]:
@@ -254,6 +270,9 @@ class _Reader:
             if "wds" in raw:
                 self.fail(f"{field}.label_shape", "tar shards hold one class per sample, not "
                                                   f"{label_shape[0]} numbers")
+        labelled = self.get(raw, "labelled", field, bool) if "labelled" in raw else True
+        if not labelled and ("wds" in raw or label_shape):
+            self.fail(f"{field}.labelled", "an unlabelled split has .npy arrays of one label each only")
         arrays = self.arrays(name, count, label_shape, self.mapping(raw, "files", field), f"{field}.files")
         shards, shard_size = (), None
         if "wds" in raw:
@@ -264,7 +283,7 @@ class _Reader:
         if not arrays and not shards and count:
             self.fail(field, "neither .npy arrays nor tar shards")
         return SplitInfo(name, count, mean, std, self.count(raw, "num_classes", field, 1, MAX_CLASSES),
-                         arrays, shards, shard_size, label_shape)
+                         arrays, shards, shard_size, label_shape, labelled)
 
     def arrays(self, split: str, count: int, label_shape: tuple, raw: dict,
                field: str) -> dict[str, ArrayFile]:

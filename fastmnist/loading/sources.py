@@ -27,7 +27,7 @@ import torch
 
 from ..errors import FastMNISTError
 from ..formats.idx import check_classes
-from ..formats.manifest import IMAGE_SHAPE, SplitInfo
+from ..formats.manifest import IMAGE_SHAPE, SplitInfo, check_unlabelled
 from ..formats.normalize import normalize_u8
 from ..formats.tar import decode_shard
 from ..remote.cache import ShardCache
@@ -168,7 +168,10 @@ class ArraySource:
             _check_normalised(split, images, split.array("images_u8", f=files["images_u8"]))
         # a hostile or damaged file must not hand a training loop a class it does not have
         classes = labels[:, 0] if labels.ndim > 1 else labels
-        check_classes(split.path("labels"), classes, self.info.num_classes)
+        if not self.info.labelled:
+            check_unlabelled(split.path("labels"), classes)
+        else:
+            check_classes(split.path("labels"), classes, self.info.num_classes)
         return images, torch.from_numpy(labels)
 
     def _decoded(self) -> tuple[torch.Tensor, torch.Tensor]:
