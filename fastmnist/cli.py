@@ -205,7 +205,8 @@ def _info(args) -> int:
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
     for split, info in m.splits.items():
-        print(f"{split}: {info.count} samples, mean {info.mean}, std {info.std}")
+        print(f"{split}: {info.count} samples, mean {info.mean}, std {info.std}"
+              f"{'' if info.labelled else ', no labels (each -1)'}")
     for key, src in m.inputs.items():
         print(f"source {key}: {_printable(src.file)} md5 {src.md5} canonical={src.canonical}")
     return 0

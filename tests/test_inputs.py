@@ -370,7 +370,7 @@ def test_hostile_csv_npz_and_folders(digits, pngs, tmp_path):
     _refused(tmp_path, rf"folder: {labels[12]}/00012\.png: not a readable image", folder)
 
 
-def test_kaggle_test_csv_without_labels_is_an_unlabelled_split(digits, tmp_path):
+def test_kaggle_test_csv_without_labels_is_an_unlabelled_split(digits, tmp_path, capsys):
     """Kaggle's test.csv (pixels only) beside its train.csv: the test split's labels are -1,
     the manifest says it has none, and the loader checks that they are all -1."""
     images, labels = digits
@@ -382,6 +382,8 @@ def test_kaggle_test_csv_without_labels_is_an_unlabelled_split(digits, tmp_path)
     assert not r.manifest.splits["test"].labelled and r.manifest.splits["test"].num_classes == 10
     x, y = _epoch(tmp_path / "test", "test", "uint8")
     assert torch.equal(x[:, 0], torch.from_numpy(images[6000:])) and (y == -1).all()
+    assert main(["info", str(tmp_path / "test")]) == 0
+    assert "test: 4000 samples, mean 0.1307, std 0.3081, no labels (each -1)" in capsys.readouterr().out
     with pytest.raises(FastMNISTError, match=r"test split has no labels, which tar shards"):
         convert_from(tmp_path / "test.csv", tmp_path / "tar", format="wds", progress=False, **MNIST)
     # in memory too: labels=None; a labelled file swapped in under the manifest is refused
