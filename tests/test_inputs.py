@@ -338,6 +338,19 @@ def test_hostile_labels_name_the_row(digits, pngs, tmp_path):
                  tmp_path / f"bad{value}.npz", num_classes=10)
 
 
+def test_hf_files_of_one_split_that_disagree(digits, pngs, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "in").mkdir()
+    write_parquet(tmp_path / "in" / "test-0.parquet", pngs[:10], digits[1][:10])
+    pq.write_table(pa.table({"label": pa.array(digits[1][10:20])}), tmp_path / "in" / "test-1.parquet")
+    _refused(tmp_path, r"test-0\.parquet, test-1\.parquet: files of one split with different columns",
+             tmp_path / "in")
+    (tmp_path / "in" / "test-1.parquet").write_bytes(b"PAR1 not parquet")
+    _refused(tmp_path, r"test-1\.parquet: not a readable parquet file", tmp_path / "in")
+
+
 def test_hostile_csv_npz_and_folders(digits, pngs, tmp_path):
     images, labels = digits
     rows = [f"{lb}," + ",".join(map(str, im.reshape(-1))) for im, lb in zip(images[:20], labels[:20],

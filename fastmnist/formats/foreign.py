@@ -326,7 +326,10 @@ class HfReader(Reader):
             where = ", ".join(name for name, _ in named)
             import pyarrow as pa
 
-            table = pa.concat_tables([t for _, t in named])
+            try:
+                table = pa.concat_tables([t for _, t in named])
+            except pa.ArrowInvalid as e:
+                raise FastMNISTError(f"{where}: files of one split with different columns ({e})") from None
             image_key, label_key = self._columns(where, table)
             self._declared(table.schema, label_key)
             column = table.column(image_key).combine_chunks()
