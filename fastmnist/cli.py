@@ -164,9 +164,18 @@ def _convert(args) -> int:
     common = {"mean": args.mean, "std": args.std, "format": args.format, "shard_size": args.shard_size,
               "float32": not args.no_float32, "force": args.force, "progress": not args.quiet}
     if args.root is not None or args.kind == "idx":
+        foreign_only = {"--image-key": args.image_key, "--label-key": args.label_key,
+                        "--num-classes": args.num_classes, "--grayscale": args.grayscale,
+                        "--resize": args.resize, "--val-fraction": args.val_fraction}
+        given = [name for name, value in foreign_only.items() if value not in (None, False)]
+        if given:
+            raise FastMNISTError(f"{given[0]}: applies to inputs other than idx (an IDX dataset's files "
+                                 "fix its splits, classes and image size)")
         r = convert(args.root or args.path, args.out, args.dataset or "mnist", splits=args.split,
                     download=args.download, **common)
     else:
+        if args.download:
+            raise FastMNISTError("--download: fetches torchvision's IDX files only (--from idx)")
         if args.split and len(args.split) > 1:
             raise FastMNISTError("--split: one split name for an input that holds one")
         r = convert_from(args.path, args.out, args.kind, split=args.split[0] if args.split else None,
