@@ -36,7 +36,7 @@ from ..formats.datasets import (
     find_raw_root,
     get_spec,
 )
-from ..formats.files import BackgroundWriter, hashed, open_regular
+from ..formats.files import BackgroundWriter, hash_file
 from ..formats.idx import IMAGES, IdxReader, check_classes, label_kind
 from ..formats.manifest import (
     ARRAYS,
@@ -116,8 +116,8 @@ class Output:
 def build(output: Output, dataset: str, synthetic: bool, options: dict, fingerprint: dict, load,
            mean, std, fixed, force: bool, start: float) -> ConvertResult:
     """Write the set (unless it is up to date): ``load()`` gives ``({split: source}, num_classes,
-    label_shape)``, a source having ``count``, ``labelled``, ``chunks()`` and ``pixel_counts()``;
-    ``fixed``: the dataset's own (mean, std), if it has one."""
+    label_shape)``, a source having ``count``, ``labelled`` and ``chunks()``; ``fixed``: the
+    dataset's own (mean, std), if it has one."""
     out, format = output.out, output.format
     if format not in FORMATS:
         raise FastMNISTError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
@@ -249,9 +249,8 @@ def _raw_file_items(raw_files: dict):
 
 def _fingerprint(path: Path, root: Path, spec: DatasetSpec) -> dict:
     """A raw file's manifest entry: its name relative to ``root``, size and digests."""
-    with open_regular(path) as f:
-        md5, sha = hashed(f, hashlib.md5(), hashlib.sha256())
-        size = os.fstat(f.fileno()).st_size
+    md5, sha = hashlib.md5(), hashlib.sha256()
+    size = hash_file(path, md5, sha)
     expected = spec.md5.get(path.name)
     return input_entry(path.relative_to(root).as_posix(), size, md5, sha,
                   # torchvision publishes md5s of the .gz files only; None: cannot tell
@@ -357,13 +356,6 @@ class _IdxSplit:
                 yield first, images.reshape(len(images), *IMAGE_SHAPE), kept.astype(np.int64)
                 first += len(images)
 
-    def pixel_counts(self) -> np.ndarray:
-        """How many pixels of each value 0..255 the split has (int64 ``(256,)``)."""
-        counts = np.zeros(256, np.int64)
-        with IdxReader(self.inp.images, IMAGES) as f:
-            for chunk in f.chunks(CHUNK, self.inp.files.start, self.inp.files.stop):
-                counts += np.bincount(chunk.reshape(-1), minlength=256)
-        return counts
 
 
 def _normalisation(dataset: str, splits: dict, mean, std) -> tuple[float, float]:
@@ -373,7 +365,9 @@ def _normalisation(dataset: str, splits: dict, mean, std) -> tuple[float, float]
         raise FastMNISTError(f"{dataset}: mean/std come from the train split, which is "
                              "not being converted; pass --mean and --std")
     # From a histogram of the pixel values, so memory stays flat: exact sums, in float64.
-    counts = splits["train"].pixel_counts()
+    counts = np.zeros(256, np.int64)
+    for _, images, _ in splits["train"].chunks():
+        counts += np.bincount(images.reshape(-1), minlength=256)
     values, n = np.arange(256) / 255, max(int(counts.sum()), 1)
     computed_mean = float((counts * values).sum() / n)
     computed_std = float(np.sqrt((counts * (values - computed_mean) ** 2).sum() / n))

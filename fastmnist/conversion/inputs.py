@@ -5,7 +5,6 @@ by the converter's own writer, with the same checks, atomic swap, manifest and c
 """
 
 import hashlib
-import os
 import re
 import time
 from collections.abc import Mapping
@@ -16,9 +15,9 @@ import numpy as np
 
 from ..errors import FastMNISTError
 from ..formats.datasets import INPUT_KINDS
-from ..formats.files import hashed, open_regular
-from ..formats.foreign import READERS, InputPart, Samples, detect
-from ..formats.manifest import IMAGE_SHAPE, MAX_CLASSES, MAX_LABEL_COLUMNS, UNLABELLED
+from ..formats.files import hash_file
+from ..formats.foreign import READERS, SPLIT_WORD, InputPart, Samples, detect
+from ..formats.manifest import IMAGE_SHAPE, MAX_CLASSES, MAX_LABEL_COLUMNS, SPLIT_NAME, UNLABELLED
 from ..formats.pictures import CONVERSIONS, conform_array
 from .converter import CHUNK, ConvertResult, Output, build, convert, input_entry, progress_bar
 
@@ -102,39 +101,38 @@ def convert_from(source, out, kind: str | None = None, *, split: str | None = No
     return build(output, dataset, False, options, fingerprint, load, mean, std, None, force, start)
 
 
-
 def _part_fingerprint(part: InputPart, data: bytes | None) -> dict:
-    """An input part's entry: a file's bytes, or a folder's files in name order (each
-    name, then its bytes) as one digest and their total size."""
-    md5, sha = hashlib.md5(), hashlib.sha256()
+    """An input part's entry: a file's bytes (``data`` when fetched, else read from disk), or
+    a folder's files in name order (each name, then its bytes) as one digest and their total
+    size."""
+    hashes = hashlib.md5(), hashlib.sha256()
     if data is not None:
-        md5.update(data)
-        sha.update(data)
-        return input_entry(part.shown, len(data), md5, sha)
+        _feed(hashes, data)
+        return input_entry(part.shown, len(data), *hashes)
     path = Path(part.path)
-    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+    if not path.is_dir():
+        return input_entry(part.shown, hash_file(path, *hashes), *hashes)
     size = 0
-    for f in files:
-        if path.is_dir():
-            name = f.relative_to(path).as_posix().encode() + b"\0"
-            md5.update(name)
-            sha.update(name)
-        with open_regular(f) as fh:
-            hashed(fh, md5, sha)
-            size += os.fstat(fh.fileno()).st_size
-    return input_entry(part.shown, size, md5, sha)
+    for f in sorted(f for f in path.rglob("*") if f.is_file()):
+        _feed(hashes, f.relative_to(path).as_posix().encode() + b"\0")
+        size += hash_file(f, *hashes)
+    return input_entry(part.shown, size, *hashes)
 
 
-def _array_fingerprint(images: np.ndarray, labels: np.ndarray) -> dict:
-    """The entry of a split given in memory: the digests of its images' and labels' bytes
-    (``labels`` None: it has none)."""
-    md5, sha = hashlib.md5(), hashlib.sha256()
+def _array_fingerprint(images: np.ndarray, labels: np.ndarray | None) -> dict:
+    """The entry of a split given in memory: the digests of its images' and labels' dtype,
+    shape and bytes (``labels`` None: it has none)."""
+    hashes = hashlib.md5(), hashlib.sha256()
     arrays = [np.ascontiguousarray(a) for a in (images, labels) if a is not None]
     for a in arrays:
-        for data in (repr((a.dtype.str, a.shape)).encode(), a.data):
-            md5.update(data)
-            sha.update(data)
-    return input_entry("(in memory)", sum(a.nbytes for a in arrays), md5, sha)
+        _feed(hashes, repr((a.dtype.str, a.shape)).encode(), a.data)
+    return input_entry("(in memory)", sum(a.nbytes for a in arrays), *hashes)
+
+
+def _feed(hashes, *chunks) -> None:
+    for chunk in chunks:
+        for h in hashes:
+            h.update(chunk)
 
 
 def _input_key(part: InputPart, taken: dict) -> str:
@@ -150,7 +148,8 @@ def _input_name(source) -> str:
         return "datasets"
     name = re.sub(r"\{.*", "", str(source).rstrip("/")).rsplit("/", 1)[-1]
     name = re.sub(r"(\.tar|\.tgz|\.gz|\.npz|\.csv|\.parquet|\.arrow)+$", "", name)
-    name = re.sub(r"[-_.]?(train|test|validation|valid|val)\b.*", "", name, flags=re.I)
+    split = SPLIT_WORD.search(name.lower())
+    name = name[:split.start()] if split else name
     return name[:100] or "custom"
 
 
@@ -197,13 +196,6 @@ class _ArraySplit:
             images = self.images[first:first + CHUNK]
             yield first, images.reshape(len(images), *IMAGE_SHAPE), self.labels[first:first + CHUNK]
 
-    def pixel_counts(self) -> np.ndarray:
-        """How many pixels of each value 0..255 the split has (int64 ``(256,)``), counted a
-        chunk at a time (bincount widens every pixel to int64)."""
-        counts = np.zeros(256, np.int64)
-        for first in range(0, self.count, CHUNK):
-            counts += np.bincount(self.images[first:first + CHUNK].reshape(-1), minlength=256)
-        return counts
 
 
 def _prepare(read: dict[str, Samples], num_classes: int | None, grayscale: bool, resize: bool,
@@ -213,7 +205,7 @@ def _prepare(read: dict[str, Samples], num_classes: int | None, grayscale: bool,
     for a split read without labels; a ``val`` split drawn from ``train`` if
     ``val_fraction``. Returns ``(splits, num_classes, label_shape)``."""
     for name in read:
-        if not re.fullmatch(r"[a-z][a-z0-9]{0,31}", name):
+        if not SPLIT_NAME.fullmatch(name):
             raise FastMNISTError(f"split name {name!r}: expected a lower-case word such as train, test, val")
     images = {name: conform_array(s.images, s.where, grayscale, resize) for name, s in read.items()}
     labels = {name: _labels(s) for name, s in read.items() if s.labels is not None}

@@ -41,6 +41,13 @@ def open_regular(path, dir_fd: int | None = None, shown=None):
     return os.fdopen(fd, "rb")
 
 
+def hash_file(path, *hashes) -> int:
+    """``hashes`` fed the whole regular file at ``path``; its size in bytes."""
+    with open_regular(path) as f:
+        hashed(f, *hashes)
+        return os.fstat(f.fileno()).st_size
+
+
 def hashed(f, *hashes, block: int = 1 << 22) -> tuple:
     """``hashes`` (``hashlib`` objects) fed the binary file ``f`` from where it stands to its
     end, ``block`` bytes at a time."""

@@ -27,7 +27,7 @@ from .datasets import INPUT_KINDS
 from .files import open_regular
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".pgm", ".ppm", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-_SPLIT_WORD = re.compile(r"(?:^|[-_.])(train|test|validation|valid|val)(?=[-_.]|$)")
+SPLIT_WORD = re.compile(r"(?:^|[-_.])(train|test|validation|valid|val)(?=[-_.]|$)")
 _MAX_SHARD_BYTES = 4 << 30
 
 
@@ -57,7 +57,7 @@ class InputPart:
 
 def split_of(name: str) -> str | None:
     """The split a file or folder name says: ``mnist-train.arrow`` -> "train"."""
-    m = _SPLIT_WORD.search(Path(name).name.lower())
+    m = SPLIT_WORD.search(Path(name).name.lower())
     return m.group(1) if m else None
 
 

@@ -32,7 +32,7 @@ UNLABELLED = -1  # the label of every sample of a split converted without labels
 MIN_STD = 1e-4  # a pixel standard deviation of 0.03 grey levels; below it, (x - mean) / std overflows
 IMAGE_SHAPE = (1, IMAGE_SIDE, IMAGE_SIDE)  # one image, as stored and yielded
 ARRAYS = {"images_u8": "uint8", "images_f32": "float32", "labels": "int64"}  # name -> dtype
-_SPLIT_NAME = re.compile(r"[a-z][a-z0-9]{0,31}")
+SPLIT_NAME = re.compile(r"[a-z][a-z0-9]{0,31}")  # what a split may be called
 _SHA256, _MD5 = re.compile(r"[0-9a-f]{64}"), re.compile(r"[0-9a-f]{32}")
 
 
@@ -232,7 +232,7 @@ class _Reader:
             options=self.mapping(raw, "options", ""),
             inputs={self.name(key, "sources", r"[a-z0-9-]{1,40}"): self.input_file(
                 self.mapping(inputs, key, "sources"), f"sources.{key}") for key in inputs},
-            splits={self.name(name, "splits", _SPLIT_NAME.pattern): self.split(
+            splits={self.name(name, "splits", SPLIT_NAME.pattern): self.split(
                 name, self.mapping(splits, name, "splits")) for name in splits},
         )
 
