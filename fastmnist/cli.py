@@ -1,52 +1,80 @@
 """The ``fastmnist`` command: convert, info, verify, push, synth, bench, demo."""
 
 import argparse
-import functools
+import os
 import sys
 from pathlib import Path
 
+from . import __version__
 from .errors import FastMNISTError
 from .formats.datasets import DATASETS, INPUT_KINDS
 
+EXAMPLES = {  # one example per command, shown in its --help
+    "convert": "fastmnist convert --root data --out shards/mnist",
+    "info": "fastmnist info shards/mnist",
+    "verify": "fastmnist verify http://127.0.0.1:8000/mnist/",
+    "push": "fastmnist push shards/mnist s3://bucket/mnist/ -o endpoint_url=http://127.0.0.1:9000",
+    "synth": "fastmnist synth --root synthetic-data",
+    "bench": "fastmnist bench --shards shards/mnist --raw data",
+    "scale": "fastmnist scale --sizes 60000,600000",
+    "demo": "fastmnist demo",
+}
+
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.func is None:  # no command: say what there is
+        parser.print_help()
+        return 0
     try:
-        return args.func(args) or 0
+        code = args.func(args) or 0
+        sys.stdout.flush()  # here, so that a closed pipe is caught below
+        return code
     except FastMNISTError as e:
         print(f"fastmnist: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `fastmnist info X | head -1`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastmnist", description="Convert MNIST-family raw files into "
-                                "fast, checked shards; inspect, publish and benchmark them.")
-    sub = p.add_subparsers(required=True, metavar="COMMAND")
-    sub.add_parser = functools.partial(sub.add_parser, formatter_class=_ShowDefaults)
+                                "fast, checked shards; inspect, publish and benchmark them.",
+                                epilog="Start with: fastmnist convert --root data --out shards/mnist "
+                                "(data/MNIST/raw/ holds torchvision's files). `fastmnist COMMAND --help` "
+                                "describes each command.")
+    p.add_argument("--version", action="version", version=f"fastmnist {__version__}")
+    p.set_defaults(func=None)
+    sub = p.add_subparsers(metavar="COMMAND")
 
-    c = sub.add_parser("convert", help="raw IDX files (or hf, npz, csv, images, wds) -> validated, "
-                                              "pre-normalised shards")
+    def command(name: str, help: str):
+        return sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
+                              epilog=f"Example: {EXAMPLES[name]}", formatter_class=_ShowDefaults)
+
+    c = command("convert", "raw IDX files (or hf, npz, csv, images, wds) -> validated, pre-normalised shards")
     add_convert_args(c)
     c.set_defaults(func=_convert)
 
-    i = sub.add_parser("info", help="print a converted set's manifest as a table")
-    i.add_argument("path", type=Path, help="the converted set's directory")
+    i = command("info", "print a converted set's manifest as a table")
+    i.add_argument("path", help="the converted set's directory, or its URL (http(s)://, s3://, ...)")
+    _add_storage_options(i)
     i.set_defaults(func=_info)
 
-    v = sub.add_parser("verify", help="re-hash every file of a set against its manifest")
-    v.add_argument("path", type=Path, help="the converted set's directory")
+    v = command("verify", "re-hash every file of a set against its manifest")
+    v.add_argument("path", help="the converted set's directory, or its URL (http(s)://, s3://, ...)")
+    _add_storage_options(v)
     v.set_defaults(func=_verify)
 
-    u = sub.add_parser("push", help="upload a converted set to an fsspec URL (s3://bucket/set/, ...)")
+    u = command("push", "upload a converted set to an fsspec URL (s3://bucket/set/, ...)")
     u.add_argument("path", type=Path, help="the converted set's directory")
     u.add_argument("url", help="where the set goes, e.g. s3://bucket/mnist/")
-    u.add_argument("-o", "--storage-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="fsspec storage option (repeatable; values as JSON where they parse): "
-                        "endpoint_url=http://127.0.0.1:9000, anon=true, profile=NAME, ...")
+    _add_storage_options(u)
     u.add_argument("--quiet", action="store_true", help="no progress bar")
     u.set_defaults(func=_push)
 
-    s = sub.add_parser("synth", help="write generated MNIST-format raw files (offline demos)")
+    s = command("synth", "write generated MNIST-format raw files (offline demos)")
     s.add_argument("--root", type=Path, required=True, help="torchvision-style root to write")
     s.add_argument("--dataset", default="mnist", choices=list(DATASETS), metavar="NAME",
                    help=f"which dataset's files to imitate: {', '.join(DATASETS)}")
@@ -55,15 +83,17 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="the same seed writes the same files")
     s.add_argument("--extracted-only", action="store_true",
                    help="skip the compressed copies (faster for millions of images)")
+    s.add_argument("--force", action="store_true",
+                   help="replace raw files already there that synth did not write (real data, perhaps)")
     s.set_defaults(func=_synth)
 
-    b = sub.add_parser("bench", help="compare FastMNISTLoader with the usual pipelines")
+    b = command("bench", "compare FastMNISTLoader with the usual pipelines")
     add_bench_args(b)
     b.add_argument("--shards", type=Path, required=True, help="converted set (train split used)")
     b.add_argument("--raw", type=Path, required=True, help="the raw root it was converted from")
     b.set_defaults(func=_bench)
 
-    g = sub.add_parser("scale", help="the cost curve: synth, convert and read N generated images")
+    g = command("scale", "the cost curve: synth, convert and read N generated images")
     g.add_argument("--work", type=Path, default=Path("scale-work"),
                    help="scratch directory (needs about 10 GB for 6M images; emptied as it goes)")
     g.add_argument("--out", type=Path, default=Path("docs"), help="where scale.json and scale.png go")
@@ -71,7 +101,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--rounds", type=int, default=3, help="warm epochs timed per size")
     g.set_defaults(func=_scale)
 
-    d = sub.add_parser("demo", help="the main job: get data, convert, then benchmark")
+    d = command("demo", "the main job: get data, convert, then benchmark")
     add_bench_args(d)
     d.add_argument("--data", type=Path, default=Path("data"), help="torchvision root of the raw files")
     d.add_argument("--shards", type=Path, default=Path("shards/mnist"), help="where the converted set goes")
@@ -79,11 +109,32 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _add_storage_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-o", "--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="fsspec storage option for s3:// and other store URLs (repeatable; values as "
+                             "JSON where they parse): endpoint_url=http://127.0.0.1:9000, anon=true, ...")
+
+
+def _storage_options(args) -> dict:
+    import json
+
+    options = {}
+    for item in args.storage_option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise FastMNISTError(f"--storage-option {item!r}: expected KEY=VALUE")
+        try:
+            options[key] = json.loads(value)
+        except ValueError:
+            options[key] = value
+    return options
+
+
 class _ShowDefaults(argparse.HelpFormatter):
     """Help that ends each option's text with its default, where it has one."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in action.help:
+        if action.default in (None, False, [], argparse.SUPPRESS) or "%(default)" in action.help:
             return action.help
         return f"{action.help} (default: %(default)s)"
 
@@ -199,9 +250,13 @@ def _convert(args) -> int:
 
 
 def _info(args) -> int:
-    from .store import read_manifest
+    from .remote.transport import is_url
+    from .store import read_manifest, read_remote_manifest
 
-    m = read_manifest(args.path)
+    if is_url(args.path):
+        m = read_remote_manifest(args.path, storage_options=_storage_options(args))[1]
+    else:
+        m = read_manifest(args.path)
     print(f"{_printable(args.path)}: {_printable(m.dataset)}{' (SYNTHETIC)' if m.synthetic else ''}, "
           f"format {m.format_version}, {_printable(m.created_by)}")
     rows = [("split", "array", "dtype", "shape", "bytes", "sha256")]
@@ -228,25 +283,20 @@ def _printable(text) -> str:
 
 
 def _verify(args) -> int:
-    from .store import verify_shards
+    from .remote.transport import is_url
+    from .store import verify_remote, verify_shards
 
-    return _report(verify_shards(args.path), "FAILED", f"{args.path}: all files match the manifest")
+    if is_url(args.path):
+        problems = verify_remote(args.path, storage_options=_storage_options(args))
+    else:
+        problems = verify_shards(args.path)
+    return _report(problems, "FAILED", f"{_printable(args.path)}: all files match the manifest")
 
 
 def _push(args) -> int:
-    import json
-
     from .conversion.push import push
 
-    options = {}
-    for item in args.storage_option:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise FastMNISTError(f"--storage-option {item!r}: expected KEY=VALUE")
-        try:
-            options[key] = json.loads(value)
-        except ValueError:
-            options[key] = value
+    options = _storage_options(args)
     done = push(args.path, args.url, options, progress=not args.quiet)
     if not done.uploaded:
         print(f"{done.url}: up to date: its manifest and all {len(done.kept)} files match; nothing uploaded")
@@ -260,7 +310,7 @@ def _synth(args) -> int:
     from .conversion.synth import write_raw
 
     paths = write_raw(args.root, args.train, args.test, args.dataset, args.seed,
-                      compressed=not args.extracted_only)
+                      compressed=not args.extracted_only, force=args.force)
     print(f"wrote SYNTHETIC {args.dataset} raw files ({args.train} train, {args.test} test) "
           f"under {paths[0].parent}; these are generated digits, not real data")
     return 0

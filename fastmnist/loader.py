@@ -120,13 +120,18 @@ class FastMNISTLoader(IterableDataset):
                  format: str | None = None, even: bool = True, retry: Retry | None = None,
                  storage_options: dict | None = None, locality: int | None = None,
                  transform: Callable | None = None):
-        if locality is not None and (type(locality) is not int or locality < 1):
-            raise FastMNISTError(f"locality must be a positive number of samples or None, got {locality!r}")
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise FastMNISTError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if not isinstance(prefetch, int) or prefetch < 1:
-            raise FastMNISTError(f"prefetch must be a positive integer, got {prefetch!r}")
-        self.device = torch.device(device)
+        _check_arguments(batch_size=batch_size, prefetch=prefetch, seed=seed, locality=locality,
+                         shuffle=shuffle, drop_last=drop_last, normalize=normalize, resident=resident,
+                         verify=verify, even=even, pin_memory=pin_memory, images=images, format=format)
+        try:
+            self.device = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise FastMNISTError(f"device must be 'cpu' or a CUDA device ('cuda', 'cuda:1', ...), "
+                                 f"got {device!r}") from None
+        if self.device.type not in ("cpu", "cuda"):
+            raise FastMNISTError(f"device={device!r}: FastMNISTLoader delivers batches to the CPU or to a "
+                                 f"CUDA device; for {self.device.type}, iterate on the CPU and move each "
+                                 f"batch yourself (x.to({str(self.device)!r}))")
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise FastMNISTError(f"device={device!r} asked for, but CUDA is not available here")
         if pin_memory is None:
@@ -176,7 +181,7 @@ class FastMNISTLoader(IterableDataset):
     def epoch(self) -> int:
         """The epoch the next ``iter()`` runs, or continues after ``load_state_dict`` of a
         state taken mid-epoch: a training loop's ``while loader.epoch < epochs`` resumes right."""
-        return self._plan.next_epoch
+        return self._plan.take_over()
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next ``iter()`` run ``epoch`` (as ``DistributedSampler.set_epoch``); a
@@ -225,13 +230,28 @@ class FastMNISTLoader(IterableDataset):
         A state of another set, seed or order is refused with a ``FastMNISTError``."""
         self._plan.load_state_dict(state, in_worker=get_worker_info() is not None)
 
+    def close(self) -> None:
+        """Release the set's files now (a stream's fetches and scratch directory too) rather
+        than when the loader is collected; iterating it afterwards is refused. A loader is
+        also a context manager: ``with FastMNISTLoader(...) as loader:``."""
+        self.source.close()
+
+    def __enter__(self) -> "FastMNISTLoader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The next epoch's batches. One thread at a time: a second thread's ``iter()``
         while another thread's epoch is under way is refused; so is a wrapper that would
         split this rank's batches across the ranks again (``RESPLITTERS``)."""
         self._check_thread()
+        _refuse_collating(self)
         if self.world_size > 1:
             _refuse_resplitting()
+        if self.source.closed:
+            raise FastMNISTError("this loader was closed; make a new FastMNISTLoader")
         return self._epoch()
 
     def _check_thread(self, claim: bool = False) -> None:
@@ -259,7 +279,8 @@ class FastMNISTLoader(IterableDataset):
         k, w = (1, 0) if worker is None else (worker.num_workers, worker.id)
         if w == 0 and worker is not None and self.source.random_access:
             warnings.warn(WORKER_WARNING, stacklevel=2)
-        epoch_pass = self._plan.start(w, k)
+        # the workers of one pass of a DataLoader share its base seed, a new one each pass
+        epoch_pass = self._plan.start(w, k, None if worker is None else worker.seed - worker.id)
         for number, batch in zip(epoch_pass.numbers, self._delivery.batches(epoch_pass), strict=True):
             epoch_pass.yielded(number)
             yield batch
@@ -276,6 +297,18 @@ RESPLITTERS = {
 }
 
 
+def _refuse_collating(loader) -> None:
+    """Raise if ``iter()`` comes from a DataLoader that would stack the loader's batches
+    (one whose ``batch_size`` is not None): its fetcher, made in the process that iterates,
+    calls ``iter()`` from its ``__init__`` and says whether it collates."""
+    fetcher = sys._getframe(2).f_locals.get("self")
+    if getattr(fetcher, "auto_collation", False) and getattr(fetcher, "dataset", None) is loader:
+        raise FastMNISTError(
+            "FastMNISTLoader yields whole batches, and this DataLoader would stack batch_size of them "
+            "into one ([batch_size, B, 1, 28, 28]): wrap it as DataLoader(loader, batch_size=None, ...) "
+            "or use loader.as_dataloader(...); the loader's own batch_size sets the batch")
+
+
 def _refuse_resplitting(depth: int = 12) -> None:
     """Raise if one of the ``depth`` callers of ``iter()`` is a ``RESPLITTERS`` wrapper."""
     frame = sys._getframe(2)
@@ -288,6 +321,30 @@ def _refuse_resplitting(depth: int = 12) -> None:
         frame = frame.f_back
 
 
+def _check_arguments(**given) -> None:
+    """Refuse an argument of the wrong type or range, naming it: ``shuffle="no"`` would
+    otherwise shuffle (a non-empty string is true) and ``seed=None`` fail at the first batch."""
+    def integer(value, least):
+        return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+    for name in ("shuffle", "drop_last", "normalize", "resident", "verify", "even"):
+        if not isinstance(given[name], bool):
+            raise FastMNISTError(f"{name} must be True or False, got {given[name]!r}")
+    if given["pin_memory"] is not None and not isinstance(given["pin_memory"], bool):
+        raise FastMNISTError(f"pin_memory must be True, False or None, got {given['pin_memory']!r}")
+    for name, least in (("batch_size", 1), ("prefetch", 1), ("seed", 0)):
+        if not integer(given[name], least):
+            what = "a non-negative integer" if least == 0 else "a positive integer"
+            raise FastMNISTError(f"{name} must be {what}, got {given[name]!r}")
+    if given["locality"] is not None and not integer(given["locality"], 1):
+        raise FastMNISTError(f"locality must be a positive number of samples or None, "
+                             f"got {given['locality']!r}")
+    for name, allowed in (("images", ("float32", "uint8")), ("format", ("npy", "wds"))):
+        if given[name] is not None and given[name] not in allowed:
+            raise FastMNISTError(f"{name} must be {' or '.join(map(repr, allowed))} or None, "
+                                 f"got {given[name]!r}")
+
+
 def _distributed(rank, world_size) -> tuple[int, int]:
     """(rank, world_size) from the arguments, else the initialised process group, else (0, 1)."""
     dist = torch.distributed
@@ -296,8 +353,8 @@ def _distributed(rank, world_size) -> tuple[int, int]:
         world_size = dist.get_world_size() if initialised else 1
     if rank is None:
         rank = dist.get_rank() if initialised else 0
-    if not isinstance(world_size, int) or world_size < 1:
+    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
         raise FastMNISTError(f"world_size must be a positive integer, got {world_size!r}")
-    if not isinstance(rank, int) or not 0 <= rank < world_size:
+    if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank < world_size:
         raise FastMNISTError(f"rank {rank!r} is out of range for world_size {world_size}")
     return rank, world_size

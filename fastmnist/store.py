@@ -222,18 +222,48 @@ def verify_shards(root) -> list[str]:
     return problems
 
 
+def read_remote_manifest(url: str, retry: Retry = DEFAULT_RETRY, storage_options: dict | None = None
+                         ) -> tuple[str, Manifest]:
+    """The set at ``url`` (ending in "/" or not, or its ``manifest.json``'s URL): its base
+    URL, ending in "/", and its validated manifest."""
+    if url.endswith("/" + MANIFEST):
+        url = url[:-len(MANIFEST)]
+    base = url.rstrip("/") + "/"
+    where = base + MANIFEST
+    text = fetch(where, limit=MAX_MANIFEST_BYTES, retry=retry, storage_options=storage_options)
+    return base, parse_manifest(text, where)
+
+
+def verify_remote(url: str, retry: Retry = DEFAULT_RETRY, storage_options: dict | None = None) -> list[str]:
+    """``verify_shards`` for the set at ``url``: fetch every file; one message per file
+    that cannot be fetched or differs from the manifest."""
+    base, manifest = read_remote_manifest(url, retry, storage_options)
+    problems = []
+    for meta in manifest.files():
+        where = join(base, meta.file)
+        try:
+            data = fetch(where, size=meta.size, retry=retry, storage_options=storage_options)
+        except FastMNISTError as e:
+            problems.append(str(e))
+            continue
+        if hashlib.sha256(data).hexdigest() != meta.sha256:
+            problems.append(f"{where}: sha256 differs from the manifest")
+    return problems
+
+
 def open_remote(location, split: str, retry: Retry = DEFAULT_RETRY,
                 storage_options: dict | None = None) -> tuple[SplitInfo, list[str]]:
     """A split of a set by URL, and the URL of each of its shards. ``location``: the set's
-    URL ending in "/" (shard URLs made from the manifest's names), or the split's shard
-    URLs (a list or a brace pattern), every one of them, with ``manifest.json`` beside them.
+    URL (shard URLs made from the manifest's names; a trailing "/" or "manifest.json" may
+    end it), or the split's ``.tar`` shard URLs (a list or a brace pattern), every one of
+    them, with ``manifest.json`` beside them.
     ``storage_options``: for fsspec URLs, as ``fsspec.filesystem`` takes them."""
     urls = expand_urls(location)
-    whole_set = len(urls) == 1 and urls[0].endswith("/")
-    base = urls[0] if whole_set else urls[0].rsplit("/", 1)[0] + "/"
+    whole_set = len(urls) == 1 and not urls[0].endswith(".tar")
+    base, manifest = read_remote_manifest(urls[0] if whole_set else urls[0].rsplit("/", 1)[0] + "/",
+                                          retry, storage_options)
     where = base + MANIFEST
-    text = fetch(where, limit=MAX_MANIFEST_BYTES, retry=retry, storage_options=storage_options)
-    info = parse_manifest(text, where).splits.get(split)
+    info = manifest.splits.get(split)
     if info is None:
         raise FastMNISTError(f"{where}: no split {split!r}")
     if not info.shards:

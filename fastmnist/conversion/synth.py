@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import FastMNISTError
 from ..formats.datasets import COMPRESSIONS, SYNTHETIC_MARKER, get_spec
 from ..formats.idx import IMAGE_SIDE, IMAGES, IdxWriter, label_kind
 
@@ -115,12 +116,20 @@ def qmnist_columns(classes: np.ndarray, seed: int) -> np.ndarray:
 
 
 def write_raw(root: Path, n_train: int = 60000, n_test: int = 10000, dataset: str = "mnist",
-              seed: int = 0, compressed: bool = True) -> list[Path]:
+              seed: int = 0, compressed: bool = True, force: bool = False) -> list[Path]:
     """Write the train and test raw files of ``dataset`` in torchvision's layout after a
     download, ``root/<Folder>/raw``: extracted, and (if ``compressed``) compressed too where
-    torchvision keeps the compressed download (MNIST, QMNIST); returns the paths written."""
+    torchvision keeps the compressed download (MNIST, QMNIST); returns the paths written.
+    Raw files already there that an earlier run did not generate (real data, most likely)
+    are replaced only with ``force``; otherwise nothing is written."""
     spec = get_spec(dataset)
     raw = Path(root) / spec.folder / "raw"
+    if not force and not (raw / SYNTHETIC_MARKER).exists():
+        stems = [f for split in spec.splits.values() for f in (split.images, split.labels)]
+        for existing in sorted(p for stem in stems for c in COMPRESSIONS if (p := raw / (stem + c)).exists()):
+            raise FastMNISTError(f"{existing}: raw {spec.name} file already there (real data?); generated "
+                                 "digits would replace it: write them under another --root, or pass "
+                                 "--force to replace it")
     raw.mkdir(parents=True, exist_ok=True)
     written = []
     for split, n, split_seed in (("train", n_train, seed), ("test", n_test, seed + 1)):

@@ -440,13 +440,16 @@ class WdsReader(Reader):
             by_split.setdefault(part.split, []).append(part)
         splits = {}
         for split, split_parts in by_split.items():
-            blobs, labels, names = [], [], []
+            blobs, arrays, labels, names = [], {}, [], []
             for part in split_parts:
                 for key, members in self._samples(part):
-                    blobs.append(self._image(part, key, members))
+                    extension, data = self._image(part, key, members)
+                    if extension == "npy":  # fastmnist's own shards, and others that store arrays
+                        arrays[len(blobs)] = _npy_image(data, f"{part.shown}: key {key}.npy")
+                    blobs.append(data)
                     labels.append(self._label(part, key, members))
                     names.append(f"{part.shown}: key {key}")
-            images = pictures.decode(blobs, "", names.__getitem__, grayscale, resize, progress)
+            images = _images(blobs, arrays, names, grayscale, resize, progress)
             splits[split] = Samples(images, np.array(labels, np.int64), split)
         return splits
 
@@ -466,13 +469,14 @@ class WdsReader(Reader):
         if key is not None:
             yield key, members
 
-    def _image(self, part, key, members) -> bytes:
-        wanted = [self.image_key] if self.image_key else ["png", "jpg", "jpeg", "pgm", "ppm", "webp"]
-        found = next((members[e] for e in wanted if e in members), None)
+    def _image(self, part, key, members) -> tuple[str, bytes]:
+        """(extension, bytes) of the sample's image member."""
+        wanted = [self.image_key] if self.image_key else ["png", "jpg", "jpeg", "pgm", "ppm", "webp", "npy"]
+        found = next((e for e in wanted if e in members), None)
         if found is None:
             raise FastMNISTError(f"{part.shown}: key {key}: no {' or '.join(wanted)} member "
                                  f"(it has {', '.join(sorted(members)) or 'none'})")
-        return found
+        return found, members[found]
 
     def _label(self, part, key, members) -> int:
         ext = self.label_key or "cls"
@@ -483,6 +487,43 @@ class WdsReader(Reader):
         if not re.fullmatch(r"-?\d{1,9}", text):
             raise FastMNISTError(f"{part.shown}: key {key}: {ext} is {text[:20]!r}, expected an integer")
         return int(text)
+
+
+def _images(blobs: list[bytes], arrays: dict, names: list[str], grayscale: bool, resize: bool, progress
+            ) -> np.ndarray:
+    """uint8 ``(len(blobs), 28, 28)``: ``arrays[i]`` where the sample's member was a ``.npy``
+    array (all of one shape and dtype), else ``blobs[i]`` decoded; ``names[i]`` in errors."""
+    images = np.empty((len(blobs), 28, 28), np.uint8)
+    if arrays:
+        first = next(iter(arrays))
+        like = (arrays[first].shape, arrays[first].dtype)
+        for i, image in arrays.items():
+            if (image.shape, image.dtype) != like:
+                raise FastMNISTError(f"{names[i]}.npy: {image.dtype} {image.shape}, but {names[first]}.npy "
+                                     f"is {like[1]} {like[0]}")
+        stacked = np.stack(list(arrays.values()))
+        images[list(arrays)] = pictures.conform_array(stacked, f"{names[first]}.npy, ...", grayscale, resize)
+        if progress is not None:
+            progress.update(len(arrays))
+    encoded = [i for i in range(len(blobs)) if i not in arrays]
+    if encoded:
+        images[encoded] = pictures.decode([blobs[i] for i in encoded], "", lambda i: names[encoded[i]],
+                                          grayscale, resize, progress)
+    return images
+
+
+def _npy_image(data: bytes, where: str) -> np.ndarray:
+    """One image from a ``.npy`` member (as ``np.save`` writes it, never a pickle): uint8
+    ``(28, 28)``, ``(1, 28, 28)`` or ``(28, 28, 1)``, or ``(H, W[, C])`` for ``conform_array``."""
+    try:
+        image = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise FastMNISTError(f"{where}: not a readable .npy array ({e})") from None
+    if image.ndim == 3 and image.shape[0] == 1:
+        image = image[0]
+    if image.ndim not in (2, 3):
+        raise FastMNISTError(f"{where}: an array of shape {image.shape}, expected one image (28, 28)")
+    return image
 
 
 def tar_members(data: bytes, shown: str):

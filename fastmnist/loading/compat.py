@@ -60,4 +60,4 @@ class EpochSampler:
         return self.plan.samples_per_rank
 
     def __iter__(self):
-        return iter(self.plan.rank_order(self.plan.next_epoch).tolist())
+        return iter(self.plan.rank_order(self.plan.take_over()).tolist())

@@ -12,9 +12,11 @@ the epoch is the positions outside those intervals, in order.
 import dataclasses
 import hashlib
 import json
+import os
 from collections.abc import Callable
 
 import torch
+from torch.utils.data import get_worker_info
 
 from ..errors import FastMNISTError
 from .order import batch_count, delivered, rank_share, runs, samples_per_rank, worker_parts
@@ -198,6 +200,32 @@ class Pass:
             self.step.done = self.step.total
 
 
+class WorkerEpochs:
+    """The last epoch DataLoader workers started, and the pass of the DataLoader that
+    started it, in one int64 of shared memory (one store, so never read half-written):
+    the owner of a loader learns from it what its workers' copies ran. Pickles to a
+    spawned worker as shared memory, to anything else as a copy."""
+
+    PASS = 0x7FFFFFFF  # the bits of the pass kept, above the 32 of the epoch
+
+    def __init__(self):
+        self.value = torch.full((1,), -1, dtype=torch.int64).share_memory_()
+
+    def record(self, iteration: int, epoch: int) -> None:
+        self.value[0] = (iteration & self.PASS) << 32 | (epoch & 0xFFFFFFFF)
+
+    def last(self) -> tuple[int, int] | None:
+        """``(iteration & PASS, epoch)`` last recorded, or None."""
+        v = int(self.value[0])
+        return None if v < 0 else (v >> 32, v & 0xFFFFFFFF)
+
+    def take(self) -> int | None:
+        """The epoch last recorded (None if none was since the last take), and forget it."""
+        ran = self.last()
+        self.value[0] = -1
+        return None if ran is None else ran[1]
+
+
 class EpochPlan:
     """Which samples this rank visits in each epoch, in which batches, across DataLoader
     workers; and where the epoch stands (``state_dict``/``load_state_dict``).
@@ -216,6 +244,8 @@ class EpochPlan:
         self.next_epoch = 0
         self.resume = None  # Step the next start() continues, from load_state_dict
         self.step = None  # Step of the iteration in progress (or last run)
+        self.workers_ran = WorkerEpochs()
+        self._worker_pid = None  # the DataLoader worker process that started or loaded this plan
 
     @property
     def samples_per_rank(self) -> int:
@@ -237,14 +267,29 @@ class EpochPlan:
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next ``start`` run ``epoch``; a loaded state of another epoch is dropped."""
+        self.take_over()
         self.next_epoch = epoch
         if self.resume is not None and self.resume.epoch != epoch:
             self.resume = None
 
-    def start(self, worker: int, workers: int) -> Pass:
+    def take_over(self) -> int:
+        """In the process that owns the loader (not in a DataLoader worker), take over the
+        epochs that DataLoader workers ran on their copies of this plan; the next epoch."""
+        if get_worker_info() is None:
+            ran = self.workers_ran.take()
+            if ran is not None:
+                self.next_epoch, self.resume, self.step = ran + 1, None, None
+        return self.next_epoch
+
+    def start(self, worker: int, workers: int, iteration: int | None = None) -> Pass:
         """Begin the next epoch (or the resumed one) as DataLoader worker ``worker`` of
-        ``workers`` (0 of 1 outside a DataLoader)."""
-        step = self.resume or Step(self.next_epoch)
+        ``workers`` (0 of 1 outside a DataLoader); ``iteration``: in a worker, a number the
+        same for all workers of one pass of the DataLoader and new with each pass."""
+        if iteration is None:
+            self.take_over()
+            step = self.resume or Step(self.next_epoch)
+        else:
+            step = self._worker_step(iteration)
         divided = self.source.consecutive and workers > 1  # the rank's workers divide its run
         if step.workers != (workers if divided else 1):  # a fresh layout for what is left of the epoch
             step = Step(step.epoch, self._consumed(self._layout(step)), workers=workers if divided else 1)
@@ -267,8 +312,26 @@ class EpochPlan:
         return Pass(step.epoch, share, numbers, size, lambda: self.rank_order(step.epoch + 1), parts, part,
                     step.done == 0, step, workers)
 
+    def _worker_step(self, iteration: int) -> Step:
+        """The step a DataLoader worker runs. A worker process's first: the epoch its
+        siblings of the same ``iteration`` run, else the one after the last that workers
+        ran (so passes of a DataLoader whose workers are not persistent go on to the next
+        epoch, as iterating the loader does), else this copy's own. Recorded for the
+        owner's ``take_over``."""
+        step = self.resume or Step(self.next_epoch)
+        if self._worker_pid != os.getpid():  # a fresh worker, with the owner's state at its start
+            self._worker_pid = os.getpid()
+            ran = self.workers_ran.last()
+            if ran is not None and ran[0] == iteration & WorkerEpochs.PASS:
+                step = step if ran[1] == step.epoch else Step(ran[1])
+            elif ran is not None:
+                step = Step(ran[1] + 1)
+        self.workers_ran.record(iteration, step.epoch)
+        return step
+
     def state_dict(self) -> dict:
         """See ``FastMNISTLoader.state_dict``."""
+        self.take_over()
         step = self.step if self.step is not None and not self.step.finished else None
         step = step or self.resume or Step(self.next_epoch)
         layout = self._layout(step)
@@ -278,6 +341,9 @@ class EpochPlan:
     def load_state_dict(self, state: dict, in_worker: bool) -> None:
         """See ``FastMNISTLoader.load_state_dict``; ``in_worker``: loaded in a DataLoader
         worker (torchdata restoring each worker's own snapshot)."""
+        self.take_over()
+        if in_worker:
+            self._worker_pid = os.getpid()
         candidates, since_snapshot = loader_states(state)
         if not candidates:
             raise FastMNISTError("state_dict: a StatefulDataLoader state with no worker snapshot in it")

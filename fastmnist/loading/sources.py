@@ -112,6 +112,13 @@ class ArraySource:
         self._files = {name: split.open(name) for name in names}
         self._versions = {name: _version(f) for name, f in self._files.items()}
         self._tensors = None  # (images, labels), made on first use in each process
+        self.closed = False
+        weakref.finalize(self, _close_files, self._files)  # quietly, when collected unclosed
+
+    def close(self) -> None:
+        """Release the files and the mapped or decoded tensors of this process."""
+        self.closed, self._tensors = True, None
+        _close_files(self._files or {})
 
     @property
     def count(self) -> int:
@@ -141,6 +148,8 @@ class ArraySource:
     @property
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The images and labels, mapped or decoded on first use in this process."""
+        if self.closed:
+            raise FastMNISTError(f"{self.split.root}: this loader was closed; make a new FastMNISTLoader")
         if self._tensors is None:
             images, labels = self._mapped() if self.format == "npy" else self._decoded()
             if self.device is not None:
@@ -153,6 +162,7 @@ class ArraySource:
         by path, and refused unless they are the same files)."""
         if self._files is None:
             self._files = {name: self.split.open(name) for name in self._versions}
+            weakref.finalize(self, _close_files, self._files)
             for name, f in self._files.items():
                 if _version(f) != self._versions[name]:
                     raise FastMNISTError(f"{self.split.path(name)}: {REPLACED}")
@@ -210,8 +220,18 @@ class StreamSource:
         self.mean_std, self.retry, self.storage_options = mean_std, retry, storage_options
         self.dtype = torch.uint8 if mean_std is None else torch.float32
         self.handoff = Path(tempfile.gettempdir()) / f"fastmnist-{uuid.uuid4().hex}"
-        weakref.finalize(self, _remove_dir, self.handoff, os.getpid())
+        self._removal = weakref.finalize(self, _remove_dir, self.handoff, os.getpid())
         self._cache = None  # made on first use in each process
+        self.closed = False
+
+    def close(self) -> None:
+        """Stop fetching, drop the shards held, remove the hand-off directory."""
+        self.closed = True
+        if self._cache is not None:
+            self._cache.stopped.set()
+            self._cache = None
+        if self._removal is not None:  # None in a process that unpickled this source
+            self._removal()
 
     @property
     def count(self) -> int:
@@ -219,6 +239,8 @@ class StreamSource:
 
     @property
     def cache(self) -> ShardCache:
+        if self.closed:
+            raise FastMNISTError(f"{self.urls[0]}: this loader was closed; make a new FastMNISTLoader")
         if self._cache is None:
             self._cache = ShardCache(list(self.info.shards), self.urls, self.prefetch, self.verify,
                                      self.mean_std, self.retry, self.storage_options, self.info.num_classes)
@@ -243,7 +265,7 @@ class StreamSource:
         return self.cache.gather(idx, x_out, y_out)
 
     def __getstate__(self):
-        return {**self.__dict__, "_cache": None}
+        return {**self.__dict__, "_cache": None, "_removal": None}
 
 
 def empty_batch(dtype: torch.dtype, n: int, pin: bool, label_shape: tuple[int, ...] = ()
@@ -281,6 +303,11 @@ def read_whole(f, size: int, shown) -> np.ndarray:
     if got < size or os.pread(f.fileno(), 1, size):
         raise FastMNISTError(f"{shown}: size changed: the manifest says {size} bytes")
     return buf
+
+
+def _close_files(files: dict) -> None:
+    for f in files.values():
+        f.close()
 
 
 def _remove_dir(path: Path, owner: int) -> None:
