@@ -43,3 +43,4 @@ for x, y in loader:
     if job.phase == "stop" and step == job.steps:
         accelerator.save_state(job.run / "checkpoint")
         break
+accelerator.end_training()  # the process group ends here, not in teardown at exit
