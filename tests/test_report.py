@@ -1,8 +1,10 @@
-"""The benchmark report (short mode, as CI runs it): files written and consistent, every
-pipeline completes a full epoch, and the fastmnist ratios pass the regression gate."""
+"""The benchmark report (short mode, as the main job runs it): files written and consistent,
+every round a whole epoch or cut after its seconds, and the fastmnist ratios pass the
+regression gate."""
 
 import copy
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,7 @@ REFERENCE = Path(__file__).resolve().parents[1] / "benchmarks" / "reference.json
 def quick_report(synth_root, synth_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
     result = run_report(synth_root, synth_shards, out, batch_sizes=(64,), rounds=5, seed_rounds=1,
-                        memory_epochs=3, progress=False)
+                        memory_epochs=3, progress=False, round_seconds=1.0)
     return out, result
 
 
@@ -35,13 +37,18 @@ def test_report_files_agree_with_the_run(quick_report):
             f"{COUNTED} in StatefulDataLoader, workers=2", SEED_AFFINE, FAST_AFFINE,
             "seed pipeline + RandomAffine, workers=2", "fastmnist + RandomAffine (bilinear)",
             "fastmnist + ElasticTransform (bilinear)"} <= set(names)
-    assert all(r["samples"] == 60000 for r in result["rows"])
+    for r in result["rows"]:  # a round is a whole epoch, or at least its second when cut
+        rounds = zip(r["samples"], r["seconds"], strict=True)
+        assert all(n == 60000 or r["cut"] and t >= 1.0 for n, t in rounds)
+    assert next(r for r in result["rows"] if r["pipeline"] == SEED)["cut"]  # ~10k samples/s here
     seed = next(r for r in result["rows"] if r["pipeline"] == SEED)
     assert seed["x_seed"] == 1.0
     markdown = (out / "bench.md").read_text()
     for r in result["rows"]:
         row = f"| 64 | {r['pipeline']} | {r['samples_per_s']:,.0f} | {r['spread']:.0%} | {r['x_seed']:.1f} |"
-        assert row in markdown
+        assert row in markdown and markdown.split(row)[1].split("\n")[0].endswith(
+            f" {r['rounds']}{'*' if r['cut'] else ''} |")
+    assert "one shuffled epoch per round, stopped after 1 s (rounds column: *)" in markdown
     conversion = result["conversion"]
     for format in ("npy", "both"):
         assert f"{conversion[format]['seconds']:.2f} s = {conversion[format]['fraction_of_seed_epoch']:.3f}" \
@@ -113,5 +120,24 @@ def test_rounds_are_interleaved_and_spread_reported():
 
     rows = interleaved({"a": pipeline("a", 1), "b": pipeline("b", 2)}, 64, {"a": 3, "b": 2}, 0.0)
     assert log == ["a", "b", "a", "b", "a", "b", "a"]  # first batches, then rounds
-    assert [r["rounds"] for r in rows] == [3, 2] and all(r["samples"] > 0 for r in rows)
-    assert all(r["spread"] >= 0 for r in rows)
+    assert [r["rounds"] for r in rows] == [3, 2] and [r["samples"] for r in rows] == [[10] * 3, [20] * 2]
+    assert all(r["spread"] >= 0 and not r["cut"] for r in rows)
+
+
+def test_a_round_is_cut_after_its_seconds_and_rated_on_what_it_saw():
+    """A slow epoch (20 ms a batch of 10, 50 batches) is stopped after the batch that ends
+    0.2 s: about 100 samples, rated near 500/s; a quick one runs whole."""
+    def slow(bs):
+        class Epochs:
+            def __iter__(self):
+                for _ in range(50):
+                    time.sleep(0.02)
+                    yield None, [0] * 10
+        return Epochs()
+
+    rows = interleaved({"slow": slow, "quick": lambda bs: [(None, [0] * 10)] * 3}, 64,
+                       {"slow": 2, "quick": 2}, 0.0, round_seconds=0.2)
+    slow_row, quick_row = rows
+    assert slow_row["cut"] and all(80 <= n <= 120 for n in slow_row["samples"])
+    assert all(t >= 0.2 for t in slow_row["seconds"]) and 350 < slow_row["samples_per_s"] <= 500
+    assert not quick_row["cut"] and quick_row["samples"] == [30, 30]

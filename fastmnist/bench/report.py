@@ -30,25 +30,28 @@ from .pipelines import (
     pipelines,
     rss_bytes,
     run_epoch,
+    run_round,
     state_dict_cost,
 )
 
 IMAGE_BYTES = 28 * 28 * 4  # one float32 image
 UNSTEADY = 0.25  # a floor whose rounds spread more than this (IQR / median) cannot anchor a ratio
-SLOW = ("seed pipeline", "stock webdataset")  # measured with --seed-rounds epochs
+SLOW = ("seed pipeline", "stock webdataset")  # measured with --seed-rounds rounds
 WORKERS_2, STATEFUL_2 = "fastmnist in DataLoader, workers=2", "fastmnist in StatefulDataLoader, workers=2"
 STATEFUL_2_64 = STATEFUL_2 + ", snapshot every 64 steps"
 COUNTED_2 = f"{COUNTED} in DataLoader, workers=2"
 COUNTED_STATEFUL_2 = f"{COUNTED} in StatefulDataLoader, workers=2"
 
 
-def run_report(raw_root: Path, shards: Path, out_dir: Path, batch_sizes=(64, 256, 1024),
-               rounds: int = 5, seed_rounds: int = 3, memory_epochs: int = 20,
-               progress: bool = True, min_seconds: float = 1.0) -> dict:
+def run_report(raw_root: Path, shards: Path, out_dir: Path, batch_sizes=(64,), rounds: int = 5,
+               seed_rounds: int = 3, memory_epochs: int = 20, progress: bool = True, min_seconds: float = 1.0,
+               round_seconds: float | None = 2.0) -> dict:
     """Measure, then write ``bench.json``, ``bench.md`` and ``bench.png`` into ``out_dir``.
-    Per batch size the pipelines are timed round by round, interleaved (one epoch of each in
+    Per batch size the pipelines are timed round by round, interleaved (one round of each in
     turn), so a disturbance of the machine lands on all of them; each gets at least its
-    rounds (``seed_rounds`` for the slow ones) and the fast ones at least ``min_seconds``."""
+    rounds (``seed_rounds`` for the slow ones) and the fast ones at least ``min_seconds``. A
+    round is one shuffled epoch, cut after ``round_seconds`` (None: whole epochs): a slow
+    pipeline's rate is measured as well in two seconds as in its whole epoch."""
     out_dir.mkdir(parents=True, exist_ok=True)
     found = pipelines(raw_root, shards)
     rows = []
@@ -56,9 +59,7 @@ def run_report(raw_root: Path, shards: Path, out_dir: Path, batch_sizes=(64, 256
                 for bs in batch_sizes]  # the augmentation rows at the first batch size only
     for bs, pipelines_of_size in zip(batch_sizes, per_size, strict=True):
         wanted = {name: seed_rounds if name.startswith(SLOW) else rounds for name in pipelines_of_size}
-        with tqdm(total=sum(wanted.values()), desc=f"bench, batch {bs}", unit="epoch",
-                  disable=not progress) as bar:
-            rows += interleaved(pipelines_of_size, bs, wanted, min_seconds, bar.update)
+        rows += interleaved(pipelines_of_size, bs, wanted, min_seconds, round_seconds, progress)
     bandwidth = copy_bandwidth()
     for bs in batch_sizes:
         group = {r["pipeline"]: r for r in rows if r["batch_size"] == bs}
@@ -73,8 +74,9 @@ def run_report(raw_root: Path, shards: Path, out_dir: Path, batch_sizes=(64, 256
         "fastmnist": __version__,
         "shards": str(shards),
         "synthetic": open_shards(shards).synthetic,
+        "round_seconds": round_seconds,
         "rows": rows,
-        "conversion": _conversion(raw_root, rows),
+        "conversion": _conversion(raw_root, rows, open_shards(shards).split("train").count),
         "memory": _memory_over_epochs(shards, memory_epochs),
         "state_dict": state_dict_cost(shards),
         "copy_bandwidth_bytes_per_s": bandwidth,
@@ -85,38 +87,45 @@ def run_report(raw_root: Path, shards: Path, out_dir: Path, batch_sizes=(64, 256
     return result
 
 
-def interleaved(found: dict, batch_size: int, wanted: dict, min_seconds: float, done=lambda n: None) -> list:
+def interleaved(found: dict, batch_size: int, wanted: dict, min_seconds: float,
+                round_seconds: float | None = None, progress: bool = False) -> list:
     """One row per pipeline of ``found`` (name -> factory): each built once and its time to
-    the first batch taken, then full epochs timed round by round, one of each pipeline in
-    turn, while it has fewer than ``wanted[name]`` epochs or (with more than one wanted)
-    less than ``min_seconds`` of them. Samples/s is the median over its epochs, ``spread``
-    their interquartile range over that median; ``peak_extra_mb`` the most resident memory
-    an epoch added. ``done(1)`` is called after each epoch timed."""
+    the first batch taken, then rounds timed one of each pipeline in turn, while it has
+    fewer than ``wanted[name]`` or (with more than one wanted) less than ``min_seconds`` of
+    them. A round is one epoch, cut after ``round_seconds`` unless None (``cut``: some
+    round was). Samples/s is the median of the rounds' rates, ``spread`` their
+    interquartile range over that median; ``peak_extra_mb`` the most resident memory a
+    round added. ``progress``: a line per pipeline as it is built, then a bar of rounds."""
     built, rows = {}, {}
     for name, factory in found.items():
+        if progress:
+            tqdm.write(f"bench, batch {batch_size}: starting {name}")
         start = time.perf_counter()
         built[name] = factory(batch_size)
         next(iter(built[name]))
-        rows[name] = {"batch_size": batch_size, "pipeline": name, "seconds": [], "peak_extra_mb": 0.0,
-                      "first_batch_ms": (time.perf_counter() - start) * 1e3}
+        rows[name] = {"batch_size": batch_size, "pipeline": name, "samples": [], "seconds": [], "cut": False,
+                      "peak_extra_mb": 0.0, "first_batch_ms": (time.perf_counter() - start) * 1e3}
 
     def needs_more(name):
         seconds = rows[name]["seconds"]
         return len(seconds) < wanted[name] or (wanted[name] > 1 and sum(seconds) < min_seconds)
 
-    while active := [name for name in found if needs_more(name)]:
-        for name in active:
-            with PeakRSS() as rss:
-                t = time.perf_counter()
-                rows[name]["samples"] = run_epoch(built[name])
-                rows[name]["seconds"].append(time.perf_counter() - t)
-            rows[name]["peak_extra_mb"] = max(rows[name]["peak_extra_mb"], rss.peak_extra / 1e6)
-            done(1)
+    with tqdm(total=sum(wanted.values()), desc=f"bench, batch {batch_size}", unit="round",
+              disable=not progress) as bar:
+        while active := [name for name in found if needs_more(name)]:
+            for name in active:
+                row = rows[name]
+                with PeakRSS() as rss:
+                    samples, seconds, cut = run_round(built[name], round_seconds)
+                row["samples"].append(samples)
+                row["seconds"].append(seconds)
+                row["cut"] |= cut
+                row["peak_extra_mb"] = max(row["peak_extra_mb"], rss.peak_extra / 1e6)
+                bar.update(1)
     for r in rows.values():
-        rates = sorted(r["samples"] / s for s in r["seconds"])
+        rates = sorted(n / s for n, s in zip(r["samples"], r["seconds"], strict=True))
         r["rounds"] = len(rates)
-        r["median_s"] = statistics.median(r["seconds"])
-        r["samples_per_s"] = r["samples"] / r["median_s"]
+        r["samples_per_s"] = statistics.median(rates)
         q1, _, q3 = statistics.quantiles(rates, n=4, method="inclusive") if len(rates) > 1 else rates * 3
         r["spread"] = (q3 - q1) / r["samples_per_s"]
     return list(rows.values())
@@ -156,12 +165,13 @@ def machine() -> str:
             f"Python {platform.python_version()}, torch {torch.__version__}")
 
 
-def _conversion(raw_root: Path, rows: list, runs: int = 3) -> dict:
+def _conversion(raw_root: Path, rows: list, count: int, runs: int = 3) -> dict:
     """Whole-process conversions, as a user runs them (``python -m fastmnist.cli convert
     --force --quiet``, the same as ``python tools/convert.py``: interpreter start, imports,
     read, validate, normalise, write, hash, replace the previous set), median of ``runs``
-    per format, against one seed-pipeline epoch; and the CLI's start-up (``--help``)."""
-    seed_s = next(r for r in rows if r["pipeline"] == SEED)["median_s"]
+    per format, against one seed-pipeline epoch of ``count`` samples at its measured rate;
+    and the CLI's start-up (``--help``)."""
+    seed_s = count / next(r for r in rows if r["pipeline"] == SEED)["samples_per_s"]
     cli = [sys.executable, "-m", "fastmnist.cli"]
     result = {"seed_epoch_s": seed_s, "runs": runs}
     with tempfile.TemporaryDirectory() as tmp:
@@ -212,9 +222,12 @@ def _of_floor(r: dict) -> str:
 
 
 def markdown(result: dict) -> str:
+    cut = result.get("round_seconds")
+    rounds = "one shuffled epoch per round" if cut is None else \
+        f"one shuffled epoch per round, stopped after {cut:g} s (rounds column: *)"
     lines = [
         f"Machine: {result['machine']}. Data: {'SYNTHETIC ' if result['synthetic'] else ''}"
-        "MNIST-format train split, one full shuffled epoch per round, float32 out; "
+        f"MNIST-format train split, {rounds}, float32 out; "
         "samples/s is the median over rounds, interleaved with the other pipelines of its batch size; "
         "spread is the interquartile range of the rounds over that median.",
         "",
@@ -227,7 +240,7 @@ def markdown(result: dict) -> str:
     for r in result["rows"]:
         lines.append(f"| {r['batch_size']} | {r['pipeline']} | {r['samples_per_s']:,.0f} | "
                      f"{r['spread']:.0%} | {r['x_seed']:.1f} | {_of_floor(r)} | {r['first_batch_ms']:.1f} | "
-                     f"{r['peak_extra_mb']:.0f} | {r['rounds']} |")
+                     f"{r['peak_extra_mb']:.0f} | {r['rounds']}{'*' if r['cut'] else ''} |")
     c, m = result["conversion"], result["memory"]
     lines += [
         "",
@@ -324,7 +337,9 @@ def chart(result: dict, path: Path) -> None:
     ax.set_xlim(right=max(r["samples_per_s"] for r in rows) * 4)  # room for the labels
     ax.set_xlabel("samples/s, log scale (bar label: x the seed pipeline, workers=0; dashed: the floor)")
     synthetic = "SYNTHETIC data (generated digits, not MNIST): " if result["synthetic"] else ""
-    title = [f"{synthetic}one shuffled 60k epoch, float32 out", result["machine"],
+    cut = result.get("round_seconds")
+    rounds = "shuffled epochs" if cut is None else f"shuffled epochs stopped after {cut:g} s"
+    title = [f"{synthetic}{rounds}, batch {sizes[0]}, float32 out", result["machine"],
              *(line for w in warned for line in textwrap.wrap(f"WARNING {w}", 100))]
     ax.set_title("\n".join(title), fontsize=8, color="darkred" if warned else "black")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
