@@ -341,7 +341,7 @@ def _bench(args) -> int:
     import json
 
     _require_bench_extra()
-    from .bench.report import check, extract_for_torchvision, markdown, reference_from, run_report
+    from .bench.report import check, extract_for_torchvision, headline, markdown, reference_from, run_report
 
     extract_for_torchvision(args.raw)
     sizes = args.batch_sizes or ("64,256,1024" if args.full else "64")
@@ -353,7 +353,8 @@ def _bench(args) -> int:
     result = run_report(args.raw, args.shards, args.out, batch_sizes, args.rounds, args.seed_rounds,
                         args.memory_epochs, min_seconds=args.min_seconds, round_seconds=cut)
     print(markdown(result))
-    print(f"wrote {args.out / 'bench.json'}, {args.out / 'bench.md'}, {args.out / 'bench.png'}")
+    print(f"wrote {args.out / 'bench.json'}, {args.out / 'bench.md'}, {args.out / 'bench.png'}\n")
+    print(headline(result))
     if args.write_reference:
         reference = reference_from(result, args.tolerance or 0.6)
         args.write_reference.write_text(json.dumps(reference, indent=2) + "\n")

@@ -11,10 +11,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from fastmnist import convert
 from fastmnist.conversion.synth import write_raw
 from fastmnist.formats.idx import write_idx
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n N`: N workers share the cores, not N x all of them
+    workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // workers))
 
 REAL_ROOT = Path(os.environ.get(
     "FASTMNIST_REAL_DATA", Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist-t10k"))

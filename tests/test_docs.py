@@ -2,11 +2,18 @@
 loader's help opens with an example and describes every argument, the README stays short."""
 
 import inspect
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from fastmnist import FastMNISTLoader
+from fastmnist.formats.idx import read_images, read_labels
+
+from .conftest import write_split
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,3 +41,27 @@ def test_readme_is_short_and_shows_convert_then_load_on_its_first_screen():
     assert len(lines) <= 250
     first_screen = "\n".join(lines[:50])
     assert "fastmnist convert" in first_screen and "FastMNISTLoader(" in first_screen
+
+
+def test_the_readmes_quick_start_runs_as_written(real_root, tmp_path):
+    """The Quick start's commands and code, in order, in a fresh directory whose data/ holds
+    the real test split's first 8,000 digits as train and the other 2,000 as test."""
+    section = (ROOT / "README.md").read_text().split("## Quick start")[1].split("\n## ")[0]
+    blocks = re.findall(r"```(bash|python)\n(.*?)```", section, re.S)
+    assert [kind for kind, _ in blocks] == ["bash", "python"]
+    raw = real_root / "MNIST" / "raw"
+    images = read_images(raw / "t10k-images-idx3-ubyte.gz")[:, 0]
+    labels = read_labels(raw / "t10k-labels-idx1-ubyte.gz")
+    write_split(tmp_path / "data", "train", images[:8000], labels[:8000])
+    write_split(tmp_path / "data", "test", images[8000:], np.asarray(labels[8000:]))
+    for line in blocks[0][1].splitlines():
+        command = shlex.split(line, comments=True)
+        assert command[0] == "fastmnist"
+        done = subprocess.run([sys.executable, "-m", "fastmnist.cli", *command[1:]], cwd=tmp_path,
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+    done = subprocess.run([sys.executable, "-c", blocks[1][1]], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = done.stdout.splitlines()
+    assert [line.split(":")[0] for line in printed] == ["epoch 0", "epoch 1"]
+    assert float(printed[-1].rsplit(" ", 1)[1]) > 0.85  # a linear model after 2 epochs of 8,000 digits

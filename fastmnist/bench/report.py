@@ -285,6 +285,20 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+HEADLINE = (SEED, "seed pipeline, workers=2", "TensorDataset + DataLoader", FLOOR, "fastmnist float32",
+            SEED_AFFINE, FAST_AFFINE, "stock webdataset", "fastmnist wds over HTTP")
+
+
+def headline(result: dict) -> str:
+    """The table's ``HEADLINE`` rows at the run's first batch size, as a short Markdown table."""
+    bs = result["rows"][0]["batch_size"]
+    rows = {r["pipeline"]: r for r in result["rows"] if r["batch_size"] == bs}
+    lines = [f"| batch {bs} | samples/s | spread | x seed pipeline | of floor |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {name} | {rows[name]['samples_per_s']:,.0f} | {rows[name]['spread']:.0%} | "
+              f"{rows[name]['x_seed']:.1f} | {_of_floor(rows[name])} |" for name in HEADLINE if name in rows]
+    return "\n".join(lines) + "\n"
+
+
 def kind_of(pipeline: str) -> str:
     """The chart's group of a pipeline: "streaming" (tar shards read as a stream, local or
     remote), "workers" (DataLoader worker processes) or "in-process"."""
