@@ -65,3 +65,10 @@ def test_the_readmes_quick_start_runs_as_written(real_root, tmp_path):
     printed = done.stdout.splitlines()
     assert [line.split(":")[0] for line in printed] == ["epoch 0", "epoch 1"]
     assert float(printed[-1].rsplit(" ", 1)[1]) > 0.85  # a linear model after 2 epochs of 8,000 digits
+
+
+def test_ci_runs_the_readmes_test_command():
+    readme = (ROOT / "README.md").read_text()
+    command = next(line for line in readme.splitlines() if line.startswith("bash tools/setup.sh && ")
+                   and "pytest" in line)
+    assert command in (ROOT / ".ci" / "run").read_text().splitlines()
