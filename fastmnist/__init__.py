@@ -15,6 +15,7 @@ _WHERE = {  # public name -> the module that defines it
     "convert_from": "conversion.inputs",
     "FastMNISTError": "errors",
     "FastMNISTLoader": "loader",
+    "holdout": "loading.select",
     "Manifest": "formats.manifest",
     "PushResult": "conversion.push",
     "push": "conversion.push",

@@ -15,6 +15,7 @@ EXAMPLES = {  # one example per command, shown in its --help
     "verify": "fastmnist verify http://127.0.0.1:8000/mnist/",
     "push": "fastmnist push shards/mnist s3://bucket/mnist/ -o endpoint_url=http://127.0.0.1:9000",
     "synth": "fastmnist synth --root synthetic-data",
+    "holdout": "fastmnist holdout shards/mnist --sizes train=55000,val=5000 --out parts.json",
     "bench": "fastmnist bench --shards shards/mnist --raw data",
     "scale": "fastmnist scale --sizes 60000,600000",
     "demo": "fastmnist demo",
@@ -66,6 +67,17 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("path", help="the converted set's directory, or its URL (http(s)://, s3://, ...)")
     _add_storage_options(v)
     v.set_defaults(func=_verify)
+
+    h = command("holdout", "split a split's samples into named parts (a validation part of train, ...)")
+    h.add_argument("path", help="the converted set's directory")
+    h.add_argument("--split", default="train", help="the split to divide")
+    h.add_argument("--sizes", required=True, metavar="NAME=SIZE,...",
+                   help="the parts: counts that add up to the split's samples, or fractions that add up to 1")
+    h.add_argument("--seed", type=int, default=0, help="the same seed makes the same parts")
+    h.add_argument("--random", action="store_true", help="a plain random split, not stratified by class")
+    h.add_argument("--out", type=Path, help="write {part: [sample indices]} as JSON here, for "
+                                            "FastMNISTLoader(..., indices=parts[NAME])")
+    h.set_defaults(func=_holdout)
 
     u = command("push", "upload a converted set to an fsspec URL (s3://bucket/set/, ...)")
     u.add_argument("path", type=Path, help="the converted set's directory")
@@ -220,12 +232,19 @@ def _convert(args) -> int:
         raise FastMNISTError("convert: give the input once, as PATH or as --root")
     common = {"mean": args.mean, "std": args.std, "format": args.format, "shard_size": args.shard_size,
               "float32": not args.no_float32, "force": args.force, "progress": not args.quiet}
-    if args.root is not None or args.kind == "idx":
+    from .formats.foreign import detect
+
+    if args.root is not None or (args.kind or detect(args.path)) == "idx":
         foreign_only = {"--image-key": args.image_key, "--label-key": args.label_key,
                         "--num-classes": args.num_classes, "--grayscale": args.grayscale,
                         "--resize": args.resize, "--val-fraction": args.val_fraction}
         given = [name for name, value in foreign_only.items() if value not in (None, False)]
         if given:
+            if given[0] == "--val-fraction":
+                raise FastMNISTError("--val-fraction: an IDX set keeps torchvision's splits; hold out a "
+                                     "validation part when loading: `fastmnist holdout OUT --sizes "
+                                     "train=55000,val=5000 --out parts.json`, or fastmnist.holdout() and "
+                                     "FastMNISTLoader(..., indices=parts['val'])")
             raise FastMNISTError(f"{given[0]}: applies to inputs other than idx (an IDX dataset's files "
                                  "fix its splits, classes and image size)")
         r = convert(args.root or args.path, args.out, args.dataset or "mnist", splits=args.split,
@@ -297,6 +316,42 @@ def _verify(args) -> int:
     else:
         problems = verify_shards(args.path)
     return _report(problems, "FAILED", f"{_printable(args.path)}: all files match the manifest")
+
+
+def _holdout(args) -> int:
+    import json
+
+    import numpy as np
+
+    from .loading.select import holdout
+    from .store import open_shards
+
+    sizes = {}
+    for item in args.sizes.split(","):
+        name, sep, value = item.partition("=")
+        try:
+            sizes[name.strip()] = float(value) if "." in value else int(value)
+        except ValueError:
+            raise FastMNISTError(f"--sizes {item!r}: expected NAME=COUNT or NAME=FRACTION") from None
+        if not sep or not name.strip():
+            raise FastMNISTError(f"--sizes {item!r}: expected NAME=COUNT or NAME=FRACTION")
+    labels = np.asarray(open_shards(args.path).split(args.split).array("labels"))
+    parts = holdout(labels, sizes, seed=args.seed, stratify=not args.random)
+    classes = range(int(labels.max()) + 1 if labels.ndim == 1 and len(labels) else 0)
+    rows = [("part", "samples", *map(str, classes))]
+    rows += [(name, str(len(idx)), *map(str, np.bincount(labels[idx], minlength=len(classes))))
+             for name, idx in parts.items()]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    kind = "random" if args.random else "stratified"
+    print(f"{_printable(args.path)} {args.split}: {kind}, seed {args.seed}; samples per class:")
+    for r in rows:
+        print("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)))
+    if args.out:
+        args.out.write_text(json.dumps({"split": args.split, "seed": args.seed, "stratified": not args.random,
+                                        "parts": {k: v.tolist() for k, v in parts.items()}}) + "\n")
+        print(f"wrote {args.out}: FastMNISTLoader(..., indices=json.load(open({str(args.out)!r}))"
+              f"[\"parts\"][{next(iter(parts))!r}])")
+    return 0
 
 
 def _push(args) -> int:

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .errors import FastMNISTError
-from .loading import augment, delivery
+from .loading import augment, delivery, select
 from .loading.compat import EpochSampler, SplitDataset
 from .loading.plan import EpochPlan
 from .loading.sources import open_source
@@ -102,6 +102,25 @@ class FastMNISTLoader(IterableDataset):
             ``ElasticTransform``, ``RandomErasing`` (after ``Normalize``), and the conversion
             to float with the set's own ``Normalize``; anything else is refused. Leave it None
             for evaluation.
+        indices: visit only these sample indices of the split (any integer sequence, no
+            repeats): each once per epoch, shuffled among themselves (ascending without
+            ``shuffle``), split across ranks like the whole split. ``fastmnist.holdout``
+            makes validation parts to give here.
+        classes: visit only the samples of these classes (of ``indices``, if given).
+        per_class: visit only the first ``per_class`` samples of each class, in index order
+            (of those ``indices``/``classes`` choose).
+        weights: per-sample weights (``N`` floats >= 0): each epoch is ``num_samples`` draws,
+            as ``WeightedRandomSampler(weights, num_samples, replacement)`` draws, from a
+            generator seeded by ``(seed, epoch)``; within ``indices``/``classes``/``per_class``
+            when given. Needs a local set.
+        class_weights: as ``weights``, one weight per class (a sequence of ``num_classes``,
+            or ``{class: weight}``).
+        balanced: as ``class_weights``, each class weighted by 1 / its count, so every class
+            is drawn equally often.
+        num_samples: draws per epoch with ``weights``/``class_weights``/``balanced``
+            (default: as many as the samples chosen).
+        replacement: draw with replacement (a sample may come more than once per epoch) or
+            without.
 
     Like a ``DataLoader`` it has ``dataset`` (``len()`` is the split's sample count;
     indexing gives one normalised sample), ``sampler`` (``set_epoch``; ``len()`` is this
@@ -119,7 +138,9 @@ class FastMNISTLoader(IterableDataset):
                  pin_memory: bool | None = None, prefetch: int = 2, verify: bool = False,
                  format: str | None = None, even: bool = True, retry: Retry | None = None,
                  storage_options: dict | None = None, locality: int | None = None,
-                 transform: Callable | None = None):
+                 transform: Callable | None = None, indices=None, classes=None, per_class: int | None = None,
+                 weights=None, class_weights=None, balanced: bool = False, num_samples: int | None = None,
+                 replacement: bool = True):
         _check_arguments(batch_size=batch_size, prefetch=prefetch, seed=seed, locality=locality,
                          shuffle=shuffle, drop_last=drop_last, normalize=normalize, resident=resident,
                          verify=verify, even=even, pin_memory=pin_memory, images=images, format=format)
@@ -154,13 +175,27 @@ class FastMNISTLoader(IterableDataset):
         self.rank, self.world_size, self.even = rank, world_size, even
         self.normalize, self.resident, self.pin_memory = normalize, resident, pin_memory
         self._iterating = None  # (process, thread) iterating an epoch now
-        self._plan = EpochPlan(self.source, batch_size, shuffle, seed, drop_last, rank, world_size, even)
+        self.selection = select.choose(self.source.count, self._labels, self.info.num_classes, indices,
+                                       classes, per_class, weights, class_weights, balanced, num_samples,
+                                       replacement)
+        if isinstance(self.selection, select.Weighted) and not self.source.random_access:
+            raise FastMNISTError("weighted sampling draws samples from anywhere in the split: it needs a "
+                                 "local set (streamed shards are read a shard at a time)")
+        self._plan = EpochPlan(self.source, batch_size, shuffle, seed, drop_last, rank, world_size, even,
+                               self.selection)
         self._delivery = delivery.choose(self.source, self.device, normalize, resident,
                                          pin_memory and self.device.type == "cpu", prefetch, self._augment)
 
     def __len__(self) -> int:
         """Batches this rank yields per epoch."""
         return len(self._plan)
+
+    def _labels(self):
+        """int64 ``(N,)`` class labels of the split (``(N, 8)`` for qmnist-extended), mapped."""
+        if not self.source.random_access:
+            raise FastMNISTError("choosing samples by class needs the labels of a local set; streamed "
+                                 "shards are read a shard at a time (indices= works with them)")
+        return self.source.tensors[1].numpy()
 
     @property
     def samples_per_rank(self) -> int:

@@ -18,6 +18,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from fastmnist.lightning import FastMNISTDataModule
 from tests.conftest import decode_indices
 
+VAL_SIZE = 100  # held out of the 1,003 train samples, never trained on
+
 
 class Recorder(lightning.LightningModule):
     def __init__(self, log: Path):
@@ -47,7 +49,7 @@ if __name__ == "__main__":
         default_root_dir=run, logger=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, callbacks=[ModelCheckpoint(dirpath=run / "checkpoints", every_n_train_steps=5,
                                                            save_top_k=-1, save_last=True)])
-    data = FastMNISTDataModule(shards, batch_size=20, seed=3, normalize=False)
+    data = FastMNISTDataModule(shards, batch_size=20, seed=3, normalize=False, val_size=VAL_SIZE)
     trainer.fit(Recorder(run / ("resumed" if resume else "first")), datamodule=data,
                 ckpt_path="last" if resume else None)
     if torch.distributed.is_initialized():  # a clean exit: gloo's threads can abort at teardown

@@ -11,10 +11,18 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from .conftest import INDEXED_N
+from fastmnist import FastMNISTError, holdout
+
+from .conftest import INDEXED_N, decode_indices
+from .lightning_job import VAL_SIZE
+
+# the samples the data module trains on: the indexed set's train split less its validation part
+TRAINED = holdout(np.arange(INDEXED_N) % 10, {"train": INDEXED_N - VAL_SIZE, "val": VAL_SIZE},
+                  seed=3)["train"]
 
 REPO = Path(__file__).resolve().parents[1]
 JOB = REPO / "tests" / "lightning_job.py"
@@ -72,14 +80,14 @@ def test_killed_mid_epoch_and_resumed_on_as_many_processes(indexed_shards, tmp_p
     before, after = _killed_and_resumed(indexed_shards, tmp_path, 2, 2)
     assert sorted(before + after) == uninterrupted  # every step, every rank, every sample
     seen = Counter(i for _, _, indices in uninterrupted for i in indices)
-    assert set(seen) == set(range(INDEXED_N)) and sum(seen.values()) == INDEXED_N + 1  # 1 pad
+    assert set(seen) == set(TRAINED.tolist()) and sum(seen.values()) == len(TRAINED) + 1  # 1 pad
 
 
 def test_killed_mid_epoch_and_resumed_on_one_process(indexed_shards, tmp_path):
     before, after = _killed_and_resumed(indexed_shards, tmp_path, 2, 1)
     assert {rank for _, rank, _ in after} == {0}
     seen = Counter(i for _, _, indices in before + after for i in indices)
-    assert seen == Counter(range(INDEXED_N))  # the pad sample of 2 ranks was never reached
+    assert seen == Counter(TRAINED.tolist())  # the pad sample of 2 ranks was never reached
 
 
 def test_the_data_module_augments_training_batches_only(indexed_shards):
@@ -92,9 +100,26 @@ def test_the_data_module_augments_training_batches_only(indexed_shards):
 
     tf = transforms.Compose([transforms.RandomAffine(15), transforms.ToTensor(),
                              transforms.Normalize((0.1307,), (0.3081,))])
-    dm = FastMNISTDataModule(indexed_shards, batch_size=50, seed=2, transform=tf)
+    dm = FastMNISTDataModule(indexed_shards, batch_size=50, seed=2, transform=tf, val_size=None)
     augmented = next(iter(FastMNISTLoader(indexed_shards, batch_size=50, seed=2, transform=tf)))[0]
     plain = next(iter(FastMNISTLoader(indexed_shards, batch_size=50, seed=2)))[0]
     assert torch.equal(next(iter(dm.train_dataloader()))[0], augmented) and not torch.equal(augmented, plain)
     for evaluation in (dm.val_dataloader(), dm.test_dataloader()):
         assert evaluation._augment is None
+
+
+def test_the_data_module_validates_on_a_part_held_out_of_train(indexed_shards):
+    """By default validation is a stratified part of train that the train loader never
+    visits; the test split is for testing; val_size=None validates on test."""
+    from fastmnist.lightning import FastMNISTDataModule
+
+    dm = FastMNISTDataModule(indexed_shards, batch_size=50, seed=2, val_size=0.1, normalize=False)
+    train = {i for x, _ in dm.train_dataloader() for i in decode_indices(x)}
+    val = [i for x, _ in dm.val_dataloader() for i in decode_indices(x)]
+    assert len(val) == 100 and val == sorted(val) and not train & set(val)
+    assert train | set(val) == set(range(INDEXED_N))
+    assert np.bincount(np.array(val) % 10).tolist() == [10] * 10  # 100 of 10 equal classes
+    assert len(list(dm.test_dataloader())[0][1]) == 10  # the test split's 10 samples
+    assert FastMNISTDataModule(indexed_shards, val_size=None).val_dataloader().info.name == "test"
+    with pytest.raises(FastMNISTError, match="val_size 5000: expected a count in 1..1002"):
+        FastMNISTDataModule(indexed_shards).train_dataloader()

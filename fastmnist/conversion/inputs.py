@@ -72,6 +72,15 @@ def convert_from(source, out, kind: str | None = None, *, split: str | None = No
     start = time.perf_counter()
     kind = kind or detect(source)
     if kind == "idx":
+        given = {"image_key": image_key, "label_key": label_key, "num_classes": num_classes,
+                 "grayscale": grayscale, "resize": resize, "val_fraction": val_fraction}
+        for name, value in given.items():
+            if value not in (None, False):
+                hint = " (an IDX dataset's files fix its splits, classes and image size)"
+                if name == "val_fraction":
+                    hint = (": an IDX set keeps torchvision's splits; hold out a validation part when "
+                            "loading (fastmnist.holdout)")
+                raise FastMNISTError(f"{name}= applies to inputs other than idx{hint}")
         return convert(source, out, dataset or "mnist", splits=[split] if split else None, mean=mean,
                        std=std, format=format, shard_size=shard_size, float32=float32, force=force,
                        progress=progress)

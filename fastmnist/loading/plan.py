@@ -20,6 +20,7 @@ from torch.utils.data import get_worker_info
 
 from ..errors import FastMNISTError
 from .order import batch_count, delivered, rank_share, runs, samples_per_rank, worker_parts
+from .select import Everything
 
 STATE_VERSION = 2
 MAX_INTERVALS = 1 << 16  # a few per rank per resume; a state with more is not one of ours
@@ -232,15 +233,19 @@ class EpochPlan:
 
     ``source``: what the samples come from (its ``count``, ``order(seed, epoch, shuffle)``
     and ``consecutive``: ranks take consecutive runs of the order, else strided positions).
-    The rest as ``FastMNISTLoader`` takes them."""
+    ``selection``: which of them an epoch visits (``loading/select.py``; default all). The
+    rest as ``FastMNISTLoader`` takes them."""
 
     def __init__(self, source, batch_size: int, shuffle: bool, seed: int, drop_last: bool,
-                 rank: int, world_size: int, even: bool):
-        self.source, self.count = source, source.count
+                 rank: int, world_size: int, even: bool, selection=None):
+        self.selection = selection or Everything(source.count)
+        self.source, self.count = source, self.selection.count
         self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
         self.rank, self.world_size, self.even = rank, world_size, even
         self.identity = {"set": set_fingerprint(source.info), "order": source.order_name,
                          "seed": seed, "shuffle": shuffle}
+        if self.selection.digest is not None:  # a state of one selection is refused by another
+            self.identity["selection"] = self.selection.digest
         self.next_epoch = 0
         self.resume = None  # Step the next start() continues, from load_state_dict
         self.step = None  # Step of the iteration in progress (or last run)
@@ -259,7 +264,7 @@ class EpochPlan:
     def rank_order(self, epoch: int, base: Intervals = ()) -> torch.Tensor:
         """int64 sample indices this rank visits in ``epoch``, in order; of the positions
         outside ``base`` (consumed ones) only."""
-        order = self.source.order(self.seed, epoch, self.shuffle)
+        order = self.selection.epoch(self.source.order(self.seed, epoch, self.shuffle), self.seed, epoch)
         if base:
             order = torch.cat([order[a:b] for a, b in gaps(list(base), len(order))])
         return rank_share(order, self.rank, self.world_size, self.drop_last,
