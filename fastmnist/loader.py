@@ -19,8 +19,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .errors import FastMNISTError
 from .loading import augment, delivery, select
 from .loading.compat import EpochSampler, SplitDataset
-from .loading.plan import EpochPlan
-from .loading.sources import open_source
+from .loading.plan import EpochPlan, set_fingerprint
+from .loading.sources import MixedSource, open_source
 from .remote.transport import DEFAULT_RETRY, Retry
 
 WORKER_WARNING = (
@@ -121,6 +121,16 @@ class FastMNISTLoader(IterableDataset):
             (default: as many as the samples chosen).
         replacement: draw with replacement (a sample may come more than once per epoch) or
             without.
+        mix_with: other parts to mix with this split: a list of sets' paths (their train
+            split) or ``(path, split)`` pairs, local, with the same image dtype and the same
+            mean/std. Their samples follow this split's in the index space that
+            ``augmentation_params`` and ``rank_order`` use.
+        proportions: with ``mix_with``, each part's share of an epoch (this split first):
+            fractions adding up to 1 of ``num_samples`` (default: all parts' samples
+            together), or per-epoch counts. Each part is drawn in passes over it (a fresh
+            permutation each, running on across epochs: every sample of a part comes once
+            before any comes twice); the epoch's draws are then shuffled together. Default:
+            each part's size (every sample once per epoch).
 
     Like a ``DataLoader`` it has ``dataset`` (``len()`` is the split's sample count;
     indexing gives one normalised sample), ``sampler`` (``set_epoch``; ``len()`` is this
@@ -140,7 +150,7 @@ class FastMNISTLoader(IterableDataset):
                  storage_options: dict | None = None, locality: int | None = None,
                  transform: Callable | None = None, indices=None, classes=None, per_class: int | None = None,
                  weights=None, class_weights=None, balanced: bool = False, num_samples: int | None = None,
-                 replacement: bool = True):
+                 replacement: bool = True, mix_with=None, proportions=None):
         _check_arguments(batch_size=batch_size, prefetch=prefetch, seed=seed, locality=locality,
                          shuffle=shuffle, drop_last=drop_last, normalize=normalize, resident=resident,
                          verify=verify, even=even, pin_memory=pin_memory, images=images, format=format)
@@ -165,8 +175,10 @@ class FastMNISTLoader(IterableDataset):
                 raise FastMNISTError("transform= resamples the uint8 images, then normalises them: it needs "
                                      "normalize=True and images='uint8' (the default with a transform)")
             images = "uint8"
-        self.source = open_source(path, split, images, normalize, self.device, resident, verify, format,
-                                  locality, retry or DEFAULT_RETRY, storage_options, prefetch)
+        places = [(path, split), *_parts(mix_with)]
+        opened = [open_source(where, part, images, normalize, self.device, resident, verify, format, locality,
+                              retry or DEFAULT_RETRY, storage_options, prefetch) for where, part in places]
+        self.source = opened[0] if mix_with is None else _mixed(opened, places, normalize, resident)
         self._augment = None if transform is None else augment.parse(transform, self.source.info.mean,
                                                                       self.source.info.std, seed)
         self.info = self.source.info
@@ -175,9 +187,22 @@ class FastMNISTLoader(IterableDataset):
         self.rank, self.world_size, self.even = rank, world_size, even
         self.normalize, self.resident, self.pin_memory = normalize, resident, pin_memory
         self._iterating = None  # (process, thread) iterating an epoch now
-        self.selection = select.choose(self.source.count, self._labels, self.info.num_classes, indices,
-                                       classes, per_class, weights, class_weights, balanced, num_samples,
-                                       replacement)
+        if mix_with is None:
+            if proportions is not None:
+                raise FastMNISTError("proportions are those of a mixture: give the other parts as mix_with")
+            self.selection = select.choose(self.source.count, self._labels, self.info.num_classes, indices,
+                                           classes, per_class, weights, class_weights, balanced, num_samples,
+                                           replacement)
+        else:
+            chosen = [n for n, v in (("indices", indices), ("classes", classes), ("per_class", per_class),
+                                     ("weights", weights), ("class_weights", class_weights),
+                                     ("balanced", balanced or None)) if v is not None]
+            if chosen:
+                raise FastMNISTError(f"{chosen[0]}= with mix_with: a mixture draws from whole splits; choose "
+                                     "within a part by converting it as a set of its own")
+            counts = select.mixture_counts(self.source.sizes, proportions or self.source.sizes, num_samples)
+            identity = " ".join(set_fingerprint(p.info) for p in self.source.parts)
+            self.selection = select.Mixture(self.source.sizes, counts, shuffle, identity)
         if isinstance(self.selection, select.Weighted) and not self.source.random_access:
             raise FastMNISTError("weighted sampling draws samples from anywhere in the split: it needs a "
                                  "local set (streamed shards are read a shard at a time)")
@@ -354,6 +379,46 @@ def _refuse_resplitting(depth: int = 12) -> None:
         if advice is not None:
             raise FastMNISTError(advice)
         frame = frame.f_back
+
+
+def _parts(mix_with) -> list[tuple]:
+    """``mix_with`` as (path, split) pairs: each entry a set's path (its train split) or a
+    ``(path, split)`` pair."""
+    if mix_with is None:
+        return []
+    if isinstance(mix_with, (str, os.PathLike, tuple)) or not mix_with:
+        raise FastMNISTError(f"mix_with: expected a non-empty list of paths or (path, split) pairs, "
+                             f"got {mix_with!r}")
+    parts = []
+    for part in mix_with:
+        if isinstance(part, tuple) and len(part) == 2 and isinstance(part[1], str):
+            parts.append(part)
+        elif isinstance(part, (str, os.PathLike)):
+            parts.append((part, "train"))
+        else:
+            raise FastMNISTError(f"mix_with: {part!r} is neither a set's path nor a (path, split) pair")
+    return parts
+
+
+def _mixed(sources: list, places: list[tuple], normalize: bool, resident: bool) -> MixedSource:
+    """The parts of a mixture (``sources``, opened from ``places``: (path, split) pairs) as one
+    source, once they agree on what a batch holds."""
+    first = sources[0]
+    if resident:
+        raise FastMNISTError("resident=True with mix_with: a mixture gathers from each part where it is "
+                             "mapped")
+    for other, (path, split) in zip(sources, places, strict=True):
+        name = f"mix_with: {path} ({split})"
+        if not other.random_access:
+            raise FastMNISTError(f"{name}: a mixture draws from anywhere in each part: local sets only")
+        if (other.dtype, other.label_shape) != (first.dtype, first.label_shape):
+            raise FastMNISTError(f"{name} holds {other.dtype} images with labels {other.label_shape}, the "
+                                 f"first part {first.dtype} with {first.label_shape}")
+        if normalize and (other.info.mean, other.info.std) != (first.info.mean, first.info.std):
+            raise FastMNISTError(f"{name} is normalised with mean {other.info.mean} std {other.info.std}, "
+                                 f"the first part with {first.info.mean} {first.info.std}: convert the parts "
+                                 "with the same --mean and --std (or normalize=False)")
+    return MixedSource(sources)
 
 
 def _check_arguments(**given) -> None:

@@ -255,3 +255,103 @@ def test_weighted_sampling_needs_a_local_set(indexed_shards, tmp_path):
             FastMNISTLoader(url, classes=[1])
         streamed = FastMNISTLoader(url, indices=list(range(100, 300)), normalize=False, batch_size=50)
         assert sorted(epoch(streamed)) == list(range(100, 300))
+
+
+@pytest.fixture(scope="module")
+def marked_shards(tmp_path_factory):
+    """A second indexed set (train 300, test 10) whose pixel [0, 2] is 1: its samples are told
+    apart from the first set's in a mixture."""
+    from fastmnist import convert
+
+    from .conftest import indexed_images, write_split
+
+    root = tmp_path_factory.mktemp("marked")
+    images = indexed_images(300)
+    images[:, 0, 2] = 1
+    write_split(root, "train", images, np.arange(300) % 10)
+    write_split(root, "test", indexed_images(10), np.arange(10) % 10)
+    convert(root, root / "set", progress=False)
+    return root / "set"
+
+
+def mixed_epoch(batches) -> list[tuple[int, int]]:
+    """(part, sample index) of each sample of ``batches`` (an epoch of a uint8 mixture of the
+    indexed and the marked set)."""
+    return [(int(image[0, 0, 2]), i) for x, y in batches
+            for image, i in zip(x, batch_indices([(x, y)])[0], strict=True)]
+
+
+def test_a_mixture_draws_each_part_its_share_in_passes_over_it(indexed_shards, marked_shards):
+    loader = raw(indexed_shards, batch_size=64, mix_with=[marked_shards], proportions=[0.5, 0.5],
+                 num_samples=400)
+    seen = {0: [], 1: []}
+    for _ in range(6):
+        drawn = mixed_epoch(loader)
+        assert len(drawn) == 400 and sum(part for part, _ in drawn) == 200  # 200 of each, every epoch
+        for part, i in drawn:
+            seen[part].append(i)
+        # every sample of a part once before any twice: after each epoch, counts differ by at most 1
+        for part, n in ((0, INDEXED_N), (1, 300)):
+            counts = np.bincount(seen[part], minlength=n)
+            assert len(counts) == n and counts.max() - counts.min() <= 1
+    assert np.bincount(seen[1]).tolist() == [4] * 300  # 1,200 draws of 300: four whole passes
+    counts = [200, 100]
+    loader = raw(indexed_shards, batch_size=64, mix_with=[(marked_shards, "train")],
+                 proportions=counts)
+    assert np.bincount([p for p, _ in mixed_epoch(loader)]).tolist() == counts and len(loader) == 5
+
+
+def test_a_mixture_gives_each_sample_its_own_sets_bytes(real_shards, indexed_shards):
+    mixture = FastMNISTLoader(real_shards, "test", batch_size=500, mix_with=[indexed_shards], seed=3)
+    x = torch.cat([x for x, _ in mixture])
+    order = mixture.rank_order(0)
+    assert len(order) == 10000 + INDEXED_N
+    real = FastMNISTLoader(real_shards, "test").dataset
+    indexed = FastMNISTLoader(indexed_shards).dataset
+    for k in range(0, len(order), 37):
+        g = int(order[k])
+        expected = real[g][0] if g < 10000 else indexed[g - 10000][0]
+        assert torch.equal(x[k], expected), k
+
+
+def test_a_mixture_resumes_exactly_across_an_epoch_boundary(indexed_shards, marked_shards):
+    def make():
+        return raw(indexed_shards, batch_size=50, mix_with=[marked_shards], proportions=[0.3, 0.7],
+                   num_samples=450, world_size=2, rank=1, seed=8)
+
+    uninterrupted = make()
+    expected = [mixed_epoch(uninterrupted) for _ in range(3)]
+    first = make()
+    head = mixed_epoch(first)
+    it = iter(first)
+    head2 = mixed_epoch([next(it), next(it)])
+    resumed = make()
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert [head, head2 + mixed_epoch(resumed), mixed_epoch(resumed)] == expected
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"proportions": [0.5, 0.4]}, r"fractions \[0.5, 0.4\] must be >= 0 and add up to 1"),
+    ({"proportions": [1.0]}, "proportions: 1 values for 2 parts"),
+    ({"proportions": [0, 0]}, "must be >= 0, and not all 0"),
+    ({"proportions": [5, 5], "num_samples": 10}, "num_samples: with counts as proportions"),
+    ({"proportions": [0.5, 0.5], "num_samples": 0}, "num_samples must be a positive integer"),
+    ({"classes": [1]}, "classes= with mix_with"),
+    ({"resident": True}, "resident=True with mix_with"),
+])
+def test_bad_mixtures_are_refused_at_construction(indexed_shards, marked_shards, kwargs, message):
+    with pytest.raises(FastMNISTError, match=message):
+        FastMNISTLoader(indexed_shards, mix_with=[marked_shards], **kwargs)
+
+
+def test_a_mixture_of_differently_normalised_sets_is_refused(indexed_shards, tmp_path):
+    from fastmnist import convert
+
+    convert(indexed_shards.parent, tmp_path / "other", mean=0.5, std=0.25, progress=False)
+    with pytest.raises(FastMNISTError, match=r"mean 0.5 std 0.25, the first part with 0.1307"):
+        FastMNISTLoader(indexed_shards, mix_with=[tmp_path / "other"])
+    assert len(list(raw(indexed_shards, mix_with=[tmp_path / "other"]))) > 0  # uint8 as stored: fine
+    with pytest.raises(FastMNISTError, match="proportions are those of a mixture"):
+        FastMNISTLoader(indexed_shards, proportions=[1.0])
+    with pytest.raises(FastMNISTError, match="mix_with: expected a non-empty list"):
+        FastMNISTLoader(indexed_shards, mix_with=str(tmp_path / "other"))

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..errors import FastMNISTError
+from .order import epoch_order
 
 
 class Everything:
@@ -53,6 +54,65 @@ class Weighted:
     def epoch(self, order: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
         rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch, 4])))
         return torch.from_numpy(rng.choice(len(self.p), self.count, replace=self.replacement, p=self.p))
+
+
+class Mixture:
+    """Samples of several parts (``sizes[i]`` samples each, at consecutive indices from
+    part 0), ``counts[i]`` of part ``i`` per epoch. Each part is drawn in passes over it, a
+    fresh permutation a pass (in order without ``shuffle``), the passes running on across
+    epochs: every sample of a part comes once before any comes twice, and a part smaller
+    than its count repeats within the epoch. The epoch's draws are then shuffled together
+    (without ``shuffle``: interleaved evenly, part by part). ``identity``: what names the
+    parts (their sets' fingerprints)."""
+
+    def __init__(self, sizes: list[int], counts: list[int], shuffle: bool, identity: str):
+        self.sizes, self.counts, self.shuffle, self.count = sizes, counts, shuffle, sum(counts)
+        self.offsets = np.cumsum([0, *sizes[:-1]])
+        self.digest = _digest(b"mixture", identity.encode(), f"{sizes} {counts} {shuffle}".encode())
+
+    def epoch(self, order: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
+        drawn = []
+        for i, (n, c, offset) in enumerate(zip(self.sizes, self.counts, self.offsets, strict=True)):
+            start, stop = epoch * c, (epoch + 1) * c  # positions in part i's endless run of passes
+            passes = [epoch_order(n, seed, lap, self.shuffle, 6, i).numpy()
+                      for lap in range(start // n, -(-stop // n))]
+            run = np.concatenate(passes) if passes else np.empty(0, np.int64)
+            drawn.append(offset + run[start - (start // n) * n:][:c])
+        sequence = np.concatenate(drawn)
+        if self.shuffle:
+            rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch, 7])))
+            return torch.from_numpy(sequence[rng.permutation(len(sequence))])
+        place = np.concatenate([(np.arange(c) + 0.5) / c for c in self.counts if c])
+        return torch.from_numpy(sequence[np.argsort(place, kind="stable")])
+
+
+def mixture_counts(sizes: list[int], proportions, num_samples: int | None) -> list[int]:
+    """Per-epoch draws of each part: ``proportions`` as counts (integers, the epoch's length
+    their sum), or as fractions adding up to 1 of ``num_samples`` (default: all the parts'
+    samples together), rounded by largest remainder."""
+    values = list(proportions)
+    if len(values) != len(sizes):
+        raise FastMNISTError(f"proportions: {len(values)} values for {len(sizes)} parts (this split and "
+                             "mix_with's)")
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        if any(v < 0 for v in values) or sum(values) == 0:
+            raise FastMNISTError(f"proportions: counts {values} must be >= 0, and not all 0")
+        if num_samples is not None:
+            raise FastMNISTError("num_samples: with counts as proportions, the epoch is their sum")
+        return values
+    try:
+        fractions = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise FastMNISTError(f"proportions: expected numbers, got {_shown(values)}") from None
+    if not np.isfinite(fractions).all() or (fractions < 0).any() or abs(fractions.sum() - 1) > 1e-6:
+        raise FastMNISTError(f"proportions: fractions {values} must be >= 0 and add up to 1")
+    total = sum(sizes) if num_samples is None else num_samples
+    if not isinstance(total, int) or isinstance(total, bool) or total < 1:
+        raise FastMNISTError(f"num_samples must be a positive integer, got {num_samples!r}")
+    ideal = fractions * total
+    counts = np.floor(ideal).astype(np.int64)
+    counts[np.argsort(counts - ideal, kind="stable")[:total - counts.sum()]] += 1
+    return counts.tolist()
 
 
 def _digest(*parts: bytes) -> str:

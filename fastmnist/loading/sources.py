@@ -268,6 +268,56 @@ class StreamSource:
         return {**self.__dict__, "_cache": None, "_removal": None}
 
 
+class MixedSource:
+    """Local splits (``ArraySource``s of one image dtype) as one index space: part ``i``'s
+    samples at indices ``offsets[i] ..``; an epoch's order is the mixture selection's
+    (``select.Mixture``), so ``order`` is the identity. Gathers part by part into one batch."""
+
+    consecutive = False
+    random_access = True
+    order_name = "mixture"
+
+    def __init__(self, parts: list):
+        self.parts, first = parts, parts[0]
+        self.info, self.format, self.dtype = first.info, first.format, first.dtype
+        self.label_shape = first.label_shape
+        self.sizes = [p.count for p in parts]
+        self.count = sum(self.sizes)
+        self.bounds = torch.tensor(np.cumsum(self.sizes)[:-1].tolist(), dtype=torch.int64)
+        self.offsets = [0, *np.cumsum(self.sizes)[:-1].tolist()]
+
+    @property
+    def closed(self) -> bool:
+        return any(p.closed for p in self.parts)
+
+    def close(self) -> None:
+        for p in self.parts:
+            p.close()
+
+    def order(self, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
+        return torch.arange(self.count)
+
+    def index_batches(self, epoch_pass):
+        share, size = epoch_pass.share, epoch_pass.batch_size
+        return (share[b * size:(b + 1) * size] for b in epoch_pass.numbers)
+
+    def gather(self, idx: torch.Tensor, x_out=None, y_out=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images and labels of the samples ``idx`` (indices of the mixture), from their parts."""
+        new_x, new_y = empty_batch(self.dtype, len(idx), False, self.label_shape)
+        x, y = new_x if x_out is None else x_out, new_y if y_out is None else y_out
+        which = torch.bucketize(idx, self.bounds, right=True)
+        for i, part in enumerate(self.parts):
+            at = (which == i).nonzero().squeeze(1)
+            if len(at):
+                x[at], y[at] = part.gather(idx[at] - self.offsets[i])
+        return x, y
+
+    @property
+    def tensors(self) -> tuple[None, torch.Tensor]:
+        """(None: the images stay in their parts, the labels of all parts in order)."""
+        return None, torch.cat([p.tensors[1] for p in self.parts])
+
+
 def empty_batch(dtype: torch.dtype, n: int, pin: bool, label_shape: tuple[int, ...] = ()
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Uninitialised host tensors for ``n`` samples: images ``(n, 1, 28, 28)`` of ``dtype``
