@@ -36,6 +36,9 @@ COUNTED = "index_select dataset (state: one counter)"  # see _CountedBatches
 # the fault row's retries: 0.5 s read timeout (the server stalls once for 1 s), short backoff
 FAST_RETRY = Retry(attempts=30, total_s=60, timeout_s=0.5, backoff_s=0.005)
 FLOOR = "index_select floor"
+# the selection rows: a subset, a class-balanced weighted draw, a two-part mixture (train + test)
+SUBSET, BALANCED = "fastmnist subset (50,000 indices)", "fastmnist class-balanced (weighted draws)"
+MIXTURE = "fastmnist mixture (train + test splits)"
 # the augmentation rows (measured at the report's first batch size only): the recipe's RandomAffine
 AFFINE = dict(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1))
 SEED_AFFINE = "seed pipeline + RandomAffine, workers=0"
@@ -74,6 +77,9 @@ def pipelines(raw_root: Path, shards: Path, cuda: bool | None = None
         FLOOR: lambda bs: _Epochs(floor, bs),
         "fastmnist float32": lambda bs: FastMNISTLoader(shards, batch_size=bs),
         "fastmnist uint8": lambda bs: FastMNISTLoader(shards, batch_size=bs, images="uint8"),
+        SUBSET: lambda bs: FastMNISTLoader(shards, batch_size=bs, indices=range(0, 50_000)),
+        BALANCED: lambda bs: FastMNISTLoader(shards, batch_size=bs, balanced=True),
+        MIXTURE: lambda bs: FastMNISTLoader(shards, batch_size=bs, mix_with=[(shards, "test")]),
     }
     found.update(_augmented(shards, mean, std, seed))
     for stateful in (False, True):  # torchdata's cost on its own, beside the loader's rows

@@ -264,7 +264,8 @@ class EpochPlan:
     def rank_order(self, epoch: int, base: Intervals = ()) -> torch.Tensor:
         """int64 sample indices this rank visits in ``epoch``, in order; of the positions
         outside ``base`` (consumed ones) only."""
-        order = self.selection.epoch(self.source.order(self.seed, epoch, self.shuffle), self.seed, epoch)
+        order = self.source.order(self.seed, epoch, self.shuffle) if self.selection.needs_order else None
+        order = self.selection.epoch(order, self.seed, epoch)
         if base:
             order = torch.cat([order[a:b] for a, b in gaps(list(base), len(order))])
         return rank_share(order, self.rank, self.world_size, self.drop_last,

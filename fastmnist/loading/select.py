@@ -1,7 +1,8 @@
 """Which samples an epoch visits: the stage between the epoch's order and the rank split.
 
 A selection turns the split's order of an epoch (int64 ``(N,)``, a permutation of its
-sample indices, from ``(seed, epoch)``) into the epoch's sequence of sample indices: a subset
+sample indices, from ``(seed, epoch)``; ``None`` to a selection that ``needs_order`` not)
+into the epoch's sequence of sample indices: a subset
 of them in that order, or a weighted draw (with repeats when drawn with replacement). It is
 a pure function of ``(seed, epoch)``, so every rank computes the same sequence and splits it
 as before, and resume counts positions of it as before; a state records only its ``digest``.
@@ -21,6 +22,7 @@ class Everything:
     """Every sample of the split, in the epoch's order."""
 
     digest = None
+    needs_order = True
 
     def __init__(self, n: int):
         self.count = n
@@ -34,6 +36,8 @@ class Subset:
     when shuffled, ascending otherwise; whatever the source, so streamed shards keep their
     shard-at-a-time order."""
 
+    needs_order = True
+
     def __init__(self, members: np.ndarray, described: str):
         self.members, self.count = members, int(members.sum())
         self.digest = _digest(b"subset", np.packbits(members).tobytes(), described.encode())
@@ -45,15 +49,48 @@ class Subset:
 class Weighted:
     """``num_samples`` draws from the samples with weights ``weights`` (float64 ``(N,)``,
     zero outside a subset), as ``WeightedRandomSampler`` draws them: with ``replacement``
-    independently, otherwise without repeats; from a generator seeded by ``(seed, epoch)``."""
+    independently, otherwise without repeats; from a generator seeded by ``(seed, epoch)``.
+    Draws with replacement use Walker's alias table, built once: two random numbers a
+    draw, already in a random order."""
+
+    needs_order = False
 
     def __init__(self, weights: np.ndarray, num_samples: int, replacement: bool):
         self.p, self.count, self.replacement = weights / weights.sum(), num_samples, replacement
         self.digest = _digest(b"weighted", weights.tobytes(), f"{num_samples} {replacement}".encode())
+        self._alias = None  # (probability, alias) per sample, made on first use
 
-    def epoch(self, order: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
+    def epoch(self, order, seed: int, epoch: int) -> torch.Tensor:
         rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch, 4])))
-        return torch.from_numpy(rng.choice(len(self.p), self.count, replace=self.replacement, p=self.p))
+        if not self.replacement:
+            return torch.from_numpy(rng.choice(len(self.p), self.count, replace=False, p=self.p))
+        if self._alias is None:
+            self._alias = alias_table(self.p)
+        probability, alias = self._alias
+        column = rng.integers(0, len(self.p), self.count)
+        return torch.from_numpy(np.where(rng.random(self.count) < probability[column], column, alias[column]))
+
+    def __getstate__(self):
+        return {**self.__dict__, "_alias": None}
+
+
+def alias_table(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Vose's alias table of the distribution ``p`` (float64 ``(n,)``, adding up to 1):
+    drawing a column ``k`` uniformly, then ``k`` with probability ``probability[k]`` and
+    ``alias[k]`` otherwise, draws ``k`` with probability ``p[k]``."""
+    n = len(p)
+    scaled = (p * n).tolist()
+    alias = list(range(n))
+    small = [k for k, v in enumerate(scaled) if v < 1.0]
+    large = [k for k, v in enumerate(scaled) if v >= 1.0]
+    while small and large:
+        s, g = small.pop(), large.pop()
+        alias[s] = g
+        scaled[g] -= 1.0 - scaled[s]
+        (small if scaled[g] < 1.0 else large).append(g)
+    for k in small + large:  # left over by rounding: full columns
+        scaled[k] = 1.0
+    return np.array(scaled), np.array(alias, dtype=np.int64)
 
 
 class Mixture:
@@ -64,6 +101,8 @@ class Mixture:
     than its count repeats within the epoch. The epoch's draws are then shuffled together
     (without ``shuffle``: interleaved evenly, part by part). ``identity``: what names the
     parts (their sets' fingerprints)."""
+
+    needs_order = False
 
     def __init__(self, sizes: list[int], counts: list[int], shuffle: bool, identity: str):
         self.sizes, self.counts, self.shuffle, self.count = sizes, counts, shuffle, sum(counts)
@@ -80,8 +119,8 @@ class Mixture:
             drawn.append(offset + run[start - (start // n) * n:][:c])
         sequence = np.concatenate(drawn)
         if self.shuffle:
-            rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch, 7])))
-            return torch.from_numpy(sequence[rng.permutation(len(sequence))])
+            np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch, 7]))).shuffle(sequence)
+            return torch.from_numpy(sequence)
         place = np.concatenate([(np.arange(c) + 0.5) / c for c in self.counts if c])
         return torch.from_numpy(sequence[np.argsort(place, kind="stable")])
 
