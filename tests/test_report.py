@@ -9,7 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from fastmnist.bench.pipelines import COUNTED, FAST_AFFINE, FLOOR, SEED, SEED_AFFINE
+from fastmnist.bench.pipelines import (
+    BALANCED,
+    COUNTED,
+    FAST_AFFINE,
+    FLOOR,
+    MIXTURE,
+    SEED,
+    SEED_AFFINE,
+    SUBSET,
+)
 from fastmnist.bench.report import check, interleaved, markdown, reference_from, run_report, warnings_of
 
 REFERENCE = Path(__file__).resolve().parents[1] / "benchmarks" / "reference.json"
@@ -36,7 +45,7 @@ def test_report_files_agree_with_the_run(quick_report):
             f"{COUNTED} in DataLoader, workers=2",
             f"{COUNTED} in StatefulDataLoader, workers=2", SEED_AFFINE, FAST_AFFINE,
             "seed pipeline + RandomAffine, workers=2", "fastmnist + RandomAffine (bilinear)",
-            "fastmnist + ElasticTransform (bilinear)"} <= set(names)
+            "fastmnist + ElasticTransform (bilinear)", SUBSET, BALANCED, MIXTURE} <= set(names)
     for r in result["rows"]:  # a round is a whole epoch, or at least its second when cut
         rounds = zip(r["samples"], r["seconds"], strict=True)
         assert all(n == 60000 or r["cut"] and t >= 1.0 for n, t in rounds)
@@ -60,6 +69,8 @@ def test_report_files_agree_with_the_run(quick_report):
     assert "Batch 64: StatefulDataLoader(num_workers=2) runs at " in markdown
     assert "every 64 steps; over an index_select dataset whose state is one counter, " in markdown
     assert "Batch 64: FastMNISTLoader with the recipe's RandomAffine (nearest) runs at " in markdown
+    assert "Batch 64: choosing samples, as a fraction of the plain loader: a 50,000-sample subset" in markdown
+    assert f"a stratified hold-out of the train split takes {result['holdout_ms']:.1f} ms" in markdown
     png = (out / "bench.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
     assert len(result["memory"]["rss_mb_after_each"]) == 3

@@ -256,6 +256,21 @@ def state_dict_cost(shards: Path, calls: int = 2000) -> dict:
         return out
 
 
+def holdout_cost(shards: Path, rounds: int = 20) -> float:
+    """Milliseconds ``fastmnist.holdout`` takes to split the train split of ``shards`` into a
+    stratified 11/12 and 1/12 (Lightning's 55,000/5,000 of MNIST), median of ``rounds``,
+    from the labels in memory."""
+    from ..loading.select import holdout
+
+    labels = open_shards(shards).split("train").array("labels", mode="c").copy()
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        holdout(labels, {"train": 11 / 12, "val": 1 / 12})
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
 def copy_bandwidth(megabytes: int = 256, rounds: int = 5) -> float:
     """Bytes per second one ``copy_`` of a ``megabytes`` tensor moves (each byte read once and
     written once), median of ``rounds``: the memory bandwidth a gather can hope for."""

@@ -19,14 +19,18 @@ from .. import __version__
 from ..loader import FastMNISTLoader
 from ..store import open_shards
 from .pipelines import (
+    BALANCED,
     COUNTED,
     FAST_AFFINE,
     FLOOR,
+    MIXTURE,
     SEED,
     SEED_AFFINE,
+    SUBSET,
     PeakRSS,
     augmented,
     copy_bandwidth,
+    holdout_cost,
     pipelines,
     rss_bytes,
     run_epoch,
@@ -79,6 +83,7 @@ def run_report(raw_root: Path, shards: Path, out_dir: Path, batch_sizes=(64,), r
         "conversion": _conversion(raw_root, rows, open_shards(shards).split("train").count),
         "memory": _memory_over_epochs(shards, memory_epochs),
         "state_dict": state_dict_cost(shards),
+        "holdout_ms": holdout_cost(shards),
         "copy_bandwidth_bytes_per_s": bandwidth,
     }
     (out_dir / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -273,6 +278,14 @@ def markdown(result: dict) -> str:
                          f"{affine / group['fastmnist uint8']:.2f} of uint8, the path it shares) and "
                          f"{affine / group[SEED_AFFINE]:.0f}x the seed pipeline with "
                          "the same transform (workers=0).")
+        if {SUBSET, BALANCED, MIXTURE, "fastmnist float32"} <= group.keys():
+            plain = group["fastmnist float32"]
+            lines.append(f"Batch {bs}: choosing samples, as a fraction of the plain loader: a 50,000-sample "
+                         f"subset {group[SUBSET] / plain:.2f}, class-balanced weighted draws "
+                         f"{group[BALANCED] / plain:.2f}, a mixture of two splits "
+                         f"{group[MIXTURE] / plain:.2f}; "
+                         f"a stratified hold-out of the train split takes {result['holdout_ms']:.1f} ms "
+                         "(median of 20).")
         if {WORKERS_2, STATEFUL_2, STATEFUL_2_64, COUNTED_2, COUNTED_STATEFUL_2} <= group.keys():
             lines.append(f"Batch {bs}: StatefulDataLoader(num_workers=2) runs at "
                          f"{group[STATEFUL_2] / group[WORKERS_2]:.2f} of DataLoader(num_workers=2) over "
