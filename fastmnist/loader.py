@@ -11,7 +11,7 @@ import os
 import sys
 import threading
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -148,9 +148,11 @@ class FastMNISTLoader(IterableDataset):
                  pin_memory: bool | None = None, prefetch: int = 2, verify: bool = False,
                  format: str | None = None, even: bool = True, retry: Retry | None = None,
                  storage_options: dict | None = None, locality: int | None = None,
-                 transform: Callable | None = None, indices=None, classes=None, per_class: int | None = None,
-                 weights=None, class_weights=None, balanced: bool = False, num_samples: int | None = None,
-                 replacement: bool = True, mix_with=None, proportions=None):
+                 transform: Callable | None = None, indices: Sequence[int] | None = None,
+                 classes: Sequence[int] | None = None, per_class: int | None = None,
+                 weights: Sequence[float] | None = None, class_weights: Sequence[float] | dict | None = None,
+                 balanced: bool = False, num_samples: int | None = None, replacement: bool = True,
+                 mix_with: list | None = None, proportions: Sequence[float] | None = None):
         _check_arguments(batch_size=batch_size, prefetch=prefetch, seed=seed, locality=locality,
                          shuffle=shuffle, drop_last=drop_last, normalize=normalize, resident=resident,
                          verify=verify, even=even, pin_memory=pin_memory, images=images, format=format)
