@@ -405,19 +405,22 @@ def run_epoch(pipeline: Iterable) -> int:
     return sum(len(y) for _, y in pipeline)
 
 
-def run_round(pipeline: Iterable, seconds: float | None) -> tuple[int, float, bool]:
-    """One epoch of ``pipeline``, stopped after the batch that ends ``seconds`` (None: the
-    whole epoch): the samples seen, the seconds they took, and whether it was stopped early.
-    Workers shut down after the clock stops."""
+def run_round(pipeline: Iterable, seconds: float | None, at_least: float = 0.0) -> tuple[int, float, bool]:
+    """Whole epochs of ``pipeline`` until ``at_least`` seconds have passed (one, at least),
+    the last stopped after the batch that ends ``seconds`` (None: never): the samples seen,
+    the seconds they took, and whether an epoch was stopped early. Workers shut down after
+    the clock stops."""
     samples, start = 0, time.perf_counter()
-    batches = iter(pipeline)
-    for _, y in batches:
-        samples += len(y)
-        if seconds is not None and time.perf_counter() - start >= seconds:
-            elapsed = time.perf_counter() - start
-            del batches  # a DataLoader's workers, a generator's servers: let go, untimed
-            return samples, elapsed, True
-    return samples, time.perf_counter() - start, False
+    while True:
+        batches = iter(pipeline)
+        for _, y in batches:
+            samples += len(y)
+            if seconds is not None and time.perf_counter() - start >= seconds:
+                elapsed = time.perf_counter() - start
+                del batches  # a DataLoader's workers, a generator's servers: let go, untimed
+                return samples, elapsed, True
+        if time.perf_counter() - start >= at_least:
+            return samples, time.perf_counter() - start, False
 
 
 def measure(factory: Callable[[int], Iterable], batch_size: int, rounds: int, min_seconds: float = 0.0

@@ -40,6 +40,7 @@ from .pipelines import (
 
 IMAGE_BYTES = 28 * 28 * 4  # one float32 image
 UNSTEADY = 0.25  # a floor whose rounds spread more than this (IQR / median) cannot anchor a ratio
+ROUND_AT_LEAST = 0.25  # seconds of whole epochs a round lasts at least (a fast epoch is ~15 ms)
 SLOW = ("seed pipeline", "stock webdataset")  # measured with --seed-rounds rounds
 WORKERS_2, STATEFUL_2 = "fastmnist in DataLoader, workers=2", "fastmnist in StatefulDataLoader, workers=2"
 STATEFUL_2_64 = STATEFUL_2 + ", snapshot every 64 steps"
@@ -54,8 +55,9 @@ def run_report(raw_root: Path, shards: Path, out_dir: Path, batch_sizes=(64,), r
     Per batch size the pipelines are timed round by round, interleaved (one round of each in
     turn), so a disturbance of the machine lands on all of them; each gets at least its
     rounds (``seed_rounds`` for the slow ones) and the fast ones at least ``min_seconds``. A
-    round is one shuffled epoch, cut after ``round_seconds`` (None: whole epochs): a slow
-    pipeline's rate is measured as well in two seconds as in its whole epoch."""
+    round is shuffled epochs for at least ``ROUND_AT_LEAST`` seconds, the last cut after
+    ``round_seconds`` (None: whole epochs): a slow pipeline's rate is measured as well in two
+    seconds as in its whole epoch."""
     out_dir.mkdir(parents=True, exist_ok=True)
     found = pipelines(raw_root, shards)
     rows = []
@@ -63,7 +65,8 @@ def run_report(raw_root: Path, shards: Path, out_dir: Path, batch_sizes=(64,), r
                 for bs in batch_sizes]  # the augmentation rows at the first batch size only
     for bs, pipelines_of_size in zip(batch_sizes, per_size, strict=True):
         wanted = {name: seed_rounds if name.startswith(SLOW) else rounds for name in pipelines_of_size}
-        rows += interleaved(pipelines_of_size, bs, wanted, min_seconds, round_seconds, progress)
+        rows += interleaved(pipelines_of_size, bs, wanted, min_seconds, round_seconds, progress,
+                            ROUND_AT_LEAST)
     bandwidth = copy_bandwidth()
     for bs in batch_sizes:
         group = {r["pipeline"]: r for r in rows if r["batch_size"] == bs}
@@ -93,14 +96,17 @@ def run_report(raw_root: Path, shards: Path, out_dir: Path, batch_sizes=(64,), r
 
 
 def interleaved(found: dict, batch_size: int, wanted: dict, min_seconds: float,
-                round_seconds: float | None = None, progress: bool = False) -> list:
+                round_seconds: float | None = None, progress: bool = False,
+                round_at_least: float = 0.0) -> list:
     """One row per pipeline of ``found`` (name -> factory): each built once and its time to
     the first batch taken, then rounds timed one of each pipeline in turn, while it has
     fewer than ``wanted[name]`` or (with more than one wanted) less than ``min_seconds`` of
-    them. A round is one epoch, cut after ``round_seconds`` unless None (``cut``: some
-    round was). Samples/s is the median of the rounds' rates, ``spread`` their
-    interquartile range over that median; ``peak_extra_mb`` the most resident memory a
-    round added. ``progress``: a line per pipeline as it is built, then a bar of rounds."""
+    them. A round is whole epochs until ``round_at_least`` seconds have passed (so a round
+    of a fast pipeline outlasts the machine's hiccups), the last cut after
+    ``round_seconds`` unless None (``cut``: some round was). Samples/s is the median of the
+    rounds' rates, ``spread`` their interquartile range over that median; ``peak_extra_mb``
+    the most resident memory a round added. ``progress``: a line per pipeline as it is
+    built, then a bar of rounds."""
     built, rows = {}, {}
     for name, factory in found.items():
         if progress:
@@ -121,7 +127,7 @@ def interleaved(found: dict, batch_size: int, wanted: dict, min_seconds: float,
             for name in active:
                 row = rows[name]
                 with PeakRSS() as rss:
-                    samples, seconds, cut = run_round(built[name], round_seconds)
+                    samples, seconds, cut = run_round(built[name], round_seconds, round_at_least)
                 row["samples"].append(samples)
                 row["seconds"].append(seconds)
                 row["cut"] |= cut
@@ -228,8 +234,8 @@ def _of_floor(r: dict) -> str:
 
 def markdown(result: dict) -> str:
     cut = result.get("round_seconds")
-    rounds = "one shuffled epoch per round" if cut is None else \
-        f"one shuffled epoch per round, stopped after {cut:g} s (rounds column: *)"
+    rounds = f"a round is shuffled epochs for at least {ROUND_AT_LEAST:g} s" + (
+        "" if cut is None else f", the last stopped after {cut:g} s (rounds column: *)")
     lines = [
         f"Machine: {result['machine']}. Data: {'SYNTHETIC ' if result['synthetic'] else ''}"
         f"MNIST-format train split, {rounds}, float32 out; "
