@@ -19,8 +19,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .errors import FastMNISTError
 from .loading import augment, delivery, select
 from .loading.compat import EpochSampler, SplitDataset
-from .loading.plan import EpochPlan, set_fingerprint
-from .loading.sources import MixedSource, open_source
+from .loading.plan import EpochPlan
+from .loading.sources import mixture_places, open_mixture, open_source
 from .remote.transport import DEFAULT_RETRY, Retry
 
 WORKER_WARNING = (
@@ -177,10 +177,10 @@ class FastMNISTLoader(IterableDataset):
                 raise FastMNISTError("transform= resamples the uint8 images, then normalises them: it needs "
                                      "normalize=True and images='uint8' (the default with a transform)")
             images = "uint8"
-        places = [(path, split), *_parts(mix_with)]
+        places = [(path, split), *mixture_places(mix_with)]
         opened = [open_source(where, part, images, normalize, self.device, resident, verify, format, locality,
                               retry or DEFAULT_RETRY, storage_options, prefetch) for where, part in places]
-        self.source = opened[0] if mix_with is None else _mixed(opened, places, normalize, resident)
+        self.source = opened[0] if mix_with is None else open_mixture(opened, places, normalize, resident)
         self._augment = None if transform is None else augment.parse(transform, self.source.info.mean,
                                                                       self.source.info.std, seed)
         self.info = self.source.info
@@ -189,25 +189,9 @@ class FastMNISTLoader(IterableDataset):
         self.rank, self.world_size, self.even = rank, world_size, even
         self.normalize, self.resident, self.pin_memory = normalize, resident, pin_memory
         self._iterating = None  # (process, thread) iterating an epoch now
-        if mix_with is None:
-            if proportions is not None:
-                raise FastMNISTError("proportions are those of a mixture: give the other parts as mix_with")
-            self.selection = select.choose(self.source.count, self._labels, self.info.num_classes, indices,
-                                           classes, per_class, weights, class_weights, balanced, num_samples,
-                                           replacement)
-        else:
-            chosen = [n for n, v in (("indices", indices), ("classes", classes), ("per_class", per_class),
-                                     ("weights", weights), ("class_weights", class_weights),
-                                     ("balanced", balanced or None)) if v is not None]
-            if chosen:
-                raise FastMNISTError(f"{chosen[0]}= with mix_with: a mixture draws from whole splits; choose "
-                                     "within a part by converting it as a set of its own")
-            counts = select.mixture_counts(self.source.sizes, proportions or self.source.sizes, num_samples)
-            identity = " ".join(set_fingerprint(p.info) for p in self.source.parts)
-            self.selection = select.Mixture(self.source.sizes, counts, shuffle, identity)
-        if isinstance(self.selection, select.Weighted) and not self.source.random_access:
-            raise FastMNISTError("weighted sampling draws samples from anywhere in the split: it needs a "
-                                 "local set (streamed shards are read a shard at a time)")
+        self.selection = select.choose(self.source, self._labels, shuffle, indices, classes, per_class,
+                                       weights, class_weights, balanced, num_samples, replacement,
+                                       proportions)
         self._plan = EpochPlan(self.source, batch_size, shuffle, seed, drop_last, rank, world_size, even,
                                self.selection)
         self._delivery = delivery.choose(self.source, self.device, normalize, resident,
@@ -381,46 +365,6 @@ def _refuse_resplitting(depth: int = 12) -> None:
         if advice is not None:
             raise FastMNISTError(advice)
         frame = frame.f_back
-
-
-def _parts(mix_with) -> list[tuple]:
-    """``mix_with`` as (path, split) pairs: each entry a set's path (its train split) or a
-    ``(path, split)`` pair."""
-    if mix_with is None:
-        return []
-    if isinstance(mix_with, (str, os.PathLike, tuple)) or not mix_with:
-        raise FastMNISTError(f"mix_with: expected a non-empty list of paths or (path, split) pairs, "
-                             f"got {mix_with!r}")
-    parts = []
-    for part in mix_with:
-        if isinstance(part, tuple) and len(part) == 2 and isinstance(part[1], str):
-            parts.append(part)
-        elif isinstance(part, (str, os.PathLike)):
-            parts.append((part, "train"))
-        else:
-            raise FastMNISTError(f"mix_with: {part!r} is neither a set's path nor a (path, split) pair")
-    return parts
-
-
-def _mixed(sources: list, places: list[tuple], normalize: bool, resident: bool) -> MixedSource:
-    """The parts of a mixture (``sources``, opened from ``places``: (path, split) pairs) as one
-    source, once they agree on what a batch holds."""
-    first = sources[0]
-    if resident:
-        raise FastMNISTError("resident=True with mix_with: a mixture gathers from each part where it is "
-                             "mapped")
-    for other, (path, split) in zip(sources, places, strict=True):
-        name = f"mix_with: {path} ({split})"
-        if not other.random_access:
-            raise FastMNISTError(f"{name}: a mixture draws from anywhere in each part: local sets only")
-        if (other.dtype, other.label_shape) != (first.dtype, first.label_shape):
-            raise FastMNISTError(f"{name} holds {other.dtype} images with labels {other.label_shape}, the "
-                                 f"first part {first.dtype} with {first.label_shape}")
-        if normalize and (other.info.mean, other.info.std) != (first.info.mean, first.info.std):
-            raise FastMNISTError(f"{name} is normalised with mean {other.info.mean} std {other.info.std}, "
-                                 f"the first part with {first.info.mean} {first.info.std}: convert the parts "
-                                 "with the same --mean and --std (or normalize=False)")
-    return MixedSource(sources)
 
 
 def _check_arguments(**given) -> None:

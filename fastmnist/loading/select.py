@@ -8,7 +8,9 @@ a pure function of ``(seed, epoch)``, so every rank computes the same sequence a
 as before, and resume counts positions of it as before; a state records only its ``digest``.
 """
 
+import dataclasses
 import hashlib
+import json
 import os
 
 import numpy as np
@@ -100,7 +102,7 @@ class Mixture:
     epochs: every sample of a part comes once before any comes twice, and a part smaller
     than its count repeats within the epoch. The epoch's draws are then shuffled together
     (without ``shuffle``: interleaved evenly, part by part). ``identity``: what names the
-    parts (their sets' fingerprints)."""
+    parts (a digest of their manifest entries)."""
 
     needs_order = False
 
@@ -161,15 +163,40 @@ def _digest(*parts: bytes) -> str:
     return h.hexdigest()[:32]
 
 
-def choose(n: int, labels, num_classes: int, indices=None, classes=None, per_class=None, weights=None,
-           class_weights=None, balanced: bool = False, num_samples=None, replacement: bool = True):
-    """The selection the ``FastMNISTLoader`` arguments of the same names ask for, over a split
-    of ``n`` samples. ``labels``: a function giving the split's int64 class labels ``(n,)``
+def choose(source, labels, shuffle: bool, indices=None, classes=None, per_class=None, weights=None,
+           class_weights=None, balanced: bool = False, num_samples=None, replacement: bool = True,
+           proportions=None):
+    """The selection the ``FastMNISTLoader`` arguments of the same names ask for, over
+    ``source`` (a mixture's ``MixedSource``: a ``Mixture`` of its parts, by
+    ``proportions``). ``labels``: a function giving the split's int64 class labels ``(N,)``
     (called only when a choice needs them). Subset first (``indices``, then ``classes``, then
     the first ``per_class`` of each class in index order), then weights within it: per
     sample (``weights``), per class (``class_weights``), or each class the same total
     (``balanced``), drawn ``num_samples`` times (default: the subset's size). Every
     argument is checked here, naming what is wrong."""
+    chosen = [name for name, v in (("indices", indices), ("classes", classes), ("per_class", per_class),
+                                   ("weights", weights), ("class_weights", class_weights),
+                                   ("balanced", balanced or None)) if v is not None]
+    if hasattr(source, "parts"):
+        if chosen:
+            raise FastMNISTError(f"{chosen[0]}= with mix_with: a mixture draws from whole splits; choose "
+                                 "within a part by converting it as a set of its own")
+        counts = mixture_counts(source.sizes, proportions or source.sizes, num_samples)
+        entries = (json.dumps(dataclasses.asdict(p.info), sort_keys=True).encode() for p in source.parts)
+        return Mixture(source.sizes, counts, shuffle, _digest(*entries))
+    if proportions is not None:
+        raise FastMNISTError("proportions are those of a mixture: give the other parts as mix_with")
+    selection = _chosen(source.count, labels, source.info.num_classes, indices, classes, per_class, weights,
+                        class_weights, balanced, num_samples, replacement)
+    if isinstance(selection, Weighted) and not source.random_access:
+        raise FastMNISTError("weighted sampling draws samples from anywhere in the split: it needs a "
+                             "local set (streamed shards are read a shard at a time)")
+    return selection
+
+
+def _chosen(n: int, labels, num_classes: int, indices, classes, per_class, weights, class_weights,
+            balanced: bool, num_samples, replacement: bool):
+    """``choose`` over one split of ``n`` samples."""
     members = np.ones(n, bool)
     described = []
     if indices is not None:

@@ -13,6 +13,8 @@ maps, decodes or fetches is made in each process on first use, never pickled.
 - :class:`ArraySource`: the whole split as tensors (memory-mapped ``.npy`` arrays, or local
   tar shards decoded once; optionally resident on a device), gathered with ``index_select``.
 - :class:`StreamSource`: tar shards streamed from URLs through a :class:`ShardCache`.
+- :class:`MixedSource`: the local splits of a mixture (``mix_with=``), joined in memory;
+  :func:`open_mixture` checks that they agree.
 """
 
 import os
@@ -266,6 +268,46 @@ class StreamSource:
 
     def __getstate__(self):
         return {**self.__dict__, "_cache": None, "_removal": None}
+
+
+def mixture_places(mix_with) -> list[tuple]:
+    """``mix_with`` as (path, split) pairs: each entry a set's path (its train split) or a
+    ``(path, split)`` pair."""
+    if mix_with is None:
+        return []
+    if isinstance(mix_with, (str, os.PathLike, tuple)) or not mix_with:
+        raise FastMNISTError(f"mix_with: expected a non-empty list of paths or (path, split) pairs, "
+                             f"got {mix_with!r}")
+    parts = []
+    for part in mix_with:
+        if isinstance(part, tuple) and len(part) == 2 and isinstance(part[1], str):
+            parts.append(part)
+        elif isinstance(part, (str, os.PathLike)):
+            parts.append((part, "train"))
+        else:
+            raise FastMNISTError(f"mix_with: {part!r} is neither a set's path nor a (path, split) pair")
+    return parts
+
+
+def open_mixture(sources: list, places: list[tuple], normalize: bool, resident: bool) -> "MixedSource":
+    """The parts of a mixture (``sources``, opened from ``places``: (path, split) pairs) as one
+    source, once they agree on what a batch holds."""
+    first = sources[0]
+    if resident:
+        raise FastMNISTError("resident=True with mix_with: a mixture gathers from each part where it is "
+                             "mapped")
+    for other, (path, split) in zip(sources, places, strict=True):
+        name = f"mix_with: {path} ({split})"
+        if not other.random_access:
+            raise FastMNISTError(f"{name}: a mixture draws from anywhere in each part: local sets only")
+        if (other.dtype, other.label_shape) != (first.dtype, first.label_shape):
+            raise FastMNISTError(f"{name} holds {other.dtype} images with labels {other.label_shape}, the "
+                                 f"first part {first.dtype} with {first.label_shape}")
+        if normalize and (other.info.mean, other.info.std) != (first.info.mean, first.info.std):
+            raise FastMNISTError(f"{name} is normalised with mean {other.info.mean} std {other.info.std}, "
+                                 f"the first part with {first.info.mean} {first.info.std}: convert the parts "
+                                 "with the same --mean and --std (or normalize=False)")
+    return MixedSource(sources)
 
 
 class MixedSource:
