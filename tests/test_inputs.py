@@ -273,8 +273,8 @@ def test_cli_detects_the_kind_and_records_relative_inputs(digits, tmp_path, caps
     assert main(["convert", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
     assert "a .npz or .csv file is given itself" in capsys.readouterr().err
     assert main(["convert", "--root", str(tmp_path), "--out", str(tmp_path / "x"),
-                 "--val-fraction", "0.1"]) == 2
-    assert "--val-fraction: applies to inputs other than idx" in capsys.readouterr().err
+                 "--grayscale"]) == 2
+    assert "--grayscale: applies to inputs other than idx" in capsys.readouterr().err
     mixed = tmp_path / "mixed"
     (mixed / "0").mkdir(parents=True)
     (mixed / "0" / "a.png").write_bytes(b"")

@@ -46,9 +46,10 @@ def test_report_files_agree_with_the_run(quick_report):
             f"{COUNTED} in StatefulDataLoader, workers=2", SEED_AFFINE, FAST_AFFINE,
             "seed pipeline + RandomAffine, workers=2", "fastmnist + RandomAffine (bilinear)",
             "fastmnist + ElasticTransform (bilinear)", SUBSET, BALANCED, MIXTURE} <= set(names)
-    for r in result["rows"]:  # a round is whole epochs, or at least its second when cut
-        rounds = zip(r["samples"], r["seconds"], strict=True)
-        assert all(n % 60000 == 0 and t >= 0.25 or r["cut"] and t >= 1.0 for n, t in rounds)
+    for r in result["rows"]:  # a round lasts at least 0.25 s of whole epochs, or its second when cut
+        assert all(t >= 0.25 for t in r["seconds"]) and (not r["cut"] or max(r["seconds"]) >= 1.0)
+        if r["pipeline"] in (FLOOR, "fastmnist float32"):
+            assert all(n % 60000 == 0 for n in r["samples"]) and not r["cut"]
     assert next(r for r in result["rows"] if r["pipeline"] == SEED)["cut"]  # ~10k samples/s here
     seed = next(r for r in result["rows"] if r["pipeline"] == SEED)
     assert seed["x_seed"] == 1.0
