@@ -1,0 +1,106 @@
+"""Claims checked against references the project did not write: torch's DistributedSampler
+for the rank split at counts a world size divides, distinct orders for every (seed, epoch),
+augmentation steps drawing independently of each other, and readers pinned to the set they
+opened when it is replaced before its arrays are mapped."""
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DistributedSampler
+
+from fastmnist import FastMNISTError, FastMNISTLoader, convert, open_shards
+from fastmnist.loading.order import epoch_order
+
+from .conftest import INDEXED_N, batch_indices, decode_indices, indexed_images, write_split
+
+
+@pytest.mark.parametrize("count", [1000, 1002, INDEXED_N])  # divided by 1, 2 and 4; by 2 and 3; by none
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_rank_split_is_distributed_samplers_at_every_count(indexed_shards, count, world_size, drop_last):
+    """Each rank's samples are those DistributedSampler(shuffle=False) assigns to it over the
+    epoch's sequence, len() is the batches it yields, and every rank yields as many."""
+    indices = list(range(count))  # a subset of the indexed set makes the count
+    whole = [i for b in batch_indices(FastMNISTLoader(indexed_shards, batch_size=50, normalize=False,
+                                                      indices=indices, seed=2)) for i in b]
+    lengths = set()
+    for rank in range(world_size):
+        loader = FastMNISTLoader(indexed_shards, batch_size=50, normalize=False, indices=indices, seed=2,
+                                 rank=rank, world_size=world_size, drop_last=drop_last)
+        sampler = DistributedSampler(range(count), world_size, rank, shuffle=False, drop_last=drop_last)
+        batches = batch_indices(loader)
+        assert [i for b in batches for i in b] == [whole[p] for p in sampler][:len(sampler) // 50 * 50
+                                                                              if drop_last else None]
+        assert len(loader) == len(batches) and loader.samples_per_rank == len(sampler)
+        lengths.add(len(batches))
+    assert len(lengths) == 1
+
+
+def test_every_seed_and_epoch_has_its_own_order():
+    """No two (seed, epoch) pairs of a 21 x 21 grid share an order (a shuffle keyed by
+    seed + epoch would make (5, 1) and (6, 0) the same)."""
+    orders = {(s, e): tuple(epoch_order(1000, s, e, True)[:20].tolist())
+              for s in range(21) for e in range(21)}
+    assert len(set(orders.values())) == len(orders)
+    assert orders[(5, 1)] != orders[(6, 0)]
+
+
+def test_augmentation_steps_draw_independently(indexed_shards):
+    """Two steps of one transform, and two draws within a step, are uncorrelated over 20
+    epochs of 1,003 samples (steps drawing from the same numbers correlate near 1)."""
+    from torchvision import transforms
+
+    tf = transforms.Compose([transforms.RandomAffine(30, translate=(0.1, 0.1)),
+                             transforms.RandomCrop(28, padding=4), transforms.RandomRotation(45),
+                             transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
+    loader = FastMNISTLoader(indexed_shards, transform=tf)
+    draws = {}
+    for epoch in range(20):
+        affine, crop, rotation = loader.augmentation_params(epoch, torch.arange(INDEXED_N))
+        for name, values in (("affine angle", affine["angle"]), ("affine dx", affine["translate"][:, 0]),
+                             ("affine dy", affine["translate"][:, 1]), ("crop top", crop["top"]),
+                             ("crop left", crop["left"]), ("rotation", rotation["angle"])):
+            draws.setdefault(name, []).append(values.double().numpy())
+    names = list(draws)
+    matrix = np.corrcoef(np.stack([np.concatenate(draws[n]) for n in names]))
+    bound = 4 / np.sqrt(20 * INDEXED_N)  # 4 standard errors of a correlation of 0
+    off_diagonal = np.abs(matrix[~np.eye(len(names), dtype=bool)])
+    assert off_diagonal.max() < bound, dict(zip(names, matrix.round(3).tolist(), strict=True))
+
+
+def test_a_reader_keeps_the_set_it_opened_when_it_is_replaced_before_mapping(tmp_path):
+    """Open a loader, `convert --force` other digits into the same directory, then take the
+    first batch: the pixels are the opened set's (nothing is mapped until then), never the
+    new set's under the old manifest."""
+    root = tmp_path / "raw"
+    write_split(root, "train", indexed_images(300), np.arange(300) % 10)
+    write_split(root, "test", indexed_images(10), np.arange(10) % 10)
+    convert(root, tmp_path / "set", progress=False)
+    loader = FastMNISTLoader(tmp_path / "set", batch_size=300, shuffle=False, normalize=False)
+    other = indexed_images(300)[::-1].copy()  # the same digits in the opposite order
+    write_split(root, "train", other, (np.arange(300) % 10)[::-1].copy())
+    convert(root, tmp_path / "set", progress=False, force=True)
+    x, y = next(iter(loader))
+    assert decode_indices(x) == list(range(300)) and y.tolist() == (np.arange(300) % 10).tolist()
+    fresh = next(iter(FastMNISTLoader(tmp_path / "set", batch_size=300, shuffle=False, normalize=False)))
+    assert decode_indices(fresh[0]) == list(range(299, -1, -1))
+
+
+def test_a_split_maps_the_version_it_was_opened_from_or_refuses(tmp_path):
+    """``open_shards(...).split(...)`` then a replacing conversion, then ``array()``: the
+    opened version's labels, or an error saying the set was replaced; never the new labels
+    under the old manifest."""
+    root = tmp_path / "raw"
+    labels = np.arange(300) % 10
+    write_split(root, "train", indexed_images(300), labels)
+    write_split(root, "test", indexed_images(10), np.arange(10) % 10)
+    convert(root, tmp_path / "set", progress=False)
+    split = open_shards(tmp_path / "set").split("train")
+    write_split(root, "train", indexed_images(300), (labels + 1) % 10)
+    convert(root, tmp_path / "set", progress=False, force=True)
+    try:
+        mapped = np.asarray(split.array("labels"))
+    except FastMNISTError as e:
+        assert "the set was replaced after it was opened" in str(e)
+    else:
+        assert mapped.tolist() == labels.tolist()
