@@ -155,18 +155,24 @@ def test_malformed_input_fails_clearly_and_keeps_existing_output(small_root, tmp
 
 
 def test_unwritable_output_directory(small_root, tmp_path):
-    if os.geteuid() == 0:
-        # root ignores permission bits; a path under a regular file cannot be created by anyone
-        blocker = tmp_path / "file"
-        blocker.write_text("x")
-        with pytest.raises(FastMNISTError, match=f"{blocker}: cannot create output directory"):
-            convert(small_root, blocker / "shards", progress=False)
-        return
+    """A directory the user may not write to is refused naming it. Root ignores permission
+    bits (CAP_DAC_OVERRIDE), so as root (CI) the conversion runs without that capability."""
     locked = tmp_path / "locked"
     locked.mkdir()
-    locked.chmod(0o500)
-    with pytest.raises(FastMNISTError, match=f"{locked}: output directory is not writable"):
-        convert(small_root, locked / "shards", progress=False)
+    locked.chmod(0o555)
+    program = ("import sys\nfrom fastmnist import convert, FastMNISTError\n"
+               "try:\n    convert(sys.argv[1], sys.argv[2], progress=False)\n"
+               "except FastMNISTError as e:\n    print(e)\n")
+    unprivileged = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+    command = [*unprivileged, sys.executable, "-c", program, str(small_root), str(locked / "shards")]
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"{locked}: output directory is not writable" in done.stdout
+    assert list(locked.iterdir()) == []
+    blocker = tmp_path / "file"  # and a path under a regular file cannot be made by anyone
+    blocker.write_text("x")
+    with pytest.raises(FastMNISTError, match=f"{blocker}: cannot create output directory"):
+        convert(small_root, blocker / "shards", progress=False)
 
 
 def test_rerun_is_a_noop_and_force_rebuilds(small_root, tmp_path):
