@@ -38,11 +38,31 @@ def test_bit_exact_with_the_seed_pipeline_on_real_data(real_shards, torchvision_
     assert count == 10000
 
 
+@pytest.mark.parametrize("source", ["float32", "uint8"])
+def test_bit_exact_with_the_seed_pipeline_on_generated_digits(synth_root, synth_shards, source):
+    """The same comparison on the generated set, so that it runs where the real digits are
+    missing: torchvision's MNIST + ToTensor + Normalize over the same raw files."""
+    reference = seed_pipeline(synth_root, batch_size=500)
+    loader = FastMNISTLoader(synth_shards, split="test", batch_size=500, shuffle=False, images=source)
+    pairs = list(zip(loader, reference, strict=True))
+    assert len(pairs) == 20
+    assert all(torch.equal(x, rx) and torch.equal(y, ry) for (x, y), (rx, ry) in pairs)
+
+
 @pytest.mark.parametrize("mean, std", [(0.1307, 0.3081), (0.2860, 0.3530), (0.5, 0.25), (-1.0, 3.0)])
-def test_numpy_normaliser_gives_the_same_bits_as_torch(mean, std):
-    pixels = np.arange(256, dtype=np.uint8).reshape(4, 1, 8, 8)
-    got = normalize_u8_numpy(pixels, mean, std, out=np.empty(pixels.shape, np.float32))
-    assert torch.equal(torch.from_numpy(got), normalize_u8(torch.from_numpy(pixels), mean, std))
+def test_both_normalisers_give_torchvisions_bits(mean, std):
+    """Every uint8 level through the numpy and the torch normaliser, against torchvision's
+    ToTensor then Normalize of the same pixels (a PIL image, as the seed pipeline has it)."""
+    from PIL import Image
+    from torchvision import transforms
+
+    pixels = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((mean,), (std,))])
+    reference = tf(Image.fromarray(pixels, mode="L"))[None]
+    batch = pixels[None, None]
+    got = normalize_u8_numpy(batch, mean, std, out=np.empty(batch.shape, np.float32))
+    assert torch.equal(torch.from_numpy(got), reference)
+    assert torch.equal(normalize_u8(torch.from_numpy(batch), mean, std), reference)
 
 
 def test_drop_in_shapes_and_len(indexed_shards):
