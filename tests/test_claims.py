@@ -14,7 +14,7 @@ from fastmnist.loading.order import epoch_order
 from .conftest import INDEXED_N, batch_indices, decode_indices, indexed_images, write_split
 
 
-@pytest.mark.parametrize("count", [1000, 1002, INDEXED_N])  # divided by 1, 2 and 4; by 2 and 3; by none
+@pytest.mark.parametrize("count", [1, 1000, 1002, INDEXED_N])  # one; divided by 2 and 4; by 2 and 3; by none
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 @pytest.mark.parametrize("drop_last", [False, True])
 def test_rank_split_is_distributed_samplers_at_every_count(indexed_shards, count, world_size, drop_last):
@@ -34,6 +34,22 @@ def test_rank_split_is_distributed_samplers_at_every_count(indexed_shards, count
         assert len(loader) == len(batches) and loader.samples_per_rank == len(sampler)
         lengths.add(len(batches))
     assert len(lengths) == 1
+
+
+@pytest.mark.parametrize("count", [1, 1000, 1002, INDEXED_N])
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_uneven_split_gives_each_rank_its_strided_share_and_says_so(indexed_shards, count, world_size):
+    """even=False: rank r takes positions r, r + W, ... of the epoch's sequence, no padding,
+    nothing dropped; len() and samples_per_rank say what it then yields."""
+    indices = list(range(count))
+    whole = [i for b in batch_indices(FastMNISTLoader(indexed_shards, batch_size=50, normalize=False,
+                                                      indices=indices, seed=2)) for i in b]
+    for rank in range(world_size):
+        loader = FastMNISTLoader(indexed_shards, batch_size=50, normalize=False, indices=indices, seed=2,
+                                 rank=rank, world_size=world_size, even=False)
+        batches = batch_indices(loader)
+        assert [i for b in batches for i in b] == whole[rank::world_size]
+        assert len(loader) == len(batches) and loader.samples_per_rank == len(whole[rank::world_size])
 
 
 def test_every_seed_and_epoch_has_its_own_order():

@@ -1,0 +1,96 @@
+"""Mutation testing of the core: does some test fail when one operator or constant changes?
+
+    .venv/bin/python tools/mutants.py fastmnist/loading/order.py tests/test_loader.py tests/test_claims.py
+
+Each mutant is one change to one node of the module's syntax tree (an arithmetic or
+comparison operator swapped, an integer constant moved by one, ``and``/``or`` swapped, a
+boolean constant flipped), written into a copy of the repository; the given tests then run
+against the copy (``pytest -x -q -p no:cacheprovider``, stopped at the first failure). A
+mutant is killed when they fail, survives when they pass. Prints a line per mutant, then the
+score and the survivors (each to be killed by a new test, or explained as equivalent in
+docs/reliability.md); ``--limit N`` runs the first N only.
+"""
+
+import argparse
+import ast
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SWAPS = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.FloorDiv, ast.FloorDiv: ast.Mult,
+         ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq,
+         ast.NotEq: ast.Eq, ast.And: ast.Or, ast.Or: ast.And, ast.Mod: ast.FloorDiv}
+
+
+def mutants(source: str):
+    """(line, description, mutated source) for every mutation point of ``source``."""
+    tree = ast.parse(source)
+    points = [node for node in ast.walk(tree) if _mutable(node)]
+    for k in range(len(points)):
+        copy = ast.parse(source)
+        node = [n for n in ast.walk(copy) if _mutable(n)][k]
+        description = _mutate(node)
+        yield node.lineno, description, ast.unparse(copy)
+
+
+def _mutable(node) -> bool:
+    if isinstance(node, (ast.BinOp, ast.BoolOp)):
+        return type(node.op) in SWAPS
+    if isinstance(node, ast.Compare):
+        return type(node.ops[0]) in SWAPS
+    return isinstance(node, ast.Constant) and type(node.value) in (int, bool)
+
+
+def _mutate(node) -> str:
+    if isinstance(node, (ast.BinOp, ast.BoolOp)):
+        old = type(node.op)
+        node.op = SWAPS[old]()
+        return f"{old.__name__} -> {SWAPS[old].__name__}"
+    if isinstance(node, ast.Compare):
+        old = type(node.ops[0])
+        node.ops[0] = SWAPS[old]()
+        return f"{old.__name__} -> {SWAPS[old].__name__}"
+    old = node.value
+    node.value = (not old) if isinstance(old, bool) else old + 1
+    return f"{old!r} -> {node.value!r}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("module", help="the module to mutate, relative to the repository")
+    parser.add_argument("tests", nargs="+", help="the tests that cover it")
+    parser.add_argument("--limit", type=int, help="run the first N mutants only")
+    args = parser.parse_args()
+    original = (REPO / args.module).read_text()
+    found = list(mutants(original))[:args.limit]
+    survivors, start = [], time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / "repo"
+        skipped = shutil.ignore_patterns(".venv", ".git", "data", "shards", "results", "*.egg-info",
+                                         "__pycache__")
+        shutil.copytree(REPO, copy, ignore=skipped)
+        for number, (line, description, mutated) in enumerate(found, 1):
+            (copy / args.module).write_text(mutated)
+            done = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+                                   *args.tests], cwd=copy, capture_output=True, env={"PYTHONPATH": str(copy),
+                                   "PATH": "/usr/bin:/bin", "HOME": tmp})
+            killed = done.returncode != 0
+            if not killed:
+                survivors.append((line, description))
+            print(f"[{number}/{len(found)}] line {line}: {description}: {'killed' if killed else 'SURVIVED'}",
+                  flush=True)
+        (copy / args.module).write_text(original)
+    killed = len(found) - len(survivors)
+    print(f"\n{args.module}: {killed} of {len(found)} mutants killed ({killed / max(1, len(found)):.0%}) "
+          f"in {time.perf_counter() - start:.0f} s")
+    for line, description in survivors:
+        print(f"  survived: line {line}: {description}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
