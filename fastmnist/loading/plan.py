@@ -205,7 +205,7 @@ class WorkerEpochs:
     """The last epoch DataLoader workers started, and the pass of the DataLoader that
     started it, in one int64 of shared memory (one store, so never read half-written):
     the owner of a loader learns from it what its workers' copies ran. Pickles to a
-    spawned worker as shared memory, to anything else as a copy."""
+    spawned worker as the same shared cell, to anything else as a cell of its own."""
 
     PASS = 0x7FFFFFFF  # the bits of the pass kept, above the 32 of the epoch
 
@@ -225,6 +225,17 @@ class WorkerEpochs:
         ran = self.last()
         self.value[0] = -1
         return None if ran is None else ran[1]
+
+    def __reduce__(self):
+        return _worker_epochs, (self.value,)
+
+
+def _worker_epochs(value: torch.Tensor) -> WorkerEpochs:
+    """A ``WorkerEpochs`` around ``value``: the same shared cell when it came through
+    torch's multiprocessing pickler (a spawned worker), else (a copy, ``deepcopy``) its own."""
+    cell = WorkerEpochs.__new__(WorkerEpochs)
+    cell.value = value if value.is_shared() else value.share_memory_()
+    return cell
 
 
 class EpochPlan:
