@@ -17,7 +17,9 @@ from .conftest import INDEXED_N, batch_indices, decode_indices, indexed_images, 
 @pytest.mark.parametrize("count", [1, 1000, 1002, INDEXED_N])  # one; divided by 2 and 4; by 2 and 3; by none
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 @pytest.mark.parametrize("drop_last", [False, True])
-def test_rank_split_is_distributed_samplers_at_every_count(indexed_shards, count, world_size, drop_last):
+@pytest.mark.parametrize("batch_size", [1, 50])  # 1: a dropped batch cannot hide a sample too many
+def test_rank_split_is_distributed_samplers_at_every_count(indexed_shards, count, world_size, drop_last,
+                                                           batch_size):
     """Each rank's samples are those DistributedSampler(shuffle=False) assigns to it over the
     epoch's sequence, len() is the batches it yields, and every rank yields as many."""
     indices = list(range(count))  # a subset of the indexed set makes the count
@@ -25,12 +27,12 @@ def test_rank_split_is_distributed_samplers_at_every_count(indexed_shards, count
                                                       indices=indices, seed=2)) for i in b]
     lengths = set()
     for rank in range(world_size):
-        loader = FastMNISTLoader(indexed_shards, batch_size=50, normalize=False, indices=indices, seed=2,
-                                 rank=rank, world_size=world_size, drop_last=drop_last)
+        loader = FastMNISTLoader(indexed_shards, batch_size=batch_size, normalize=False, indices=indices,
+                                 seed=2, rank=rank, world_size=world_size, drop_last=drop_last)
         sampler = DistributedSampler(range(count), world_size, rank, shuffle=False, drop_last=drop_last)
         batches = batch_indices(loader)
-        assert [i for b in batches for i in b] == [whole[p] for p in sampler][:len(sampler) // 50 * 50
-                                                                              if drop_last else None]
+        kept = len(sampler) // batch_size * batch_size if drop_last else None  # the last short batch
+        assert [i for b in batches for i in b] == [whole[p] for p in sampler][:kept]
         assert len(loader) == len(batches) and loader.samples_per_rank == len(sampler)
         lengths.add(len(batches))
     assert len(lengths) == 1

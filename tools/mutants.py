@@ -8,7 +8,8 @@ boolean constant flipped), written into a copy of the repository; the given test
 against the copy (``pytest -x -q -p no:cacheprovider``, stopped at the first failure). A
 mutant is killed when they fail, survives when they pass. Prints a line per mutant, then the
 score and the survivors (each to be killed by a new test, or explained as equivalent in
-docs/reliability.md); ``--limit N`` runs the first N only.
+docs/reliability.md); ``--only 3,17`` runs those mutants only (the survivors of a run with
+quick tests, against slower ones).
 """
 
 import argparse
@@ -63,32 +64,37 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("module", help="the module to mutate, relative to the repository")
     parser.add_argument("tests", nargs="+", help="the tests that cover it")
-    parser.add_argument("--limit", type=int, help="run the first N mutants only")
+    parser.add_argument("--only", help="comma-separated mutant numbers (those another run's tests let "
+                                       "survive, say): run these only")
     args = parser.parse_args()
     original = (REPO / args.module).read_text()
-    found = list(mutants(original))[:args.limit]
+    found = list(enumerate(mutants(original), 1))
+    if args.only:
+        wanted = {int(n) for n in args.only.split(",")}
+        found = [(n, m) for n, m in found if n in wanted]
     survivors, start = [], time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / "repo"
         skipped = shutil.ignore_patterns(".venv", ".git", "data", "shards", "results", "*.egg-info",
                                          "__pycache__")
         shutil.copytree(REPO, copy, ignore=skipped)
-        for number, (line, description, mutated) in enumerate(found, 1):
+        for number, (line, description, mutated) in found:
             (copy / args.module).write_text(mutated)
             done = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
                                    *args.tests], cwd=copy, capture_output=True, env={"PYTHONPATH": str(copy),
                                    "PATH": "/usr/bin:/bin", "HOME": tmp})
             killed = done.returncode != 0
             if not killed:
-                survivors.append((line, description))
-            print(f"[{number}/{len(found)}] line {line}: {description}: {'killed' if killed else 'SURVIVED'}",
-                  flush=True)
+                survivors.append((number, line, description))
+            print(f"[{number}] line {line}: {description}: {'killed' if killed else 'SURVIVED'}", flush=True)
         (copy / args.module).write_text(original)
     killed = len(found) - len(survivors)
     print(f"\n{args.module}: {killed} of {len(found)} mutants killed ({killed / max(1, len(found)):.0%}) "
           f"in {time.perf_counter() - start:.0f} s")
-    for line, description in survivors:
-        print(f"  survived: line {line}: {description}")
+    for number, line, description in survivors:
+        print(f"  survived: [{number}] line {line}: {description}")
+    if survivors:
+        print(f"  (--only {','.join(str(n) for n, _, _ in survivors)} runs these again)")
     return 0
 
 
