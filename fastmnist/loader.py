@@ -392,13 +392,32 @@ def _check_arguments(**given) -> None:
 
 
 def _distributed(rank, world_size) -> tuple[int, int]:
-    """(rank, world_size) from the arguments, else the initialised process group, else (0, 1)."""
+    """(rank, world_size) from the arguments, else the initialised process group, else (0, 1).
+
+    A process that a launcher started as one of several (``WORLD_SIZE`` > 1, as torchrun and
+    ``accelerate launch`` set it) with no process group is refused: it would read the whole set,
+    as would each of the others, and train on every sample several times an epoch."""
     dist = torch.distributed
-    initialised = dist.is_available() and dist.is_initialized()
-    if world_size is None:
-        world_size = dist.get_world_size() if initialised else 1
-    if rank is None:
-        rank = dist.get_rank() if initialised else 0
+    if dist.is_available() and dist.is_initialized():
+        world_size = dist.get_world_size() if world_size is None else world_size
+        rank = dist.get_rank() if rank is None else rank
+    elif rank is None and world_size is None:
+        launched = os.environ.get("WORLD_SIZE", "1")
+        if launched.strip() not in ("", "1"):
+            raise FastMNISTError(
+                f"this process was launched as one of WORLD_SIZE={launched} processes, but no "
+                f"torch.distributed process group is initialised, so each would read the whole set: "
+                f"initialise it before making the loader (torch.distributed.init_process_group(); with "
+                f"Accelerate on a machine without GPUs, Accelerator(cpu=True)), or pass rank= and "
+                f"world_size=")
+        rank, world_size = 0, 1
+    elif world_size is None:
+        world_size = 1
+    elif rank is None and isinstance(world_size, int) and world_size > 1:
+        raise FastMNISTError(f"world_size={world_size!r} without rank=: give both, or neither to take them "
+                             f"from the process group")
+    elif rank is None:
+        rank = 0
     if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
         raise FastMNISTError(f"world_size must be a positive integer, got {world_size!r}")
     if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank < world_size:

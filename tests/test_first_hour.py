@@ -2,10 +2,12 @@
 says the fix, or now does the right thing, checked against the loader iterated directly."""
 
 import gc
+import os
 import shutil
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +18,8 @@ from fastmnist import FastMNISTError, FastMNISTLoader, convert, convert_from
 from fastmnist.cli import main
 
 from .conftest import INDEXED_N, batch_indices, indexed_images, served, write_split
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -197,3 +201,27 @@ def test_a_npy_member_of_another_shape_is_named(real_root, tmp_path):
     with pytest.raises(FastMNISTError, match=r"odd.tar: key 000001.npy: uint8 \(28, 29\), but .*000000.npy"):
         convert_from(tmp_path / "odd.tar", tmp_path / "out", kind="wds", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_launched_process_without_a_process_group_is_refused(indexed_shards, tmp_path):
+    """torchrun starts 2 processes that make a loader without init_process_group (a plain
+    ``Accelerator()`` on a machine without GPUs does the same): each would read the whole set
+    as rank 0 of 1. Both are refused, saying what to do."""
+    job = tmp_path / "job.py"
+    job.write_text(f"from fastmnist import FastMNISTLoader\nFastMNISTLoader({str(indexed_shards)!r})\n")
+    torchrun = Path(sys.executable).parent / "torchrun"
+    done = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node=2", str(job)],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode != 0
+    assert done.stderr.count("launched as one of WORLD_SIZE=2 processes") == 2, done.stderr[-3000:]
+    assert "init_process_group" in done.stderr
+
+
+def test_a_world_size_without_a_rank_is_refused(indexed_shards, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(FastMNISTError, match="world_size=2 without rank="):
+        FastMNISTLoader(indexed_shards, world_size=2)
+    assert FastMNISTLoader(indexed_shards, world_size=1).world_size == 1
+    halves = FastMNISTLoader(indexed_shards, rank=1, world_size=2, batch_size=10)
+    assert len(halves.sampler) == -(-INDEXED_N // 2)

@@ -33,3 +33,4 @@ for x, y in train_dataloader:
     if job.phase == "stop" and state["step"] == job.steps:
         fabric.save(job.run / "checkpoint.ckpt", state)
         break
+torch.distributed.destroy_process_group()  # a gloo group left to the interpreter's exit can abort it
