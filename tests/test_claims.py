@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from fastmnist import FastMNISTError, FastMNISTLoader, convert, open_shards
-from fastmnist.loading.order import epoch_order
+from fastmnist.loading.order import LOCALITY_WINDOW, block_order, epoch_order, rank_share
 
 from .conftest import INDEXED_N, batch_indices, decode_indices, indexed_images, write_split
 
@@ -122,3 +122,34 @@ def test_a_split_maps_the_version_it_was_opened_from_or_refuses(tmp_path):
         assert "the set was replaced after it was opened" in str(e)
     else:
         assert mapped.tolist() == labels.tolist()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_locality_order_shuffles_the_blocks_and_mixes_each_window(seed):
+    """block_order (the order for sets larger than the page cache): each window of
+    LOCALITY_WINDOW blocks is read as one, its samples mixed across all its blocks, and the
+    blocks come in a shuffled order (not ascending, not the same for every seed)."""
+    n, block = 1000, 10
+    order = block_order(n, seed, 0, True, block).numpy()
+    assert sorted(order) == list(range(n))
+    window = LOCALITY_WINDOW * block
+    blocks_seen = []
+    for start in range(0, n, window):
+        part = order[start:start + window] // block
+        assert len(set(part)) == min(LOCALITY_WINDOW, -(-(n - start) // block))
+        assert len(set(part[:block])) > 1  # the window's first samples already come from several blocks
+        positions = np.arange(len(part))
+        assert abs(np.corrcoef(positions, order[start:start + window])[0, 1]) < 0.5  # not in read order
+        blocks_seen += sorted(set(part))
+    firsts = [block_order(n, s, 0, True, block)[0].item() // block for s in range(20)]
+    assert len(set(firsts)) >= 8  # the first block read differs with the seed
+    assert blocks_seen != sorted(blocks_seen)
+
+
+@pytest.mark.parametrize("world_size", [1, 3])
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_an_empty_order_splits_into_empty_shares(world_size, drop_last):
+    assert len(block_order(0, 0, 0, True, 10)) == 0
+    for rank in range(world_size):
+        assert len(rank_share(torch.arange(0), rank, world_size, drop_last)) == 0
+        assert len(rank_share(torch.arange(0), rank, world_size, drop_last, blocks=True)) == 0
