@@ -6,16 +6,19 @@ whatever the batch size, world size, workers, resume or residency, and clear ref
 import math
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
+import torchvision
 from torch.utils.data import DataLoader
 from torchvision import transforms as v1
+from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from fastmnist import FastMNISTError, FastMNISTLoader, convert
 from fastmnist.formats.idx import read_images, read_labels
-from fastmnist.loading.augment import _perspective_coefficients
+from fastmnist.loading.augment import _perspective_coefficients, _perspective_grid
 
 from .conftest import decode_indices, indexed_images, write_split
 
@@ -453,3 +456,82 @@ def test_augmented_on_the_gpu_equals_the_cpu(paired_sets):
     ):
         for (x, y), (cx, cy) in zip(device_loader, cpu, strict=True):
             assert torch.equal(x.cpu(), cx) and torch.equal(y.cpu(), cy)
+
+
+def _torchvision_batch(root, transform, count=64) -> torch.Tensor:
+    """torchvision's own ``MNIST(train=False, transform=transform)``: its first ``count`` images."""
+    dataset = torchvision.datasets.MNIST(root, train=False, transform=transform)
+    return torch.stack([dataset[i][0] for i in range(count)])
+
+
+def test_a_fill_by_input_type_is_the_one_torchvision_picks(real_shards, torchvision_test_root):
+    """v2's ``fill={tv_tensors.Image: 128, "others": 0}``: after ``ToImage`` the step sees an
+    Image and fills 128; before it, a PIL image, and fills from "others". Fixed angles, so
+    torchvision's own dataset pipeline is the reference: bit for bit on tensors; on PIL
+    images (another kernel) the corners, which are fill only."""
+    by_type = {tv_tensors.Image: 128, "others": 0}
+    on_tensors = _v2(v2.RandomAffine((30, 30), fill=by_type))
+    loader = FastMNISTLoader(real_shards, "test", batch_size=64, shuffle=False, transform=on_tensors)
+    x, _ = next(iter(loader))
+    assert torch.equal(x, _torchvision_batch(torchvision_test_root, on_tensors))
+    assert torch.allclose(x[:, :, 0, 0], torch.tensor((128 / 255 - MEAN) / STD))
+    for fill in ({PIL.Image.Image: 77, "others": 5}, {tv_tensors.Image: 5, "others": 77}):
+        on_pil = v2.Compose([v2.RandomAffine((45, 45), fill=fill), v2.ToImage(),
+                             v2.ToDtype(torch.float32, scale=True), v2.Normalize([MEAN], [STD])])
+        loader = FastMNISTLoader(real_shards, "test", batch_size=64, shuffle=False, transform=on_pil)
+        x, _ = next(iter(loader))
+        reference = _torchvision_batch(torchvision_test_root, on_pil)
+        corners = (slice(None), slice(None), [0, 0, -1, -1], [0, -1, 0, -1])
+        assert torch.equal(x[corners], reference[corners])
+        assert torch.allclose(x[corners], torch.tensor((77 / 255 - MEAN) / STD))
+
+
+def test_normalize_with_plain_numbers_is_normalize_with_sequences(real_shards, torchvision_test_root):
+    plain = v1.Compose([v1.ToTensor(), v1.Normalize(MEAN, STD)])
+    x, _ = next(iter(FastMNISTLoader(real_shards, "test", batch_size=64, shuffle=False, transform=plain)))
+    assert torch.equal(x, _torchvision_batch(torchvision_test_root, plain))
+
+
+class RandomAffine(v2.RandomAffine):
+    """Named as torchvision's, but its forward flips the image: not what the loader replays."""
+
+    def forward(self, *inputs):
+        return F.horizontal_flip(inputs[0])
+
+
+class LooksLikeCompose:
+    def __init__(self, transforms):
+        self.transforms = transforms
+
+    def __call__(self, image):
+        return image
+
+
+@pytest.mark.parametrize("transform, message", [
+    (_v2(RandomAffine(10)), "tests.test_augment.RandomAffine is not torchvision's RandomAffine"),
+    (LooksLikeCompose(_v1().transforms), "LooksLikeCompose cannot be replayed per sample"),
+])
+def test_a_transform_is_replayed_for_what_it_is_not_for_its_name(indexed_shards, transform, message):
+    with pytest.raises(FastMNISTError, match=message):
+        FastMNISTLoader(indexed_shards, transform=transform)
+
+
+@pytest.mark.parametrize("interpolation", [NEAREST, BILINEAR])
+def test_a_perspective_that_divides_by_0_is_torchvisions(real_shards, real_root, interpolation):
+    """``RandomPerspective(0.9)`` puts, for some samples, pixels where the grid's denominator
+    is 0 (infinite or NaN coordinates, which grid_sample takes as outside): 69 of the 10,000
+    test digits at seed 0, 9 of them 0 / 0. Each of those, and the first 100, equal torchvision's
+    ``F.perspective`` with the reported end points, bit for bit."""
+    transform = _v2(v2.RandomPerspective(0.9, p=1.0, interpolation=interpolation))
+    loader = FastMNISTLoader(real_shards, "test", batch_size=2500, shuffle=False, seed=0, transform=transform)
+    x = torch.cat([x for x, _ in loader])
+    (step,) = loader.augmentation_params(0, torch.arange(len(x)))
+    gx, gy = _perspective_grid(_perspective_coefficients(step["endpoints"]), "cpu")
+    degenerate = (~gx.isfinite() | ~gy.isfinite()).flatten(1).any(1)
+    assert (gx.isnan() | gy.isnan()).flatten(1).any(1).sum() > 0  # 0 / 0 among them
+    images = torch.from_numpy(read_images(real_root / "MNIST" / "raw" / "t10k-images-idx3-ubyte.gz"))
+    for i in sorted({*degenerate.nonzero().flatten().tolist(), *range(100)}):
+        row = {"transform": "RandomPerspective", "applied": True, "endpoints": step["endpoints"][i]}
+        replayed = _replay(images[i], row, interpolation, 0.0)
+        reference = F.normalize(F.to_dtype(replayed, torch.float32, scale=True), [MEAN], [STD])
+        assert torch.equal(x[i], reference), (i, bool(degenerate[i]))

@@ -98,14 +98,24 @@ def parse(transform, mean: float, std: float, seed: int) -> Augment:
     ``mean``/``std``: geometric steps, then ``ToTensor`` (or ``ToImage``/``PILToTensor`` +
     ``ToDtype(float32, scale=True)``) and ``Normalize((mean,), (std,))``, then
     ``RandomErasing``. Raises ``FastMNISTError`` naming what it cannot replay."""
-    parts = list(getattr(transform, "transforms", [transform]))
+    import PIL.Image
+    from torchvision import tv_tensors
+
+    parts = list(transform.transforms) if _kind(transform) == "Compose" else [transform]
     geometric, erasing, stage, reciprocal = [], [], "uint8", False
+    seen = PIL.Image.Image  # what the next step is given: the dataset's PIL image, until converted
     for t in parts:
-        name = type(t).__name__
-        if name not in SUPPORTED or name == "Compose":
-            raise FastMNISTError(f"transform {t!r}: {name} cannot be replayed per sample; supported: "
-                                 f"{', '.join(SUPPORTED[1:])} (put other steps in your training loop)")
+        name = _kind(t)
+        if name is None or name == "Compose":
+            what = type(t).__name__
+            if what in SUPPORTED and what != "Compose":
+                what = (f"{type(t).__module__}.{type(t).__qualname__} is not torchvision's {what} (its "
+                        f"forward may do anything else), so it")
+            raise FastMNISTError(f"transform {t!r}: {what} cannot be replayed per sample; supported: "
+                                 f"{', '.join(SUPPORTED[1:])} of torchvision (put other steps in your "
+                                 f"training loop)")
         if name in ("ToImage", "PILToTensor"):
+            seen = tv_tensors.Image if name == "ToImage" else torch.Tensor
             continue  # still uint8
         if name == "ToTensor" or name == "ToDtype":
             if name == "ToDtype" and not _to_scaled_float32(t):
@@ -114,9 +124,9 @@ def parse(transform, mean: float, std: float, seed: int) -> Augment:
         elif name == "Normalize":
             if stage != "float":
                 raise FastMNISTError(f"transform {t!r}: Normalize must follow ToTensor or ToDtype")
-            if [float(v) for v in t.mean] != [mean] or [float(v) for v in t.std] != [std]:
-                raise FastMNISTError(f"transform {t!r}: normalises with mean {list(t.mean)}, std "
-                                     f"{list(t.std)}, but the set was converted with mean {mean}, std "
+            if _numbers(t.mean) != [mean] or _numbers(t.std) != [std]:
+                raise FastMNISTError(f"transform {t!r}: normalises with mean {_numbers(t.mean)}, std "
+                                     f"{_numbers(t.std)}, but the set was converted with mean {mean}, std "
                                      f"{std}; use Normalize(({mean},), ({std},)), or convert with those")
             stage = "normalised"
         elif name == "RandomErasing":
@@ -128,12 +138,29 @@ def parse(transform, mean: float, std: float, seed: int) -> Augment:
                                  "the geometric steps first, where they see the uint8 image")
         else:
             geometric.append({"RandomAffine": _Affine, "RandomRotation": _Rotation, "RandomCrop": _Crop,
-                              "RandomPerspective": _Perspective, "ElasticTransform": _Elastic}[name](t))
+                              "RandomPerspective": _Perspective, "ElasticTransform": _Elastic}[name](t, seen))
     if stage != "normalised":
         raise FastMNISTError(f"transform {transform!r}: must convert to float and Normalize(({mean},), "
                              f"({std},)) as the set does (ToTensor() + Normalize, or ToImage() + "
                              "ToDtype(torch.float32, scale=True) + Normalize)")
     return Augment(geometric, erasing, seed, reciprocal)
+
+
+def _kind(t) -> str | None:
+    """The name of the torchvision transform ``t`` is an instance of exactly (v1 or v2; not a
+    subclass, whose ``forward`` may differ), if it is one of ``SUPPORTED``; else None."""
+    import torchvision.transforms as v1
+    from torchvision.transforms import v2
+
+    name = type(t).__name__
+    if name in SUPPORTED and type(t) in (getattr(v1, name, None), getattr(v2, name, None)):
+        return name
+    return None
+
+
+def _numbers(values) -> list[float]:
+    """``Normalize``'s mean or std (a number, or a sequence or tensor of them) as floats."""
+    return [float(v) for v in (values if isinstance(values, (list, tuple, torch.Tensor)) else [values])]
 
 
 def _to_scaled_float32(t) -> bool:
@@ -148,10 +175,12 @@ def _interpolation(t) -> str:
     return mode
 
 
-def _fill(t) -> float:
+def _fill(t, seen: type) -> float:
+    """The fill of ``t`` for an input of type ``seen``, as torchvision picks it (v2: a dict by
+    input type, its "others" entry for the rest)."""
     fill = t.fill
-    if isinstance(fill, dict):  # v2: by input type
-        fill = next(iter(fill.values()), 0) if len(set(map(str, fill.values()))) == 1 else None
+    if isinstance(fill, dict):
+        fill = fill[seen] if seen in fill else fill.get("others")
     if isinstance(fill, (list, tuple)) and len(fill) == 1:
         fill = fill[0]
     if fill is None:
@@ -165,8 +194,8 @@ class _Geometric:
     """A step that resamples the image through a grid, as torchvision's
     ``_apply_grid_transform`` does, all samples at once."""
 
-    def __init__(self, t):
-        self.t, self.name, self.mode, self.fill = repr(t), type(t).__name__, _interpolation(t), _fill(t)
+    def __init__(self, t, seen: type):
+        self.t, self.name, self.mode, self.fill = repr(t), type(t).__name__, _interpolation(t), _fill(t, seen)
 
     def __repr__(self):
         return self.t
@@ -179,8 +208,9 @@ class _Geometric:
         if self.mode == "nearest":
             # grid_sample's nearest: unnormalise, round half to even; then one gather from
             # the image framed by a border of fill, where every outside coordinate lands
-            ix = gx.add_(1).mul_(w / 2).sub_(0.5).round_()
-            iy = gy.add_(1).mul_(h / 2).sub_(0.5).round_()
+            # (a perspective's 0/0 points are NaN: outside, as grid_sample takes them)
+            ix = gx.add_(1).mul_(w / 2).sub_(0.5).round_().nan_to_num_(-1.0)
+            iy = gy.add_(1).mul_(h / 2).sub_(0.5).round_().nan_to_num_(-1.0)
             return _gather(x, iy, ix, self.fill)
         planes = torch.cat([x.to(torch.float32), torch.ones_like(x, dtype=torch.float32)], 1)
         out = torch.nn.functional.grid_sample(planes, torch.stack([gx, gy], -1), mode="bilinear",
@@ -253,8 +283,8 @@ def _center(t) -> tuple[float, float]:
 class _Affine(_Geometric):
     """``RandomAffine``: angle, integer translation, scale and shear per sample."""
 
-    def __init__(self, t):
-        super().__init__(t)
+    def __init__(self, t, seen: type):
+        super().__init__(t, seen)
         self.degrees = [float(v) for v in t.degrees]
         self.translate = None if t.translate is None else [float(v) for v in t.translate]
         self.scale = None if t.scale is None else [float(v) for v in t.scale]
@@ -289,8 +319,8 @@ class _Rotation(_Geometric):
     """``RandomRotation`` (``expand=False``): an angle per sample; multiples of 90 degrees
     about the centre are exact quarter turns, as torchvision's fast path makes them."""
 
-    def __init__(self, t):
-        super().__init__(t)
+    def __init__(self, t, seen: type):
+        super().__init__(t, seen)
         if t.expand:
             raise FastMNISTError(f"transform {t!r}: expand=True changes the image size; not supported")
         self.degrees, self.center, self.centred = [float(v) for v in t.degrees], _center(t), t.center is None
@@ -314,7 +344,7 @@ class _Rotation(_Geometric):
 class _Crop:
     """``RandomCrop(28, padding)``: pad (constant ``fill``), then crop at a random offset."""
 
-    def __init__(self, t):
+    def __init__(self, t, seen: type):
         self.t, self.name = repr(t), type(t).__name__
         if list(t.size) != [SIDE, SIDE] or getattr(t, "padding_mode", "constant") != "constant":
             raise FastMNISTError(f"transform {t!r}: only RandomCrop(28, padding=..., "
@@ -328,7 +358,7 @@ class _Crop:
         # v1 pads (left, top, right, bottom); v2 stores (left, right, top, bottom)
         left, top, right, bottom = padding if v1 else (padding[0], padding[2], padding[1], padding[3])
         self.left, self.top, self.height, self.width = left, top, SIDE + top + bottom, SIDE + left + right
-        self.fill = _fill(t)
+        self.fill = _fill(t, seen)
 
     def __repr__(self):
         return self.t
@@ -349,8 +379,8 @@ class _Perspective(_Geometric):
     """``RandomPerspective``: applied with probability ``p``; corners moved by random integer
     offsets; the coefficients solved as torchvision solves them (float64 least squares)."""
 
-    def __init__(self, t):
-        super().__init__(t)
+    def __init__(self, t, seen: type):
+        super().__init__(t, seen)
         self.distortion, self.p = float(t.distortion_scale), float(t.p)
 
     def params(self, draw) -> dict:
@@ -409,8 +439,8 @@ class _Elastic(_Geometric):
     """``ElasticTransform``: a displacement field per sample, uniform noise in [-1, 1]
     blurred by a Gaussian of ``sigma`` (reflect padding) and scaled by ``alpha / 28``."""
 
-    def __init__(self, t):
-        super().__init__(t)
+    def __init__(self, t, seen: type):
+        super().__init__(t, seen)
         self.alpha, self.sigma = [float(v) for v in t.alpha], [float(v) for v in t.sigma]
 
     def params(self, draw) -> dict:
