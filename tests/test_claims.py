@@ -6,10 +6,18 @@ opened when it is replaced before its arrays are mapped."""
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 from fastmnist import FastMNISTError, FastMNISTLoader, convert, open_shards
-from fastmnist.loading.order import LOCALITY_WINDOW, block_order, epoch_order, rank_share
+from fastmnist.loading.order import (
+    LOCALITY_WINDOW,
+    block_order,
+    delivered,
+    epoch_order,
+    rank_share,
+    runs,
+    worker_parts,
+)
 
 from .conftest import INDEXED_N, batch_indices, decode_indices, indexed_images, write_split
 
@@ -154,3 +162,37 @@ def test_an_empty_order_splits_into_empty_shares(world_size, drop_last):
     for rank in range(world_size):
         assert len(rank_share(torch.arange(0), rank, world_size, drop_last)) == 0
         assert len(rank_share(torch.arange(0), rank, world_size, drop_last, blocks=True)) == 0
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 1000, 1003])
+@pytest.mark.parametrize("world_size", [1, 3, 8])
+def test_uneven_runs_tile_the_order_as_array_split_does(n, world_size):
+    """``even=False`` with consecutive runs (streamed shards): rank r's run is numpy's
+    ``array_split`` part r, the longer parts first, together the whole order once."""
+    sizes = [len(part) for part in np.array_split(np.arange(n), world_size)]
+    assert runs(n, world_size, False, even=False) == [(sum(sizes[:r]), size) for r, size in enumerate(sizes)]
+    order = torch.arange(n)
+    shares = [rank_share(order, r, world_size, False, blocks=True, even=False) for r in range(world_size)]
+    assert torch.equal(torch.cat(shares), order)
+
+
+class _Parts(torch.utils.data.IterableDataset):
+    """Worker w yields ``(w, k)`` for k in its part of ``worker_parts(batches, workers)``."""
+
+    def __init__(self, batches: int, workers: int):
+        self.parts = worker_parts(batches, workers)
+
+    def __iter__(self):
+        w = torch.utils.data.get_worker_info().id
+        yield from ((w, k) for k in range(self.parts[w][1]))
+
+
+@pytest.mark.parametrize("batches, workers", [(7, 3), (10, 4), (5, 5), (2, 3), (11, 2)])
+def test_delivered_counts_what_a_real_dataloader_has_yielded(batches, workers):
+    """What ``delivered`` says each worker's part has given after ``done`` batches, against
+    torch's own DataLoader collecting from workers whose parts are ``worker_parts``."""
+    seen = list(DataLoader(_Parts(batches, workers), batch_size=None, num_workers=workers))
+    assert len(seen) == batches
+    for done in range(batches + 1):
+        counts = [sum(1 for w, _ in seen[:done] if w == p) for p in range(workers)]
+        assert delivered(done, batches, workers) == counts, done
