@@ -6,6 +6,7 @@ data); each now gets the right data or a ``FastMNISTError`` that names the probl
 import http.server
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -451,3 +452,27 @@ def test_nothing_is_read_from_a_hostile_npy_body_before_its_header_is_checked(tm
     (out / "train_labels.npy").write_bytes(hostile + body)
     with pytest.raises(FastMNISTError, match="train_labels.npy: .npy header differs"):
         next(iter(FastMNISTLoader(out, normalize=False)))
+
+
+@pytest.mark.parametrize("change", ["one label", "another set's labels"])
+def test_changed_npy_labels_are_caught_without_verify(tmp_path, change):
+    """An .npy set's labels, one changed to another valid class or the whole file swapped
+    for another valid set's of the same size: refused at the first batch, without
+    verify=True, naming the file (the images are not hashed; the labels are 480 KB)."""
+    root, other_root = tmp_path / "raw", tmp_path / "other_raw"
+    write_raw(root, 40, 10, compressed=False)
+    write_raw(other_root, 40, 10, compressed=False, seed=1)
+    out, other = tmp_path / "set", tmp_path / "other"
+    convert(root, out, progress=False)
+    convert(other_root, other, progress=False)
+    path = out / "train_labels.npy"
+    if change == "one label":
+        labels = np.load(path)
+        labels[5] = (labels[5] + 1) % 10
+        np.save(path, labels)
+    else:
+        before = np.load(path)
+        shutil.copyfile(other / "train_labels.npy", path)
+        assert (np.load(path) != before).any()  # a valid file of the same size, other labels
+    with pytest.raises(FastMNISTError, match=r"train_labels.npy: sha256 differs from the manifest"):
+        next(iter(FastMNISTLoader(out, batch_size=10)))

@@ -17,6 +17,7 @@ maps, decodes or fetches is made in each process on first use, never pickled.
   :func:`open_mixture` checks that they agree.
 """
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -184,6 +185,12 @@ class ArraySource:
             check_unlabelled(split.path("labels"), classes)
         else:
             check_classes(split.path("labels"), classes, self.info.num_classes)
+        # labels are small (60,000 are 480 KB): their sha256 on every open, as tar shards check theirs
+        meta = self.info.arrays["labels"]
+        stored = read_whole(files["labels"], meta.size, split.path("labels"))
+        if hashlib.sha256(stored).hexdigest() != meta.sha256:
+            raise FastMNISTError(f"{split.path('labels')}: sha256 differs from the manifest: the labels were "
+                                 f"changed or replaced (the set must be converted again)")
         return images, torch.from_numpy(labels)
 
     def _decoded(self) -> tuple[torch.Tensor, torch.Tensor]:
