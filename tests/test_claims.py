@@ -147,8 +147,8 @@ def test_locality_order_shuffles_the_blocks_and_mixes_each_window(seed):
         assert len(set(part)) == min(LOCALITY_WINDOW, -(-(n - start) // block))
         if len(set(part)) > 1:  # the window's first samples already come from several blocks
             assert len(set(part[:block])) > 1
-        positions = np.arange(len(part))
-        assert abs(np.corrcoef(positions, order[start:start + window])[0, 1]) < 0.5  # not in read order
+        if len(part) == window:  # a whole window is not read in order
+            assert abs(np.corrcoef(np.arange(window), order[start:start + window])[0, 1]) < 0.5
         blocks_seen += sorted(set(part))
     firsts = [block_order(n, s, 0, True, block)[0].item() // block for s in range(20)]
     assert len(set(firsts)) >= 8  # the first block read differs with the seed
