@@ -33,7 +33,7 @@ def main(argv=None) -> int:
         sys.stdout.flush()  # here, so that a closed pipe is caught below
         return code
     except FastMNISTError as e:
-        print(f"fastmnist: error: {e}", file=sys.stderr)
+        print(f"fastmnist: error: {_printable(e)}", file=sys.stderr)  # names from files can hold escapes
         return 2
     except BrokenPipeError:  # `fastmnist info X | head -1`: the reader has all it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit

@@ -438,6 +438,19 @@ def test_info_escapes_what_a_manifest_says(tmp_path, indexed_shards):
     assert "mnist\\x1b]0;owned\\x07\\x1b[2J" in done.stdout and "x\\r\\x1b[1A" in done.stdout
 
 
+def test_convert_escapes_a_hostile_name_in_its_error(tmp_path):
+    """An input whose file name holds terminal escapes, refused by ``convert``: the error line
+    names it escaped, as ``info`` prints a manifest's text, never raw."""
+    hostile = tmp_path / "digits\x1b]0;owned\x07\x1b[2J.csv"
+    hostile.write_text("label,pixel0\n3,not-a-number\n")
+    done = subprocess.run([*CLI, "convert", str(hostile), "--out", str(tmp_path / "set")],
+                          capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("fastmnist: error: ")
+    assert "\x1b" not in done.stderr and "\x07" not in done.stderr
+    assert "digits\\x1b]0;owned\\x07\\x1b[2J.csv" in done.stderr
+
+
 def test_nothing_is_read_from_a_hostile_npy_body_before_its_header_is_checked(tmp_path, indexed_shards):
     """A labels file whose header is replaced by one claiming a huge shape is refused by
     the exact header comparison, not by numpy's allocation."""
