@@ -376,6 +376,11 @@ def test_hostile_csv_npz_and_folders(digits, pngs, tmp_path):
              tmp_path / "mismatch.npz")
     np.savez(tmp_path / "pickled.npz", x_train=np.array([object()] * 3), y_train=labels[:3])
     _refused(tmp_path, r"pickled\.npz: x_train/y_train: unreadable", tmp_path / "pickled.npz")
+    huge = labels[:100].astype(np.uint64)
+    huge[41] = 2**64 - 1  # as int64, -1: it must be reported as stored
+    np.savez(tmp_path / "uint64.npz", x_train=images[:100], y_train=huge)
+    _refused(tmp_path, r"uint64\.npz: x_train/y_train: label 41: expected a class, found "
+                       r"18446744073709551615 \(uint64", tmp_path / "uint64.npz")
     (tmp_path / "garbage.npz").write_bytes(b"PK\x03\x04 not really")
     _refused(tmp_path, r"garbage\.npz: not a readable \.npz archive", tmp_path / "garbage.npz")
 

@@ -260,6 +260,11 @@ def _labels(s: Samples) -> np.ndarray:
     if labels.ndim not in (1, 2) or (labels.ndim == 2 and not 1 <= labels.shape[1] <= MAX_LABEL_COLUMNS):
         raise FastMNISTError(f"{s.where}: labels of shape {labels.shape}, expected (N,) or (N, K) "
                              f"with K <= {MAX_LABEL_COLUMNS}")
+    too_big = labels > np.iinfo(np.int64).max if labels.dtype.kind == "u" else None
+    if too_big is not None and too_big.any():  # would wrap to a negative int64
+        at = int(np.argmax(too_big.reshape(len(labels), -1).any(1)))
+        raise FastMNISTError(f"{s.where}: label {at}: expected a class, found {labels[at].tolist()} "
+                             f"({labels.dtype}, beyond int64)")
     return labels.astype(np.int64)
 
 
