@@ -18,7 +18,7 @@ from torchvision.transforms.v2 import functional as F
 
 from fastmnist import FastMNISTError, FastMNISTLoader, convert
 from fastmnist.formats.idx import read_images, read_labels
-from fastmnist.loading.augment import _perspective_coefficients, _perspective_grid
+from fastmnist.loading.augment import _perspective_coefficients, _perspective_grid, uniforms
 
 from .conftest import decode_indices, indexed_images, write_split
 
@@ -247,6 +247,23 @@ def test_elastic_displacements_follow_torchvision(indexed_shards):
         return np.corrcoef(d[:, 14, 14, 0], d[:, 14, 15, 0])[0, 1]
 
     assert abs(neighbour_correlation(mine) - neighbour_correlation(theirs)) < 0.05
+
+
+@pytest.mark.parametrize("sigma", [(4.0, 4.0), (2.0, 5.0), (6.0, 0.5)])
+def test_elastic_blur_is_torchvisions_for_the_same_noise(indexed_shards, sigma):
+    """The displacement field from the loader's own uniform noise, against torchvision's
+    ``make_params`` blur of that noise (``gaussian_blur`` with this axis's kernel size and
+    both sigmas, then alpha / 28): equal to float32 rounding, unequal sigmas included."""
+    alpha, seed, count = (30.0, 45.0), 5, 16
+    loader = FastMNISTLoader(indexed_shards, seed=seed, transform=_v2(v2.ElasticTransform(alpha, sigma)))
+    (step,) = loader.augmentation_params(1, np.arange(count))
+    noise = torch.from_numpy(uniforms(seed, 1, 0, np.arange(count), 2 * 28 * 28).astype(np.float32))
+    noise = noise.reshape(count, 2, 1, 28, 28) * 2 - 1
+    for axis in (0, 1):
+        size = int(8 * sigma[axis] + 1) + (int(8 * sigma[axis] + 1) % 2 == 0)
+        field = torch.cat([F.gaussian_blur(noise[i, axis], [size, size], list(sigma)) for i in range(count)])
+        expected = field * alpha[axis] / 28
+        assert torch.allclose(step["displacement"][..., axis], expected, atol=1e-6), axis
 
 
 def test_crop_rotation_perspective_and_erasing_parameters_follow_torchvision(indexed_shards):

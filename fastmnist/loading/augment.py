@@ -449,8 +449,8 @@ class _Elastic(_Geometric):
         fields = []
         for axis in (0, 1):
             field = noise[:, axis:axis + 1]
-            if self.sigma[axis] > 0:
-                field = _blur(field, self.sigma)
+            if self.sigma[axis] > 0:  # torchvision's kernel: this axis's size, both sigmas
+                field = _blur(field, self.sigma, int(8 * self.sigma[axis] + 1) | 1)
             fields.append(field * self.alpha[axis] / SIDE)
         return {"displacement": torch.cat(fields, 1).permute(0, 2, 3, 1).contiguous()}
 
@@ -460,13 +460,12 @@ class _Elastic(_Geometric):
         return self.resample(x, shift[..., 0] + side[None, None, :], shift[..., 1] + side[None, :, None])
 
 
-def _blur(field: torch.Tensor, sigma: list[float]) -> torch.Tensor:
-    """float32 ``(B, 1, H, W)`` blurred as torchvision's ``gaussian_blur`` with kernel size
-    ``int(8 * sigma + 1)`` (made odd), reflect padding; separable, a fixed order of sums,
-    so each sample's result is the same in any batch."""
+def _blur(field: torch.Tensor, sigma: list[float], size: int) -> torch.Tensor:
+    """float32 ``(B, 1, H, W)`` blurred as torchvision's ``gaussian_blur`` with an odd kernel
+    ``size`` along both axes, ``sigma[0]`` along x and ``sigma[1]`` along y, reflect padding;
+    separable, a fixed order of sums, so each sample's result is the same in any batch."""
     out = field
     for dim, s in ((3, sigma[0]), (2, sigma[1])):
-        size = int(8 * s + 1) | 1
         half = (size - 1) * 0.5
         x = torch.linspace(-half, half, steps=size)
         kernel = torch.exp(-0.5 * (x / s).pow(2))
