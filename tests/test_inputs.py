@@ -8,6 +8,7 @@ import gzip
 import io
 import json
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -466,3 +467,49 @@ def test_decoding_in_processes_gives_the_same_images_and_names_the_bad_one(digit
     spoiled[7001] = b"\x89PNG\r\n\x1a\n" + b"\0" * 30
     with pytest.raises(FastMNISTError, match=r"^shards: image 7001: not a readable image"):
         decode(spoiled, "shards", lambda i: f"image {i}", workers=2)
+
+
+def _tar_of(path: Path, members: list[tuple[str, bytes]], **pax_for: dict) -> Path:
+    """A pax-format tar of ``members`` (name, bytes); ``pax_for[name]``: that member's pax records."""
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.pax_headers = len(data), pax_for.get(name, {})
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_a_sample_with_two_members_of_one_kind_is_refused_as_webdataset_refuses_it(digits, pngs, tmp_path):
+    import webdataset as wds
+
+    members = [(f"{i:06d}.{ext}", data) for i in range(4)
+               for ext, data in (("png", pngs[i]), ("cls", str(digits[1][i]).encode()))]
+    members.insert(3, ("000001.png", pngs[9]))  # a second image for sample 1: which is it?
+    path = _tar_of(tmp_path / "twice.tar", members)
+    with pytest.raises(ValueError, match="duplicate file name"):
+        list(wds.WebDataset(str(path), shardshuffle=False))
+    _refused(tmp_path, r"twice\.tar: key 000001: two png members", path)
+
+
+def test_a_pax_size_is_the_members_size_as_tarfile_takes_it(digits, pngs, tmp_path):
+    """A member whose pax ``size`` record is its true size and whose ustar size field says
+    otherwise (0): read as tarfile and webdataset read it, 20 samples, the same images."""
+    members = [(f"{i:06d}.{ext}", data) for i in range(20)
+               for ext, data in (("png", pngs[i]), ("cls", str(digits[1][i]).encode()))]
+    path = _tar_of(tmp_path / "pax.tar", members, **{"000005.png": {"size": str(len(pngs[5]))}})
+    data = bytearray(path.read_bytes())
+    with tarfile.open(path) as tar:
+        at = tar.getmember("000005.png").offset_data - 512  # its ustar header, after its pax header
+    data[at + 124:at + 136] = b"%011o\0" % 0
+    data[at + 148:at + 156] = b" " * 8
+    data[at + 148:at + 156] = b"%06o\0 " % sum(data[at:at + 512])
+    path.write_bytes(bytes(data))
+    with tarfile.open(path) as tar:
+        reference = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    assert len(reference) == 40 and reference["000005.png"] == pngs[5]
+    import webdataset as wds
+
+    assert [int(s["cls"]) for s in wds.WebDataset(str(path), shardshuffle=False)] == digits[1][:20].tolist()
+    convert_from(path, tmp_path / "set", progress=False, **MNIST)
+    x, y = _epoch(tmp_path / "set", "train", "uint8")
+    assert torch.equal(x[:, 0], torch.from_numpy(digits[0][:20])) and y.tolist() == digits[1][:20].tolist()

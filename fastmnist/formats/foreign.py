@@ -465,7 +465,10 @@ class WdsReader(Reader):
                 if key is not None:
                     yield key, members
                 key, members = match.group(1), {}
-            members[match.group(2).lower()] = data
+            extension = match.group(2).lower()
+            if extension in members:  # webdataset refuses it too: which one is the sample's?
+                raise FastMNISTError(f"{part.shown}: key {key}: two {extension} members")
+            members[extension] = data
         if key is not None:
             yield key, members
 
@@ -539,7 +542,7 @@ def tar_members(data: bytes, shown: str):
             raise FastMNISTError(f"{shown}: not a readable tar.gz archive ({e})") from None
         if unzip.unconsumed_tail:
             raise FastMNISTError(f"{shown}: more than {_MAX_SHARD_BYTES} bytes once decompressed")
-    at, long_name = 0, None
+    at, long_name, pax, pax_global = 0, None, {}, {}
     while at + tarfile.BLOCKSIZE <= len(data):
         header = data[at:at + tarfile.BLOCKSIZE]
         if not header.strip(b"\0"):
@@ -548,26 +551,53 @@ def tar_members(data: bytes, shown: str):
         if stored is None or stored != sum(header[:148]) + 8 * 32 + sum(header[156:]) or size is None:
             raise FastMNISTError(f"{shown}: not a readable tar archive (a damaged member header at "
                                  f"byte {at})")
+        kind = header[156:157]
+        records = {**pax_global, **pax} if kind not in (b"x", b"g") else {}
+        if b"size" in records:  # a pax size replaces the header's, as tarfile takes it
+            size = _pax_number(records[b"size"], shown, at)
         start = at + tarfile.BLOCKSIZE
         if start + size > len(data):
             raise FastMNISTError(f"{shown}: not a readable tar archive (cut short: a member of {size} "
                                  f"bytes at byte {start})")
-        payload, kind = data[start:start + size], header[156:157]
+        payload = data[start:start + size]
         at = start + -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
-        if kind == b"x":  # pax: "LENGTH key=value\n" records, of which path renames the next member
-            long_name = next((r.partition(b"=")[2] for r in payload.split(b"\n")
-                              if r.partition(b" ")[2].startswith(b"path=")), long_name)
-        elif kind == b"L":  # GNU: the next member's name
+        if kind == b"x":  # pax: records for the next member (its path, its size)
+            pax = _pax_records(payload, shown, start)
+            continue
+        if kind == b"g":  # pax: records for every member after it
+            pax_global.update(_pax_records(payload, shown, start))
+            continue
+        if kind == b"L":  # GNU: the next member's name
             long_name = payload.rstrip(b"\0")
-        elif kind in (b"0", b"\0", b"7"):
+            continue
+        if kind in (b"0", b"\0", b"7"):
             name = header[:100].split(b"\0")[0]
             prefix = header[345:500].split(b"\0")[0] if header[257:262] == b"ustar" else b""
-            name = long_name or (prefix + b"/" + name if prefix else name)
-            long_name = None
+            name = records.get(b"path") or long_name or (prefix + b"/" + name if prefix else name)
             yield name.decode("utf-8", errors="replace"), payload
-        elif kind != b"g":  # directories, links, devices: no data of a sample
-            long_name = None
+        long_name, pax = None, {}  # directories, links, devices: no data of a sample
     raise FastMNISTError(f"{shown}: not a readable tar archive (no end-of-archive blocks)")
+
+
+def _pax_records(payload: bytes, shown: str, at: int) -> dict[bytes, bytes]:
+    """A pax extended header's ``"LENGTH key=value\\n"`` records, as a dict."""
+    records, pos = {}, 0
+    while pos < len(payload) and payload[pos:].strip(b"\0"):
+        length, _, rest = payload[pos:pos + 20].partition(b" ")
+        if not length.isdigit() or not 0 < int(length) <= len(payload) - pos or \
+                payload[pos + int(length) - 1:pos + int(length)] != b"\n" or b"=" not in rest:
+            raise FastMNISTError(f"{shown}: not a readable tar archive (a damaged pax record at byte "
+                                 f"{at + pos})")
+        key, _, value = payload[pos + len(length) + 1:pos + int(length) - 1].partition(b"=")
+        records[key] = value
+        pos += int(length)
+    return records
+
+
+def _pax_number(value: bytes, shown: str, at: int) -> int:
+    if not value.isdigit():
+        raise FastMNISTError(f"{shown}: not a readable tar archive (a pax size {value[:20]!r} at byte {at})")
+    return int(value)
 
 
 def _octal(field: bytes) -> int | None:
