@@ -513,3 +513,46 @@ def test_a_pax_size_is_the_members_size_as_tarfile_takes_it(digits, pngs, tmp_pa
     convert_from(path, tmp_path / "set", progress=False, **MNIST)
     x, y = _epoch(tmp_path / "set", "train", "uint8")
     assert torch.equal(x[:, 0], torch.from_numpy(digits[0][:20])) and y.tolist() == digits[1][:20].tolist()
+
+
+def test_image_folder_with_subfolders_links_and_other_files_is_read_as_imagefolder_reads_it(
+        digits, pngs, tmp_path):
+    """Images in subfolders of a class folder, a class folder that is a link, a linked image,
+    a .gif and a .txt beside them: the same samples, labels and order as torchvision's
+    ``ImageFolder``; and a changed image behind the linked class folder is a new input (the
+    re-run converts again, where it said "up to date")."""
+    from torchvision.datasets import ImageFolder
+
+    root, elsewhere = tmp_path / "folder", tmp_path / "elsewhere"
+    for i in range(24):
+        where = root / str(i % 3) / ("deep/er" if i % 4 == 0 else "sub" if i % 4 == 1 else "")
+        where.mkdir(parents=True, exist_ok=True)
+        (where / f"{i:05d}.png").write_bytes(pngs[i])
+    (elsewhere / "linked").mkdir(parents=True)
+    for i in range(24, 28):
+        (elsewhere / "linked" / f"{i:05d}.png").write_bytes(pngs[i])
+    (root / "3").symlink_to(elsewhere / "linked")
+    (root / "0" / "00099.png").symlink_to(elsewhere / "linked" / "00024.png")
+    (root / "1" / "note.txt").write_text("not an image")
+    (root / "2" / "00098.gif").write_bytes(b"GIF89a")  # ImageFolder skips .gif
+
+    reference = ImageFolder(root)
+    r = convert_from(root, tmp_path / "set", progress=False, **MNIST)
+    x, y = _epoch(tmp_path / "set", "train", "uint8")
+    assert len(x) == len(reference.samples) == 29
+    assert y.tolist() == [c for _, c in reference.samples]
+    for k, (path, _) in enumerate(reference.samples):
+        assert torch.equal(x[k, 0], torch.from_numpy(np.array(reference.loader(path).convert("L"))))
+
+    assert convert_from(root, tmp_path / "set", progress=False, **MNIST).skipped
+    (elsewhere / "linked" / "00025.png").write_bytes(pngs[99])
+    again = convert_from(root, tmp_path / "set", progress=False, **MNIST)
+    assert not again.skipped and again.manifest.inputs != r.manifest.inputs
+
+
+def test_an_image_folder_with_a_link_loop_is_refused(pngs, tmp_path):
+    root = tmp_path / "folder"
+    (root / "0").mkdir(parents=True)
+    (root / "0" / "00000.png").write_bytes(pngs[0])
+    (root / "0" / "again").symlink_to(root / "0")
+    _refused(tmp_path, r"0/again: a link to a folder it is in \(a loop\)", root)

@@ -16,7 +16,7 @@ import numpy as np
 from ..errors import FastMNISTError
 from ..formats.datasets import INPUT_KINDS
 from ..formats.files import hash_file
-from ..formats.foreign import READERS, SPLIT_WORD, InputPart, Samples, detect
+from ..formats.foreign import READERS, SPLIT_WORD, InputPart, Samples, detect, walked
 from ..formats.manifest import IMAGE_SHAPE, MAX_CLASSES, MAX_LABEL_COLUMNS, SPLIT_NAME, UNLABELLED
 from ..formats.pictures import CONVERSIONS, conform_array
 from .converter import CHUNK, ConvertResult, Output, build, convert, input_entry, progress_bar
@@ -121,8 +121,8 @@ def _part_fingerprint(part: InputPart, data: bytes | None) -> dict:
     path = Path(part.path)
     if not path.is_dir():
         return input_entry(part.shown, hash_file(path, *hashes), *hashes)
-    size = 0
-    for f in sorted(f for f in path.rglob("*") if f.is_file()):
+    size = 0  # what the readers read: through links too
+    for f in sorted(f for f in walked(path) if f.is_file()):
         _feed(hashes, f.relative_to(path).as_posix().encode() + b"\0")
         size += hash_file(f, *hashes)
     return input_entry(part.shown, size, *hashes)

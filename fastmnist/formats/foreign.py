@@ -11,6 +11,7 @@ Every error names the file and the row, key or member at fault.
 
 import io
 import json
+import os
 import re
 import tarfile
 import urllib.parse
@@ -27,6 +28,8 @@ from .datasets import INPUT_KINDS
 from .files import open_regular
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".pgm", ".ppm", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+# torchvision's ImageFolder's (no .gif), matched as it matches them: the lower-cased name's ending
+FOLDER_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 SPLIT_WORD = re.compile(r"(?:^|[-_.])(train|test|validation|valid|val)(?=[-_.]|$)")
 _MAX_SHARD_BYTES = 4 << 30
 
@@ -131,6 +134,20 @@ class Reader:
 
     def split_for(self, name: str, default: str = "train") -> str:
         return self.split or split_of(name) or default
+
+
+def walked(folder: Path) -> list[Path]:
+    """Every file under ``folder``, in torchvision ``ImageFolder``'s order: ``os.walk``
+    following links, its folders sorted by path, each one's files by name. A link that leads
+    back to a folder it is in is refused (``os.walk`` would go round it until the path is too
+    long)."""
+    folder, found = Path(folder), []
+    for root, _dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if any(os.path.realpath(up) == real for up in Path(root).parents if up.is_relative_to(folder)):
+            raise FastMNISTError(f"{root}: a link to a folder it is in (a loop)")
+        found.append((root, sorted(names)))
+    return [Path(root) / name for root, names in sorted(found) for name in names]
 
 
 def _listed(root: Path, pattern: str) -> list[Path]:
@@ -256,7 +273,9 @@ class CsvReader(Reader):
 
 class ImageFolderReader(Reader):
     """``root/<class>/<image>`` as torchvision's ``ImageFolder`` reads it (classes sorted by
-    name, indexed from 0; files sorted within a class), or ``root/<split>/<class>/<image>``."""
+    name, indexed from 0; each class folder's images found as ``walked`` finds them, in
+    subfolders and through links too), or ``root/<split>/<class>/<image>``. Folders whose
+    name starts with "." are not classes (ImageFolder would make ``.ipynb_checkpoints`` one)."""
 
     def _split_dirs(self) -> dict[str, Path]:
         root = Path(self.path)
@@ -279,9 +298,9 @@ class ImageFolderReader(Reader):
         splits = {}
         for split, d in dirs.items():
             files = [(i, f) for i, c in enumerate(self.classes) if (d / c).is_dir()
-                     for f in sorted((d / c).iterdir()) if f.suffix.lower() in IMAGE_EXTENSIONS]
+                     for f in walked(d / c) if f.name.lower().endswith(FOLDER_EXTENSIONS)]
             if not files:
-                raise FastMNISTError(f"{d}: no images ({', '.join(IMAGE_EXTENSIONS)}) in its class folders")
+                raise FastMNISTError(f"{d}: no images ({', '.join(FOLDER_EXTENSIONS)}) in its class folders")
             blobs = []
             for _, f in files:
                 with open_regular(f, shown=f.relative_to(self.path)) as fh:
