@@ -556,3 +556,20 @@ def test_an_image_folder_with_a_link_loop_is_refused(pngs, tmp_path):
     (root / "0" / "00000.png").write_bytes(pngs[0])
     (root / "0" / "again").symlink_to(root / "0")
     _refused(tmp_path, r"0/again: a link to a folder it is in \(a loop\)", root)
+
+
+def test_a_rerun_with_other_options_converts_again(digits, tmp_path):
+    """The up-to-date check compares every option that changes the set: another
+    ``num_classes`` or ``split`` converts again; the same ones do not; 0 classes is refused."""
+    images, labels = digits
+    path = write_csv(tmp_path / "digits.csv", images[:200], labels[:200])
+    out = tmp_path / "set"
+    first = convert_from(path, out, num_classes=10, split="test", progress=False, **MNIST)
+    assert convert_from(path, out, num_classes=10, split="test", progress=False, **MNIST).skipped
+    wider = convert_from(path, out, num_classes=12, split="test", progress=False, **MNIST)
+    assert not wider.skipped and wider.manifest.splits["test"].num_classes == 12
+    moved = convert_from(path, out, num_classes=12, split="train", progress=False, **MNIST)
+    assert not moved.skipped and list(moved.manifest.splits) == ["train"]
+    assert first.manifest.splits["test"].num_classes == 10
+    with pytest.raises(FastMNISTError, match="num_classes 0: expected 1"):
+        convert_from(path, tmp_path / "none", num_classes=0, progress=False, **MNIST)

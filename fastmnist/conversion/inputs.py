@@ -48,7 +48,7 @@ def convert_arrays(images, labels, out, split: str = "train", mean=None, std=Non
     fingerprint = {name: _array_fingerprint(s.images, s.labels) for name, s in read.items()}
     prepared = _prepare(read, num_classes, grayscale, resize, val_fraction, seed)
     options = _foreign_options("arrays", dataset, mean, std, format, shard_size, float32,
-                               grayscale, resize, val_fraction, seed, None, None)
+                               grayscale, resize, val_fraction, seed, None, None, num_classes, None)
     output = Output(Path(out), format, shard_size, float32, progress)
     return build(output, dataset, False, options, fingerprint, lambda: prepared, mean, std, None, force,
                   start)
@@ -93,7 +93,7 @@ def convert_from(source, out, kind: str | None = None, *, split: str | None = No
         key = _input_key(part, fingerprint)
         fingerprint[key] = _part_fingerprint(part, reader.fetch(part))
     options = _foreign_options(kind, dataset, mean, std, format, shard_size, float32, grayscale, resize,
-                               val_fraction, seed, image_key, label_key)
+                               val_fraction, seed, image_key, label_key, num_classes, split)
 
     def load():
         with progress_bar(None, f"decode {kind}", progress and reader.decodes) as bar:
@@ -102,7 +102,8 @@ def convert_from(source, out, kind: str | None = None, *, split: str | None = No
             fingerprint.update({name: _array_fingerprint(s.images, s.labels) for name, s in read.items()})
         if reader.classes is not None:
             options["classes"] = reader.classes
-        return _prepare(read, num_classes or reader.num_classes, grayscale, resize, val_fraction, seed)
+        declared = reader.num_classes if num_classes is None else num_classes  # 0 is refused, not absent
+        return _prepare(read, declared, grayscale, resize, val_fraction, seed)
 
     if not fingerprint:
         load = _loaded_first(load)
@@ -163,8 +164,10 @@ def _input_name(source) -> str:
 
 
 def _foreign_options(kind: str, dataset: str, mean, std, format: str, shard_size: int, float32: bool,
-                     grayscale: bool, resize: bool, val_fraction, seed: int, image_key, label_key) -> dict:
-    """What a conversion from another kind was asked to do, as the manifest records it."""
+                     grayscale: bool, resize: bool, val_fraction, seed: int, image_key, label_key,
+                     num_classes: int | None, split: str | None) -> dict:
+    """What a conversion from another kind was asked to do, as the manifest records it (and
+    the up-to-date check compares: another ``num_classes`` or ``split`` converts again)."""
     options = {"from": kind, "dataset": dataset, "mean": mean, "std": std, "format": format,
                "shard_size": shard_size if format != "npy" else None}
     if not float32 and format != "wds":
@@ -174,7 +177,8 @@ def _foreign_options(kind: str, dataset: str, mean, std, format: str, shard_size
             options[name] = CONVERSIONS[name]
     if val_fraction is not None:
         options["val_fraction"], options["val_seed"] = val_fraction, seed
-    for name, key in (("image_key", image_key), ("label_key", label_key)):
+    for name, key in (("image_key", image_key), ("label_key", label_key), ("num_classes", num_classes),
+                      ("split", split)):
         if key is not None:
             options[name] = key
     return options
