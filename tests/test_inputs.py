@@ -377,6 +377,10 @@ def test_hostile_csv_npz_and_folders(digits, pngs, tmp_path):
              tmp_path / "mismatch.npz")
     np.savez(tmp_path / "pickled.npz", x_train=np.array([object()] * 3), y_train=labels[:3])
     _refused(tmp_path, r"pickled\.npz: x_train/y_train: unreadable", tmp_path / "pickled.npz")
+    np.savez(tmp_path / "both.npz", x_train=images[:10], y_train=labels[:10], train_images=images[10:20],
+             train_labels=labels[10:20])
+    _refused(tmp_path, r"both\.npz: two image arrays for split 'train' \('[a-z_]+' and '[a-z_]+'\): "
+                       r"choose one", tmp_path / "both.npz")
     huge = labels[:100].astype(np.uint64)
     huge[41] = 2**64 - 1  # as int64, -1: it must be reported as stored
     np.savez(tmp_path / "uint64.npz", x_train=images[:100], y_train=huge)

@@ -200,6 +200,9 @@ class NpzReader(Reader):
                 label = (f"y_{split}" if name.startswith("x_") else f"{split}_labels")
                 if label not in names:
                     raise FastMNISTError(f"{path}: images {name!r} but no labels {label!r}")
+                if split in pairs:  # Keras' and MedMNIST's names for one split: which is it?
+                    raise FastMNISTError(f"{path}: two image arrays for split {split!r} ({pairs[split][0]!r} "
+                                         f"and {name!r}): choose one with --image-key and --label-key")
                 pairs[split] = (name, label)
         if not pairs:
             raise FastMNISTError(f"{path}: no Keras (x_train, y_train) or MedMNIST (train_images, "
