@@ -312,14 +312,22 @@ def test_hostile_png_inputs_name_the_key(digits, pngs, tmp_path):
         Image.fromarray(im).resize((32, 32)).save(buf, format="PNG")
         return buf.getvalue()
 
+    def deep(im):  # 16 bits a pixel: 784 levels, which convert("L") would clip to a handful
+        buf = io.BytesIO()
+        Image.fromarray((np.arange(784).reshape(28, 28) * 83).astype(np.uint16)).save(buf, format="PNG")
+        return buf.getvalue()
+
     cases = {"corrupt": (lambda b: b[:60] + b"\0" * 40, r"key sample000017: not a readable image"),
              "rgb": (lambda b: rgb(digits[0][17]), r"key sample000017: a RGB image \(3 channels\)"),
-             "big": (lambda b: big(digits[0][17]), r"key sample000017: 32x32 pixels, expected 28x28")}
+             "big": (lambda b: big(digits[0][17]), r"key sample000017: 32x32 pixels, expected 28x28"),
+             "deep": (lambda b: deep(digits[0][17]), r"key sample000017: a I;16 image \(more than 8 bits")}
     for name, (spoil, match) in cases.items():
         def bad(i, sample, spoil=spoil):
             return {**sample, "png": spoil(sample["png"])} if i == 17 else sample
         folder = write_wds(tmp_path / name, "test", pngs[:100], digits[1][:100], spoil=bad)
         _refused(tmp_path, r"^test-000000\.tar: " + match, folder)
+        if name == "deep":  # --grayscale would clip it: refused too, saying so
+            _refused(tmp_path, r"--grayscale would clip every pixel above 255", folder, grayscale=True)
     folder = write_wds(tmp_path / "nocls", "test", pngs[:100], digits[1][:100],
                        spoil=lambda i, s: {k: v for k, v in s.items() if k != "cls"} if i == 42 else s)
     _refused(tmp_path, r"test-000000\.tar: key sample000042: no cls member \(it has png\)", folder)

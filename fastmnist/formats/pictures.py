@@ -104,6 +104,10 @@ def conform(im, where: str, grayscale: bool, resize: bool) -> np.ndarray:
 
 
 def _conformed(im, grayscale: bool, resize: bool) -> np.ndarray:
+    if im.mode.startswith(("I", "F")):  # 16/32-bit or float: Pillow's convert("L") clips at 255
+        raise _Unfit(f"a {im.mode} image (more than 8 bits a pixel), expected 8-bit; scale it to 0..255 "
+                     "yourself (a 16-bit array: (a // 257).astype(np.uint8)) and convert that "
+                     "(fastmnist.convert_arrays); --grayscale would clip every pixel above 255")
     if im.mode not in SINGLE_CHANNEL:
         if not grayscale:
             raise _Unfit(f"a {im.mode} image ({len(im.getbands())} channels), expected one channel; "
