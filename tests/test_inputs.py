@@ -585,3 +585,21 @@ def test_a_rerun_with_other_options_converts_again(digits, tmp_path):
     assert first.manifest.splits["test"].num_classes == 10
     with pytest.raises(FastMNISTError, match="num_classes 0: expected 1"):
         convert_from(path, tmp_path / "none", num_classes=0, progress=False, **MNIST)
+
+
+@pytest.mark.parametrize("images, kwargs, message", [
+    (np.zeros((10, 28, 28), np.uint8), {}, r"every pixel of the train split is 0 \(std 0\)"),
+    (np.zeros((0, 28, 28), np.uint8), {}, r"the train split has no samples to take mean/std from"),
+    (np.ones((10, 28, 28), np.uint8), {"val_fraction": 0.96}, r"val_fraction 0.96 of the train split's 10 "
+                                                               r"samples leaves train empty"),
+    (np.ones((10, 28, 28), np.uint8), {"val_fraction": 0.01}, r"leaves val empty"),
+    (np.ones((10, 28, 28), np.uint8), {"format": "wds", "shard_size": 2_000_000},
+     r"shard_size must be in 1\.\.1,000,000, got 2000000"),
+])
+def test_a_set_that_cannot_be_made_is_refused_before_anything_is_written(images, kwargs, message, tmp_path):
+    """Refused naming the input and what is wrong, not at the end naming a temporary manifest."""
+    out = tmp_path / "set"
+    with pytest.raises(FastMNISTError, match=message) as caught:
+        convert_arrays(images, np.arange(len(images)) % 10, out, progress=False, **kwargs)
+    assert ".tmp-" not in str(caught.value) and not out.exists()
+    assert not list(tmp_path.glob(".set.tmp-*"))

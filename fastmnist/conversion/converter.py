@@ -42,6 +42,7 @@ from ..formats.manifest import (
     ARRAYS,
     IMAGE_SHAPE,
     MANIFEST,
+    MAX_SHARD_SAMPLES,
     MIN_STD,
     Manifest,
     array_file_name,
@@ -121,8 +122,8 @@ def build(output: Output, dataset: str, synthetic: bool, options: dict, fingerpr
     out, format = output.out, output.format
     if format not in FORMATS:
         raise FastMNISTError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
-    if output.shard_size < 1:
-        raise FastMNISTError(f"shard_size must be positive, got {output.shard_size}")
+    if not 1 <= output.shard_size <= MAX_SHARD_SAMPLES:
+        raise FastMNISTError(f"shard_size must be in 1..{MAX_SHARD_SAMPLES:,}, got {output.shard_size}")
     if mean is not None and not 0 <= float(mean) <= 1:  # of pixel values / 255 (NaN fails too)
         raise FastMNISTError(f"mean must be a number in [0, 1], got {mean!r}")
     if std is not None and not MIN_STD <= float(std) <= 1:
@@ -368,9 +369,15 @@ def _normalisation(dataset: str, splits: dict, mean, std) -> tuple[float, float]
     counts = np.zeros(256, np.int64)
     for _, images, _ in splits["train"].chunks():
         counts += np.bincount(images.reshape(-1), minlength=256)
-    values, n = np.arange(256) / 255, max(int(counts.sum()), 1)
+    values, n = np.arange(256) / 255, int(counts.sum())
+    if n == 0:
+        raise FastMNISTError(f"{dataset}: the train split has no samples to take mean/std from; pass --mean "
+                             "and --std")
     computed_mean = float((counts * values).sum() / n)
     computed_std = float(np.sqrt((counts * (values - computed_mean) ** 2).sum() / n))
+    if std is None and computed_std < MIN_STD:
+        raise FastMNISTError(f"{dataset}: every pixel of the train split is {round(computed_mean * 255)} "
+                             "(std 0): nothing to normalise by; pass --mean and --std")
     return (computed_mean if mean is None else float(mean), computed_std if std is None else float(std))
 
 

@@ -283,6 +283,9 @@ def _hold_out(images: dict, labels: dict, fraction: float, seed: int) -> None:
     if taken:
         raise FastMNISTError(f"the input already has a {taken[0]} split; drop val_fraction")
     n = len(labels["train"])
+    if not 0 < round(n * fraction) < n:
+        raise FastMNISTError(f"val_fraction {fraction} of the train split's {n} samples leaves "
+                             f"{'val' if round(n * fraction) == 0 else 'train'} empty")
     held = np.zeros(n, bool)
     held[np.random.default_rng(seed).permutation(n)[:round(n * fraction)]] = True
     for name, keep in (("val", held), ("train", ~held)):
