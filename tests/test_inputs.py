@@ -603,3 +603,20 @@ def test_a_set_that_cannot_be_made_is_refused_before_anything_is_written(images,
         convert_arrays(images, np.arange(len(images)) % 10, out, progress=False, **kwargs)
     assert ".tmp-" not in str(caught.value) and not out.exists()
     assert not list(tmp_path.glob(".set.tmp-*"))
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([[1, 0], [0, 1, 1], [1, 1]], r"row 1: column 'labels' holds \[0, 1, 1\], expected a list of 2 integers"),
+    ([[1, 0], None, [1, 1]], r"row 1: column 'labels' holds None, expected a list of 2 integers"),
+])
+def test_ragged_parquet_label_lists_are_refused_naming_the_row(pngs, tmp_path, rows, message):
+    """A multi-label column whose lists differ in length (or hold a null): refused naming the
+    row, as every other bad row is (it was a numpy traceback)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    image = pa.array([{"bytes": b, "path": None} for b in pngs[:3]],
+                     pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    path = tmp_path / "train-00000-of-00001.parquet"
+    pq.write_table(pa.table({"image": image, "labels": pa.array(rows, pa.list_(pa.int64()))}), path)
+    _refused(tmp_path, message, path, label_key="labels")

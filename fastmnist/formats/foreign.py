@@ -367,8 +367,8 @@ class HfReader(Reader):
                 raise FastMNISTError(f"{where}: row {missing[0]}: no image bytes (images stored by path "
                                      "only are not read)")
             labels = table.column(label_key).to_numpy(zero_copy_only=False)
-            if labels.dtype == object:  # lists: multi-label rows
-                labels = np.array(labels.tolist())
+            if labels.dtype == object:  # lists: multi-label rows, all of one length
+                labels = _label_rows(table.column(label_key).to_pylist(), where, label_key)
             images = pictures.decode(blobs, where, lambda i: f"row {i}", grayscale, resize, progress)
             splits[split] = Samples(images, labels, where, lambda i: f"row {i}")
         return splits
@@ -512,6 +512,19 @@ class WdsReader(Reader):
         if not re.fullmatch(r"-?\d{1,9}", text):
             raise FastMNISTError(f"{part.shown}: key {key}: {ext} is {text[:20]!r}, expected an integer")
         return int(text)
+
+
+def _label_rows(rows: list, where: str, column: str) -> np.ndarray:
+    """``(N, K)`` labels from a column of lists, each ``K`` integers; else an error naming the row."""
+    width = len(rows[0]) if rows and isinstance(rows[0], list) else None
+    for i, row in enumerate(rows):
+        if not isinstance(row, list) or len(row) != width or any(not isinstance(v, int) for v in row):
+            raise FastMNISTError(f"{where}: row {i}: column {column!r} holds {str(row)[:40]}, expected a "
+                                 f"list of {width if width else 'some'} integers as in row 0")
+    try:
+        return np.array(rows, np.int64)
+    except OverflowError:
+        raise FastMNISTError(f"{where}: column {column!r}: a label beyond int64") from None
 
 
 def _images(blobs: list[bytes], arrays: dict, names: list[str], grayscale: bool, resize: bool, progress
