@@ -7,7 +7,12 @@ bit for bit those the same digits give through ``idx``."""
 import gzip
 import io
 import json
+import os
+import re
+import subprocess
+import sys
 import tarfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -620,3 +625,49 @@ def test_ragged_parquet_label_lists_are_refused_naming_the_row(pngs, tmp_path, r
     path = tmp_path / "train-00000-of-00001.parquet"
     pq.write_table(pa.table({"image": image, "labels": pa.array(rows, pa.list_(pa.int64()))}), path)
     _refused(tmp_path, message, path, label_key="labels")
+
+
+def _npz_member(archive: zipfile.ZipFile, name: str, header_shape: tuple, dtype: str, body: int) -> None:
+    """Write ``name.npy`` into ``archive`` (deflated): a header for ``header_shape`` of ``dtype``,
+    then ``body`` zero bytes, streamed."""
+    header = io.BytesIO()
+    described = {"descr": dtype, "fortran_order": False, "shape": header_shape}
+    np.lib.format.write_array_header_1_0(header, described)
+    with archive.open(f"{name}.npy", "w", force_zip64=True) as f:
+        f.write(header.getvalue())
+        for start in range(0, body, 1 << 24):
+            f.write(bytes(min(1 << 24, body - start)))
+
+
+@pytest.mark.parametrize("case", ["bomb", "header claims more"])
+def test_an_npz_that_would_inflate_past_its_limit_is_refused_unread(tmp_path, case):
+    """A 256 MiB array of zeros deflated to about 0.25 MB (1000x), and a header claiming a
+    billion images over 10 bytes: refused before numpy inflates or allocates anything; the
+    refusing process's peak resident memory grows by under 64 MB (a fresh process; inflating
+    the bomb grew it by 256 MB and more)."""
+    path = tmp_path / f"{case.replace(' ', '_')}.npz"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        if case == "bomb":
+            count = (256 << 20) // 784
+            _npz_member(archive, "x_train", (count, 28, 28), "|u1", count * 784)
+        else:
+            count = 10
+            _npz_member(archive, "x_train", (10**9, 28, 28), "|u1", 10)
+        _npz_member(archive, "y_train", (count,), "<i8", count * 8)
+    script = (  # the peak resident set (VmHWM), reset after the imports (Linux's clear_refs 5)
+        "import re\n"
+        "from fastmnist import FastMNISTError, convert_from\n"
+        "def peak():\n    return int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read())[1])\n"
+        "open('/proc/self/clear_refs', 'w').write('5')\n"
+        "before = peak()\n"
+        f"try:\n    convert_from({str(path)!r}, {str(tmp_path / 'set')!r}, progress=False)\n"
+        "except FastMNISTError as e:\n    print(e)\n"
+        "print((peak() - before) // 1024)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    message, grown = done.stdout.strip().rsplit("\n", 1)
+    expected = r"x_train would inflate from [\d,]+ to 268,435,[\d,]+ bytes \(\d[\d,]*x; the limit is 100x" \
+        if case == "bomb" else r"x_train: its header claims 784,000,000,000 bytes"
+    assert re.search(expected, message), done.stdout + done.stderr
+    assert int(grown) < 64, f"peak RSS grew by {grown} MB"  # 0 MB here; 268 MB before the check
+    assert not (tmp_path / "set").exists()

@@ -32,6 +32,9 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".pgm", ".ppm", ".bmp", ".gif", ".t
 FOLDER_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 SPLIT_WORD = re.compile(r"(?:^|[-_.])(train|test|validation|valid|val)(?=[-_.]|$)")
 _MAX_SHARD_BYTES = 4 << 30
+# an .npz member inflating past this many bytes at more than this ratio is a bomb, not digits
+# (MNIST's arrays compress about 5x; a gigabyte of zeros, about 1000x)
+NPZ_BOMB_BYTES, NPZ_BOMB_RATIO = 64 << 20, 100
 
 
 @dataclass
@@ -176,6 +179,8 @@ class NpzReader(Reader):
             pairs = self._pairs(path, names)
             splits = {}
             for split, (ik, lk) in pairs.items():
+                for name in (ik, lk):
+                    _check_inflation(archive.zip, name, path)
                 try:
                     images, labels = archive[ik], archive[lk]
                 except Exception as e:  # pickled objects, damaged members
@@ -512,6 +517,31 @@ class WdsReader(Reader):
         if not re.fullmatch(r"-?\d{1,9}", text):
             raise FastMNISTError(f"{part.shown}: key {key}: {ext} is {text[:20]!r}, expected an integer")
         return int(text)
+
+
+def _check_inflation(archive, name: str, path: Path) -> None:
+    """Refuse, before reading it, an .npz member ``name`` (of the ``zipfile.ZipFile``
+    ``archive``) that would inflate past ``NPZ_BOMB_BYTES`` at more than ``NPZ_BOMB_RATIO``
+    times its size, or whose .npy header claims more bytes than the member holds (numpy
+    would allocate the header's shape first)."""
+    member = archive.getinfo(f"{name}.npy")
+    size, packed = member.file_size, max(member.compress_size, 1)
+    if size > NPZ_BOMB_BYTES and size > NPZ_BOMB_RATIO * packed:
+        raise FastMNISTError(f"{path}: {name} would inflate from {packed:,} to {size:,} bytes ("
+                             f"{size // packed:,}x; the limit is {NPZ_BOMB_RATIO}x past "
+                             f"{NPZ_BOMB_BYTES >> 20} MiB): refused unread")
+    try:
+        with archive.open(member) as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(f)
+    except (ValueError, OSError) as e:
+        raise FastMNISTError(f"{path}: {name}: not a readable .npy member ({e})") from None
+    claimed = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if claimed > size:
+        raise FastMNISTError(f"{path}: {name}: its header claims {claimed:,} bytes ({dtype} {list(shape)}), "
+                             f"the member holds {size:,}")
 
 
 def _label_rows(rows: list, where: str, column: str) -> np.ndarray:
