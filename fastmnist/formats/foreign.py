@@ -35,6 +35,7 @@ _MAX_SHARD_BYTES = 4 << 30
 # an .npz member inflating past this many bytes at more than this ratio is a bomb, not digits
 # (MNIST's arrays compress about 5x; a gigabyte of zeros, about 1000x)
 NPZ_BOMB_BYTES, NPZ_BOMB_RATIO = 64 << 20, 100
+MAX_CSV_LINE = 1 << 16  # characters; a row of a label and 784 pixels is at most about 4,000
 
 
 @dataclass
@@ -231,6 +232,10 @@ class CsvReader(Reader):
         path = Path(self.path)
         with open_regular(path) as f:
             lines = f.read().decode("utf-8", errors="replace").splitlines()
+        long = next((i for i, line in enumerate(lines) if len(line) > MAX_CSV_LINE), None)
+        if long is not None:  # before splitting it into a list of millions of strings
+            raise FastMNISTError(f"{path}: line {long + 1}: {len(lines[long]):,} characters, over the limit "
+                                 f"of {MAX_CSV_LINE:,} (a row is a label and 784 pixels)")
         header = bool(lines) and any(c.isalpha() for c in lines[0])
         columns = lines[0].split(",") if lines else []
         label_column = self._label_column(path, columns, header)
