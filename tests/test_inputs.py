@@ -690,3 +690,19 @@ def test_a_csv_line_past_its_limit_is_refused_before_it_is_split(tmp_path):
     message, grown = _refused_and_growth(path, tmp_path / "set")
     assert re.search(r"long\.csv: line 1: 54,525,953 characters, over the limit of 65,536", message), message
     assert grown < 400, f"peak RSS grew by {grown} MB"
+
+
+def test_a_tar_gz_that_inflates_past_its_limit_is_refused(tmp_path):
+    """A .tar.gz whose one member is 256 MiB of zeros (about 0.25 MB compressed): refused once
+    64 MiB are inflated (the limit: 100x its size past 64 MiB), naming the limit; the peak
+    resident memory grows by under 200 MB (127 MB here; 513 MB when it was inflated whole)."""
+    path = tmp_path / "train-000000.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        info = tarfile.TarInfo("000000.npy")
+        info.size = 256 << 20
+        tar.addfile(info, io.BytesIO(bytes(info.size)))
+    assert path.stat().st_size < (1 << 20)
+    message, grown = _refused_and_growth(path, tmp_path / "set")
+    assert re.search(r"train-000000\.tar\.gz: more than 67,108,864 bytes once decompressed \(the limit: 100x",
+                     message), message
+    assert grown < 200, f"peak RSS grew by {grown} MB"

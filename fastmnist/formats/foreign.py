@@ -32,9 +32,9 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".pgm", ".ppm", ".bmp", ".gif", ".t
 FOLDER_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 SPLIT_WORD = re.compile(r"(?:^|[-_.])(train|test|validation|valid|val)(?=[-_.]|$)")
 _MAX_SHARD_BYTES = 4 << 30
-# an .npz member inflating past this many bytes at more than this ratio is a bomb, not digits
-# (MNIST's arrays compress about 5x; a gigabyte of zeros, about 1000x)
-NPZ_BOMB_BYTES, NPZ_BOMB_RATIO = 64 << 20, 100
+# a compressed input inflating past this many bytes at more than this ratio is a bomb, not
+# digits (MNIST's arrays compress about 5x, its PNGs about 1x; a gigabyte of zeros, about 1000x)
+BOMB_BYTES, BOMB_RATIO = 64 << 20, 100
 MAX_CSV_LINE = 1 << 16  # characters; a row of a label and 784 pixels is at most about 4,000
 
 
@@ -526,15 +526,15 @@ class WdsReader(Reader):
 
 def _check_inflation(archive, name: str, path: Path) -> None:
     """Refuse, before reading it, an .npz member ``name`` (of the ``zipfile.ZipFile``
-    ``archive``) that would inflate past ``NPZ_BOMB_BYTES`` at more than ``NPZ_BOMB_RATIO``
+    ``archive``) that would inflate past ``BOMB_BYTES`` at more than ``BOMB_RATIO``
     times its size, or whose .npy header claims more bytes than the member holds (numpy
     would allocate the header's shape first)."""
     member = archive.getinfo(f"{name}.npy")
     size, packed = member.file_size, max(member.compress_size, 1)
-    if size > NPZ_BOMB_BYTES and size > NPZ_BOMB_RATIO * packed:
+    if size > BOMB_BYTES and size > BOMB_RATIO * packed:
         raise FastMNISTError(f"{path}: {name} would inflate from {packed:,} to {size:,} bytes ("
-                             f"{size // packed:,}x; the limit is {NPZ_BOMB_RATIO}x past "
-                             f"{NPZ_BOMB_BYTES >> 20} MiB): refused unread")
+                             f"{size // packed:,}x; the limit is {BOMB_RATIO}x past "
+                             f"{BOMB_BYTES >> 20} MiB): refused unread")
     try:
         with archive.open(member) as f:
             version = np.lib.format.read_magic(f)
@@ -605,13 +605,16 @@ def tar_members(data: bytes, shown: str):
     checked and every size must fit the archive. Faster than ``tarfile`` by 5x on
     MNIST-sized members, and it never writes a file."""
     if data[:2] == b"\x1f\x8b":
+        limit = min(_MAX_SHARD_BYTES, max(BOMB_BYTES, BOMB_RATIO * len(data)))
         unzip = zlib.decompressobj(wbits=31)
         try:
-            data = unzip.decompress(data, _MAX_SHARD_BYTES)
+            data = unzip.decompress(data, limit)
         except zlib.error as e:
             raise FastMNISTError(f"{shown}: not a readable tar.gz archive ({e})") from None
-        if unzip.unconsumed_tail:
-            raise FastMNISTError(f"{shown}: more than {_MAX_SHARD_BYTES} bytes once decompressed")
+        if unzip.unconsumed_tail or (len(data) == limit and not unzip.eof):
+            raise FastMNISTError(f"{shown}: more than {limit:,} bytes once decompressed (the limit: "
+                                 f"{BOMB_RATIO}x its size past {BOMB_BYTES >> 20} MiB, at most "
+                                 f"{_MAX_SHARD_BYTES >> 30} GiB): refused")
     at, long_name, pax, pax_global = 0, None, {}, {}
     while at + tarfile.BLOCKSIZE <= len(data):
         header = data[at:at + tarfile.BLOCKSIZE]
