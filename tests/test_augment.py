@@ -427,7 +427,7 @@ def test_the_next_epoch_draws_new_parameters(indexed_shards):
         (v1.Compose([v1.RandomHorizontalFlip(), v1.ToTensor()]), "RandomHorizontalFlip cannot be replayed"),
         (
             v1.Compose([v1.ToTensor(), v1.Normalize((0.5,), (0.5,))]),
-            "normalises with mean [0.5], std [0.5], but the set",
+            "normalises with mean (0.5,), std (0.5,), but the set",
         ),
         (v1.Compose([v1.RandomAffine(10), v1.ToTensor()]), "must convert to float and Normalize"),
         (v1.Compose([v1.ToTensor(), v1.RandomAffine(10), v1.Normalize((MEAN,), (STD,))]), "after ToTensor"),

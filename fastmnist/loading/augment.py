@@ -124,9 +124,9 @@ def parse(transform, mean: float, std: float, seed: int) -> Augment:
         elif name == "Normalize":
             if stage != "float":
                 raise FastMNISTError(f"transform {t!r}: Normalize must follow ToTensor or ToDtype")
-            if _numbers(t.mean) != [mean] or _numbers(t.std) != [std]:
-                raise FastMNISTError(f"transform {t!r}: normalises with mean {_numbers(t.mean)}, std "
-                                     f"{_numbers(t.std)}, but the set was converted with mean {mean}, std "
+            if _float32(t.mean) != _float32(mean) or _float32(t.std) != _float32(std):
+                raise FastMNISTError(f"transform {t!r}: normalises with mean {t.mean!r}, std "
+                                     f"{t.std!r}, but the set was converted with mean {mean}, std "
                                      f"{std}; use Normalize(({mean},), ({std},)), or convert with those")
             stage = "normalised"
         elif name == "RandomErasing":
@@ -158,9 +158,10 @@ def _kind(t) -> str | None:
     return None
 
 
-def _numbers(values) -> list[float]:
-    """``Normalize``'s mean or std (a number, or a sequence or tensor of them) as floats."""
-    return [float(v) for v in (values if isinstance(values, (list, tuple, torch.Tensor)) else [values])]
+def _float32(values) -> list[float]:
+    """A number, or a sequence or tensor of them (``Normalize``'s mean or std), as the float32
+    values torchvision computes with."""
+    return torch.as_tensor(values, dtype=torch.float32).flatten().tolist()
 
 
 def _to_scaled_float32(t) -> bool:
