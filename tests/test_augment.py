@@ -503,8 +503,11 @@ def test_a_fill_by_input_type_is_the_one_torchvision_picks(real_shards, torchvis
         assert torch.allclose(x[corners], torch.tensor((77 / 255 - MEAN) / STD))
 
 
-def test_normalize_with_plain_numbers_is_normalize_with_sequences(real_shards, torchvision_test_root):
-    plain = v1.Compose([v1.ToTensor(), v1.Normalize(MEAN, STD)])
+@pytest.mark.parametrize("given", [(MEAN, STD), (torch.tensor(MEAN), torch.tensor(STD)),
+                                   (torch.tensor([MEAN]), torch.tensor([STD]))])
+def test_normalize_with_plain_numbers_is_normalize_with_sequences(real_shards, torchvision_test_root, given):
+    """``Normalize`` given numbers or float32 tensors, as torchvision takes them: the same bits."""
+    plain = v1.Compose([v1.ToTensor(), v1.Normalize(*given)])
     x, _ = next(iter(FastMNISTLoader(real_shards, "test", batch_size=64, shuffle=False, transform=plain)))
     assert torch.equal(x, _torchvision_batch(torchvision_test_root, plain))
 
