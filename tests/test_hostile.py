@@ -489,3 +489,18 @@ def test_changed_npy_labels_are_caught_without_verify(tmp_path, change):
         assert (np.load(path) != before).any()  # a valid file of the same size, other labels
     with pytest.raises(FastMNISTError, match=r"train_labels.npy: sha256 differs from the manifest"):
         next(iter(FastMNISTLoader(out, batch_size=10)))
+
+
+def test_one_float32_pixel_changed_is_caught_without_verify(tmp_path, synth_root):
+    """One pixel of one float32 image in the middle of the set changed to another valid
+    float (the file's size and header intact, ``verify=False``): refused at the first batch,
+    naming the sample, before any float32 batch is yielded; ``images="uint8"`` reads on."""
+    out = tmp_path / "set"
+    convert(synth_root, out, splits=["test"], progress=False)
+    images = np.load(out / "test_images_f32.npy", mmap_mode="r+")
+    images[5003, 0, 14, 14] += np.float32(1 / 255 / 0.3081)  # one grey level brighter
+    images.flush()
+    del images
+    with pytest.raises(FastMNISTError, match=r"test_images_f32\.npy: sample 5003 is not the uint8 image"):
+        next(iter(FastMNISTLoader(out, "test", batch_size=10)))
+    assert len(next(iter(FastMNISTLoader(out, "test", batch_size=10, images="uint8")))[0]) == 10
