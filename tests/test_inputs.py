@@ -594,7 +594,7 @@ def test_a_rerun_with_other_options_converts_again(digits, tmp_path):
 
 @pytest.mark.parametrize("images, kwargs, message", [
     (np.zeros((10, 28, 28), np.uint8), {}, r"every pixel of the train split is 0 \(std 0\)"),
-    (np.zeros((0, 28, 28), np.uint8), {}, r"the train split has no samples to take mean/std from"),
+    (np.zeros((0, 28, 28), np.uint8), {}, r"train arrays: the train split has no samples"),
     (np.ones((10, 28, 28), np.uint8), {"val_fraction": 0.96}, r"val_fraction 0.96 of the train split's 10 "
                                                                r"samples leaves train empty"),
     (np.ones((10, 28, 28), np.uint8), {"val_fraction": 0.01}, r"leaves val empty"),
@@ -679,6 +679,20 @@ def test_an_npz_that_would_inflate_past_its_limit_is_refused_unread(tmp_path, ca
     assert re.search(expected, message), message
     assert grown < 64, f"peak RSS grew by {grown} MB"  # 0 MB here; 268 MB before the check
     assert not (tmp_path / "set").exists()
+
+
+def test_empty_inputs_are_refused_naming_the_file(tmp_path):
+    """An empty CSV and a parquet file of no rows: refused naming the file, before anything
+    is written (they failed at the end, naming a temporary manifest already deleted)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "empty.csv").write_text("")
+    _refused(tmp_path, r"empty\.csv: empty \(no rows\)", tmp_path / "empty.csv")
+    image = pa.array([], pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    path = tmp_path / "train-00000-of-00001.parquet"
+    pq.write_table(pa.table({"image": image, "label": pa.array([], pa.int64())}), path)
+    _refused(tmp_path, r"train-00000-of-00001\.parquet: the train split has no samples", path)
 
 
 def test_a_csv_line_past_its_limit_is_refused_before_it_is_split(tmp_path):

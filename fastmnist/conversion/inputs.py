@@ -217,9 +217,11 @@ def _prepare(read: dict[str, Samples], num_classes: int | None, grayscale: bool,
     labels int64 in ``0 .. num_classes - 1`` (default: the largest + 1), or ``UNLABELLED``
     for a split read without labels; a ``val`` split drawn from ``train`` if
     ``val_fraction``. Returns ``(splits, num_classes, label_shape)``."""
-    for name in read:
+    for name, s in read.items():
         if not SPLIT_NAME.fullmatch(name):
             raise FastMNISTError(f"split name {name!r}: expected a lower-case word such as train, test, val")
+        if len(s.images) == 0:
+            raise FastMNISTError(f"{s.where}: the {name} split has no samples")
     images = {name: conform_array(s.images, s.where, grayscale, resize) for name, s in read.items()}
     labels = {name: _labels(s) for name, s in read.items() if s.labels is not None}
     for name, s in read.items():

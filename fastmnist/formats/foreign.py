@@ -232,6 +232,8 @@ class CsvReader(Reader):
         path = Path(self.path)
         with open_regular(path) as f:
             lines = f.read().decode("utf-8", errors="replace").splitlines()
+        if not any(line.strip() for line in lines):
+            raise FastMNISTError(f"{path}: empty (no rows)")
         long = next((i for i, line in enumerate(lines) if len(line) > MAX_CSV_LINE), None)
         if long is not None:  # before splitting it into a list of millions of strings
             raise FastMNISTError(f"{path}: line {long + 1}: {len(lines[long]):,} characters, over the limit "
