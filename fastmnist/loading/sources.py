@@ -193,8 +193,8 @@ class ArraySource:
             check_classes(split.path("labels"), classes, self.info.num_classes)
         # labels are small (60,000 are 480 KB): their sha256 on every open, as tar shards check theirs
         meta = self.info.arrays["labels"]
-        stored = read_whole(files["labels"], meta.size, split.path("labels"))
-        if hashlib.sha256(stored).hexdigest() != meta.sha256:
+        if hashlib.sha256(read_whole(files["labels"], meta.size, split.path("labels"))).hexdigest() \
+                != meta.sha256:
             raise FastMNISTError(f"{split.path('labels')}: sha256 differs from the manifest: the labels were "
                                  f"changed or replaced (the set must be converted again)")
         return images, torch.from_numpy(labels)
@@ -385,7 +385,7 @@ def empty_batch(dtype: torch.dtype, n: int, pin: bool, label_shape: tuple[int, .
 
 def _check_normalised(split: Split, images_f32: torch.Tensor, images_u8: np.ndarray) -> None:
     """Refuse a set whose float32 images are not its uint8 images normalised with the
-    manifest's mean and std: every sample compared, ``CHECK_ROWS`` at a time (about 60 ms
+    manifest's mean and std: every sample compared, ``CHECK_ROWS`` at a time (about 51 ms
     for 60,000 on 2 cores; see docs/benchmarks.md)."""
     for start in range(0, split.count, CHECK_ROWS):
         expected = normalize_u8(torch.from_numpy(np.array(images_u8[start:start + CHECK_ROWS])), split.mean,
