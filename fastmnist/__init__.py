@@ -23,6 +23,12 @@ _WHERE = {  # public name -> the module that defines it
     "ShardSet": "store",
     "Split": "store",
     "open_shards": "store",
+    "Partition": "partition",
+    "partition": "partition",
+    "permuted_tasks": "tasks",
+    "rotated_tasks": "tasks",
+    "split_tasks": "tasks",
+    "TaskStream": "tasks",
     "verify_shards": "store",
 }
 __all__ = sorted(_WHERE)

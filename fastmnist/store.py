@@ -10,6 +10,7 @@ indexed), their ``.npy`` headers compared byte for byte with the converter's.
 
 import hashlib
 import os
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,7 @@ class Directory:
         self.root = root
         try:
             self.fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            weakref.finalize(self, os.close, self.fd)  # also at exit, while os is still there
         except FileNotFoundError:
             raise FastMNISTError(f"{root}: no such directory") from None
         except NotADirectoryError:
@@ -56,10 +58,6 @@ class Directory:
         except OSError:
             return True
         return (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino)
-
-    def __del__(self):
-        if getattr(self, "fd", None) is not None:
-            os.close(self.fd)
 
     def __reduce__(self):
         return type(None), ()

@@ -41,11 +41,28 @@ class Subset:
     needs_order = True
 
     def __init__(self, members: np.ndarray, described: str):
-        self.members, self.count = members, int(members.sum())
+        self.members, self.count, self.described = members, int(members.sum()), described
         self.digest = _digest(b"subset", np.packbits(members).tobytes(), described.encode())
 
     def epoch(self, order: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
         return order[torch.from_numpy(self.members)[order]]
+
+
+class Members:
+    """The samples ``members`` (sorted int64 ``(M,)``) in their own order: a permutation of
+    them drawn from ``(seed, epoch)`` when shuffled, ascending otherwise. O(M) an epoch,
+    whatever the split's size (a ``Subset`` permutes the whole split), so a small part of a
+    large split (a federated client, a validation part) costs only its own samples; for
+    local sets read in plain permutations."""
+
+    needs_order = False
+
+    def __init__(self, members: np.ndarray, described: str, shuffle: bool):
+        self.members, self.count, self.shuffle = torch.from_numpy(members), len(members), shuffle
+        self.digest = _digest(b"members", members.astype("<i8").tobytes(), described.encode())
+
+    def epoch(self, order, seed: int, epoch: int) -> torch.Tensor:
+        return self.members[epoch_order(self.count, seed, epoch, self.shuffle, 8)]
 
 
 class Weighted:
@@ -188,6 +205,8 @@ def choose(source, labels, shuffle: bool, indices=None, classes=None, per_class=
         raise FastMNISTError("proportions are those of a mixture: give the other parts as mix_with")
     selection = _chosen(source.count, labels, source.info.num_classes, indices, classes, per_class, weights,
                         class_weights, balanced, num_samples, replacement)
+    if isinstance(selection, Subset) and source.random_access and source.order_name == "samples":
+        return Members(np.flatnonzero(selection.members), selection.described, shuffle)
     if isinstance(selection, Weighted) and not source.random_access:
         raise FastMNISTError("weighted sampling draws samples from anywhere in the split: it needs a "
                              "local set (streamed shards are read a shard at a time)")
