@@ -16,6 +16,7 @@ EXAMPLES = {  # one example per command, shown in its --help
     "push": "fastmnist push shards/mnist s3://bucket/mnist/ -o endpoint_url=http://127.0.0.1:9000",
     "synth": "fastmnist synth --root synthetic-data",
     "holdout": "fastmnist holdout shards/mnist --sizes train=55000,val=5000 --out parts.json",
+    "partition": "fastmnist partition shards/mnist --clients 100 --method dirichlet --alpha 0.3 --png skew.png",
     "bench": "fastmnist bench --shards shards/mnist --raw data",
     "scale": "fastmnist scale --sizes 60000,600000",
     "demo": "fastmnist demo",
@@ -78,6 +79,21 @@ def _parser() -> argparse.ArgumentParser:
     h.add_argument("--out", type=Path, help="write {part: [sample indices]} as JSON here, for "
                                             "FastMNISTLoader(..., indices=parts[NAME])")
     h.set_defaults(func=_holdout)
+
+    f = command("partition", "split a split among federated clients; print each one's classes, draw the skew")
+    f.add_argument("path", help="the converted set's directory")
+    f.add_argument("--split", default="train", help="the split to divide")
+    f.add_argument("--clients", type=int, required=True, help="number of clients (partitions)")
+    f.add_argument("--method", default="iid", choices=["iid", "dirichlet", "pathological", "shards"],
+                   help="how (as Flower Datasets' partitioners)")
+    f.add_argument("--alpha", type=float, help="dirichlet: concentration (smaller: more skew)")
+    f.add_argument("--min-size", type=int, help="dirichlet: fewest samples a client may hold (Flower: 10)")
+    f.add_argument("--classes-per-client", type=int, help="pathological: classes each client holds")
+    f.add_argument("--shards-per-client", type=int, help="shards: label-sorted shards each client holds")
+    f.add_argument("--seed", type=int, default=42, help="the same seed makes the same clients")
+    f.add_argument("--png", type=Path, help="write the clients x classes heat map here")
+    f.add_argument("--out", type=Path, help="write the record and every client's sample indices as JSON")
+    f.set_defaults(func=_partition)
 
     u = command("push", "upload a converted set to an fsspec URL (s3://bucket/set/, ...)")
     u.add_argument("path", type=Path, help="the converted set's directory")
@@ -351,6 +367,34 @@ def _holdout(args) -> int:
                                         "parts": {k: v.tolist() for k, v in parts.items()}}) + "\n")
         print(f"wrote {args.out}: FastMNISTLoader(..., indices=json.load(open({str(args.out)!r}))"
               f"[\"parts\"][{next(iter(parts))!r}])")
+    return 0
+
+
+def _partition(args) -> int:
+    import json
+
+    from .partition import heatmap, partition
+
+    given = {"alpha": args.alpha, "min_partition_size": args.min_size,
+             "num_classes_per_partition": args.classes_per_client,
+             "num_shards_per_partition": args.shards_per_client}
+    clients = partition(args.path, args.clients, args.method, args.split, args.seed,
+                        **{k: v for k, v in given.items() if v is not None})
+    counts = clients.counts
+    rows = [("client", "samples", *map(str, range(counts.shape[1])))]
+    rows += [(str(i), str(len(c)), *map(str, k)) for i, (c, k) in enumerate(zip(clients.clients, counts.tolist(),
+                                                                                strict=True))]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    print(f"{_printable(args.path)} {args.split}: {args.method} {json.dumps(clients.params, sort_keys=True)}, "
+          f"digest {clients.digest}; samples per class:")
+    for r in rows:
+        print("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)))
+    if args.png:
+        heatmap(clients, args.png)
+        print(f"wrote {args.png}")
+    if args.out:
+        args.out.write_text(json.dumps({**clients.record(), "clients": [c.tolist() for c in clients.clients]}) + "\n")
+        print(f"wrote {args.out}")
     return 0
 
 

@@ -16,4 +16,9 @@ echo "setup [2/3]: installing fastmnist[dev] and its dependencies (a fresh .venv
 .venv/bin/python -m pip install --disable-pip-version-check --progress-bar on -c tools/constraints.txt \
   -e '.[dev]' 2>&1 | { grep -v -e "is ignored: it is neither a file nor a directory" \
   -e "^Requirement already satisfied" || true; }
+# Flower Datasets, the reference the federated partitions are tested against: without its
+# dependencies, which pin datasets<5 and fsspec<=2026.2 against s3fs's fsspec (its
+# partitioners need only what is installed; seaborn is imported by its plots).
+.venv/bin/python -m pip install --disable-pip-version-check -q --no-deps flwr-datasets==0.6.1 seaborn==0.13.2 \
+  2>&1 | { grep -v -e "is ignored: it is neither a file nor a directory" || true; }
 echo "setup [3/3]: $(.venv/bin/python -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__)') ready"
