@@ -17,7 +17,9 @@ from fastmnist import FastMNISTError
 from fastmnist.partition import partition
 from fastmnist.tasks import permuted_tasks, rotated_tasks, split_tasks, task_permutation
 
-from .conftest import INDEXED_N, batch_indices
+from fastmnist.formats.idx import read_images, read_labels
+
+from .conftest import INDEXED_N, batch_indices, write_split
 
 
 def _flower():
@@ -252,3 +254,29 @@ def test_a_stream_state_is_checked_against_the_stream(indexed_shards):
         _stream("split", indexed_shards).load_state_dict({**state, "task": 7})
     with pytest.raises(FastMNISTError, match="not a fastmnist task stream state"):
         stream.load_state_dict({"task": 1})
+
+
+@pytest.mark.parametrize("page, expect", [("federated", r"round 4: test accuracy (0\.\d+)"),
+                                          ("continual", r"after task 2: accuracy on tasks 0..2: (\S+) \S+ \S+")])
+def test_the_documented_example_runs(page, expect, real_root, tmp_path):
+    """docs/research/<page>.md's example as printed (real test digits as both splits: train
+    on them, score on them), run in a fresh interpreter: it trains, and learns."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    text = (repo / "docs" / "research" / f"{page}.md").read_text()
+    example = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    raw = real_root / "MNIST" / "raw"
+    images = read_images(raw / "t10k-images-idx3-ubyte.gz").reshape(-1, 28, 28)
+    labels = read_labels(raw / "t10k-labels-idx1-ubyte.gz")
+    for split in ("train", "test"):  # the real test digits as both splits
+        write_split(tmp_path / "data", split, images, labels)
+    fastmnist.convert(tmp_path / "data", tmp_path / "shards" / "mnist", progress=False)
+    (tmp_path / "example.py").write_text(example)
+    done = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "PYTHONPATH": str(repo)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert float(re.search(expect, done.stdout).group(1)) > 0.8, done.stdout
