@@ -36,7 +36,8 @@ def test_clients_and_tasks_against_the_plain_loader(benchmark, bench_data):
     client = max(range(100), key=lambda i: -abs(len(clients[i]) - 600))  # a client of about 600 samples
     perm = task_permutation(0, 1)
     loaders = {"plain": (FastMNISTLoader(shards, batch_size=BATCH), 1, None),
-               "client": (clients.loader(client, batch_size=BATCH), max(1, 60000 // len(clients[client])), None),
+               "client": (clients.loader(client, batch_size=BATCH), max(1, 60000 // len(clients[client])),
+                          None),
                "split task": (split_tasks(shards, [[0, 1]], batch_size=BATCH).loader(0), 5, None),
                "permuted task": (permuted_tasks(shards, 2, batch_size=BATCH).loader(1), 1, None),
                "plain + bare permute": (FastMNISTLoader(shards, batch_size=BATCH), 1,

@@ -16,7 +16,8 @@ EXAMPLES = {  # one example per command, shown in its --help
     "push": "fastmnist push shards/mnist s3://bucket/mnist/ -o endpoint_url=http://127.0.0.1:9000",
     "synth": "fastmnist synth --root synthetic-data",
     "holdout": "fastmnist holdout shards/mnist --sizes train=55000,val=5000 --out parts.json",
-    "partition": "fastmnist partition shards/mnist --clients 100 --method dirichlet --alpha 0.3 --png skew.png",
+    "partition": "fastmnist partition shards/mnist --clients 100 --method dirichlet --alpha 0.3 "
+                 "--png skew.png",
     "bench": "fastmnist bench --shards shards/mnist --raw data",
     "scale": "fastmnist scale --sizes 60000,600000",
     "demo": "fastmnist demo",
@@ -382,18 +383,20 @@ def _partition(args) -> int:
                         **{k: v for k, v in given.items() if v is not None})
     counts = clients.counts
     rows = [("client", "samples", *map(str, range(counts.shape[1])))]
-    rows += [(str(i), str(len(c)), *map(str, k)) for i, (c, k) in enumerate(zip(clients.clients, counts.tolist(),
-                                                                                strict=True))]
+    rows += [(str(i), str(len(c)), *map(str, k))
+             for i, (c, k) in enumerate(zip(clients.clients, counts.tolist(), strict=True))]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    print(f"{_printable(args.path)} {args.split}: {args.method} {json.dumps(clients.params, sort_keys=True)}, "
-          f"digest {clients.digest}; samples per class:")
+    params = json.dumps(clients.params, sort_keys=True)
+    print(f"{_printable(args.path)} {args.split}: {args.method} {params}, digest {clients.digest}; "
+          "samples per class:")
     for r in rows:
         print("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)))
     if args.png:
         heatmap(clients, args.png)
         print(f"wrote {args.png}")
     if args.out:
-        args.out.write_text(json.dumps({**clients.record(), "clients": [c.tolist() for c in clients.clients]}) + "\n")
+        everyone = [c.tolist() for c in clients.clients]
+        args.out.write_text(json.dumps({**clients.record(), "clients": everyone}) + "\n")
         print(f"wrote {args.out}")
     return 0
 

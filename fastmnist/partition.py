@@ -149,7 +149,8 @@ def dirichlet(labels: np.ndarray, num_partitions: int, seed: int, alpha, min_par
     if a.shape != (num_partitions,) or not np.isfinite(a).all() or (a <= 0).any():
         raise FastMNISTError(f"dirichlet: alpha must be > 0 (one value, or one per client), got {alpha!r}")
     if not isinstance(min_partition_size, int) or min_partition_size < 0:
-        raise FastMNISTError(f"dirichlet: min_partition_size must be an integer >= 0, got {min_partition_size!r}")
+        raise FastMNISTError(f"dirichlet: min_partition_size must be an integer >= 0, "
+                             f"got {min_partition_size!r}")
     if min_partition_size * num_partitions > len(labels):
         raise FastMNISTError(f"dirichlet: {num_partitions} clients of at least {min_partition_size} samples "
                              f"need {min_partition_size * num_partitions}; the split has {len(labels)}")

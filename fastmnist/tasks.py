@@ -84,8 +84,9 @@ class TaskStream:
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             raise FastMNISTError(f"not a fastmnist task stream state (version {STATE_VERSION})")
         if state.get("stream") != self.digest:
-            raise FastMNISTError(f"this state is of another task stream (stream {str(state.get('stream'))[:40]!r}, "
-                                 f"this one {self.digest!r}: {self.kind} {json.dumps(self.params)[:200]})")
+            theirs = str(state.get("stream"))[:40]
+            raise FastMNISTError(f"this state is of another task stream (stream {theirs!r}, this one "
+                                 f"{self.digest!r}: {self.kind} {json.dumps(self.params)[:200]})")
         task = state.get("task")
         if not isinstance(task, int) or isinstance(task, bool) or not 0 <= task <= len(self):
             raise FastMNISTError(f"state's task must be an integer in 0..{len(self)}, got {task!r}")
@@ -120,8 +121,8 @@ def permuted_tasks(path, num_tasks: int, split: str = "train", seed: int = 0, pe
     params = {"split": split, "num_tasks": num_tasks, "seed": seed, "permutation_seed": permutation_seed}
 
     def make(t: int) -> TaskLoader:
-        return TaskLoader(path, split, task=t, task_ids=task_ids, permutation=task_permutation(permutation_seed, t),
-                          seed=_task_seed(seed, t), **loader_args)
+        return TaskLoader(path, split, task=t, task_ids=task_ids, seed=_task_seed(seed, t),
+                          permutation=task_permutation(permutation_seed, t), **loader_args)
 
     return TaskStream("permuted", params, num_tasks, make)
 
@@ -177,7 +178,7 @@ def _groups(groups, num_classes: int) -> list[list[int]]:
     try:
         groups = [[int(c) for c in g] for g in groups]
     except (TypeError, ValueError):
-        raise FastMNISTError(f"groups: expected a list of lists of class labels, got {groups!r}"[:200]) from None
+        raise FastMNISTError(f"groups: expected lists of class labels, got {groups!r}"[:200]) from None
     seen = {}
     for t, group in enumerate(groups):
         if not group:

@@ -14,10 +14,9 @@ from torchvision.transforms import functional as TF
 
 import fastmnist
 from fastmnist import FastMNISTError
+from fastmnist.formats.idx import read_images, read_labels
 from fastmnist.partition import partition
 from fastmnist.tasks import permuted_tasks, rotated_tasks, split_tasks, task_permutation
-
-from fastmnist.formats.idx import read_images, read_labels
 
 from .conftest import INDEXED_N, batch_indices, write_split
 
@@ -44,11 +43,13 @@ def real_labels(real_shards) -> np.ndarray:
 @pytest.mark.parametrize("method, mine, theirs", [
     ("dirichlet", {"alpha": 0.5}, lambda f: f.DirichletPartitioner(50, "label", alpha=0.5, seed=7)),
     ("dirichlet", {"alpha": 0.3, "self_balancing": True, "min_partition_size": 5},
-     lambda f: f.DirichletPartitioner(50, "label", alpha=0.3, self_balancing=True, min_partition_size=5, seed=7)),
+     lambda f: f.DirichletPartitioner(50, "label", alpha=0.3, self_balancing=True, min_partition_size=5,
+                                      seed=7)),
     ("pathological", {"num_classes_per_partition": 2},
      lambda f: f.PathologicalPartitioner(50, "label", num_classes_per_partition=2, seed=7)),
     ("pathological", {"num_classes_per_partition": 3, "class_assignment_mode": "first-deterministic"},
-     lambda f: f.PathologicalPartitioner(50, "label", 3, class_assignment_mode="first-deterministic", seed=7)),
+     lambda f: f.PathologicalPartitioner(50, "label", 3, class_assignment_mode="first-deterministic",
+                                         seed=7)),
 ])
 def test_partitions_are_flowers_own_on_the_real_labels(real_labels, method, mine, theirs):
     """The same seed gives the same clients as Flower Datasets' partitioner (so the same
@@ -67,7 +68,8 @@ def test_shards_are_flowers_own_over_the_label_sorted_set(real_labels):
                                                   for p in _flower_clients(flower, real_labels[order])]
 
 
-@pytest.mark.parametrize("method, params", [("iid", {}), ("dirichlet", {"alpha": 0.3, "min_partition_size": 0}),
+@pytest.mark.parametrize("method, params", [("iid", {}),
+                                            ("dirichlet", {"alpha": 0.3, "min_partition_size": 0}),
                                             ("pathological", {"num_classes_per_partition": 2}),
                                             ("shards", {"num_shards_per_partition": 3})])
 def test_partitions_are_disjoint_cover_the_split_and_repeat_from_the_seed(real_labels, method, params):
@@ -109,7 +111,8 @@ def test_dirichlet_minimum_size_holds_and_alpha_sets_the_skew(real_labels):
      "fall to no client"),
     (lambda labels: partition(labels, 3, "pathological", num_classes_per_partition=11), "must be in 1..10"),
     (lambda labels: partition(labels, 3, "shuffled"), "method must be one of"),
-    (lambda labels: partition(labels, 3, "dirichlet", alpha=1.0, beta=2), "unexpected keyword argument 'beta'"),
+    (lambda labels: partition(labels, 3, "dirichlet", alpha=1.0, beta=2),
+     "unexpected keyword argument 'beta'"),
     (lambda labels: partition(labels.astype(float), 3), "one integer class label per sample"),
 ])
 def test_bad_partition_arguments_are_refused_saying_what(real_labels, call, message):
@@ -135,18 +138,19 @@ def test_the_partition_command_prints_the_table_and_draws_the_heat_map(indexed_s
     from fastmnist.cli import main
 
     png, record = tmp_path / "skew.png", tmp_path / "partition.json"
-    code = main(["partition", str(indexed_shards), "--clients", "5", "--method", "dirichlet", "--alpha", "0.5",
-                 "--min-size", "5", "--png", str(png), "--out", str(record)])
+    asked = ["partition", str(indexed_shards), "--clients", "5", "--method", "dirichlet"]
+    code = main([*asked, "--alpha", "0.5", "--min-size", "5", "--png", str(png), "--out", str(record)])
     out = capsys.readouterr().out
     expected = partition(indexed_shards, 5, "dirichlet", alpha=0.5, min_partition_size=5)
     assert code == 0 and expected.digest in out
     rows = [line.split() for line in out.splitlines() if line.split() and line.split()[0].isdigit()]
-    assert [[int(v) for v in r[1:]] for r in rows] == [[len(c), *k] for c, k in
-                                                       zip(expected.clients, expected.counts.tolist(), strict=True)]
+    sizes = [len(c) for c in expected.clients]
+    table = [[s, *k] for s, k in zip(sizes, expected.counts.tolist(), strict=True)]
+    assert [[int(v) for v in r[1:]] for r in rows] == table
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads(record.read_text())
     assert saved["digest"] == expected.digest and saved["clients"][2] == expected[2].tolist()
-    assert main(["partition", str(indexed_shards), "--clients", "5", "--method", "dirichlet", "--alpha", "0"]) == 2
+    assert main([*asked, "--alpha", "0"]) == 2
 
 
 def _reference(torchvision_test_root, image_op) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,7 +196,7 @@ def test_a_split_task_yields_only_its_classes_with_task_ids(real_shards, real_la
     assert len(stream) == 3
     for t, loader in stream:
         ys, ts = [], []
-        for x, y, task in loader:
+        for _, y, task in loader:
             ys.append(y)
             ts.append(task)
         y = torch.cat(ys)
@@ -238,8 +242,9 @@ def test_a_stream_stopped_anywhere_continues_as_the_uninterrupted_run(indexed_sh
                     for t in range(3)]
         boundary = per_task[0]
         for stop in (5, boundary, boundary + per_task[1] + 3):
-            head, state = _run(_stream(kind, indexed_shards, rank=rank, world_size=world_size, seed=4), 2, stop)
-            resumed = _stream(kind, indexed_shards, rank=rank, world_size=world_size, seed=4)
+            stream, resumed = (_stream(kind, indexed_shards, rank=rank, world_size=world_size, seed=4)
+                               for _ in range(2))
+            head, state = _run(stream, 2, stop)
             resumed.load_state_dict(state)
             tail, _ = _run(resumed, epochs=2)
             assert head + tail == whole, f"rank {rank}, stopped after {stop} batches"
@@ -256,8 +261,9 @@ def test_a_stream_state_is_checked_against_the_stream(indexed_shards):
         stream.load_state_dict({"task": 1})
 
 
-@pytest.mark.parametrize("page, expect", [("federated", r"round 4: test accuracy (0\.\d+)"),
-                                          ("continual", r"after task 2: accuracy on tasks 0..2: (\S+) \S+ \S+")])
+@pytest.mark.parametrize("page, expect", [
+    ("federated", r"round 4: test accuracy (0\.\d+)"),
+    ("continual", r"after task 2: accuracy on tasks 0..2: (\S+) \S+ \S+")])
 def test_the_documented_example_runs(page, expect, real_root, tmp_path):
     """docs/research/<page>.md's example as printed (real test digits as both splits: train
     on them, score on them), run in a fresh interpreter: it trains, and learns."""
