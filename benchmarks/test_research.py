@@ -2,7 +2,8 @@
 (medians of rounds, samples/s): a client of 100 Dirichlet(0.3) clients, a SplitMNIST task
 (classes 0 and 1), a PermutedMNIST task; and the bare reference a permuted task shares its
 bottleneck with (the plain loader's batches with their pixels reordered by ``index_select``,
-outside the loader). Also the time to draw 1,000 Dirichlet clients of 60,000 samples.
+outside the loader); a RotatedMNIST task beside the augmentation path it runs on (a plain
+loader with ``RandomRotation(30)``). Also the time to draw 1,000 Dirichlet clients of 60,000 samples.
 
     pytest benchmarks/test_research.py --benchmark-only -s
 """
@@ -12,9 +13,10 @@ import time
 
 import numpy as np
 import pytest
+from torchvision import transforms
 
 from fastmnist import FastMNISTLoader, open_shards, partition
-from fastmnist.tasks import permuted_tasks, split_tasks, task_permutation
+from fastmnist.tasks import permuted_tasks, rotated_tasks, split_tasks, task_permutation
 
 ROUNDS = 7
 BATCH = 64
@@ -35,13 +37,19 @@ def test_clients_and_tasks_against_the_plain_loader(benchmark, bench_data):
     clients = partition(shards, 100, "dirichlet", alpha=0.3, min_partition_size=0, seed=42)
     client = max(range(100), key=lambda i: -abs(len(clients[i]) - 600))  # a client of about 600 samples
     perm = task_permutation(0, 1)
+    info = open_shards(shards).split("train").info
+    rotate = transforms.Compose([transforms.RandomRotation(30), transforms.ToTensor(),
+                                 transforms.Normalize((info.mean,), (info.std,))])
     loaders = {"plain": (FastMNISTLoader(shards, batch_size=BATCH), 1, None),
                "client": (clients.loader(client, batch_size=BATCH), max(1, 60000 // len(clients[client])),
                           None),
                "split task": (split_tasks(shards, [[0, 1]], batch_size=BATCH).loader(0), 5, None),
                "permuted task": (permuted_tasks(shards, 2, batch_size=BATCH).loader(1), 1, None),
                "plain + bare permute": (FastMNISTLoader(shards, batch_size=BATCH), 1,
-                                        lambda x: x.flatten(1).index_select(1, perm).view_as(x))}
+                                        lambda x: x.flatten(1).index_select(1, perm).view_as(x)),
+               "rotated task": (rotated_tasks(shards, [0.0, 30.0], batch_size=BATCH).loader(1), 1, None),
+               "plain + RandomRotation(30)": (FastMNISTLoader(shards, batch_size=BATCH, transform=rotate), 1,
+                                              None)}
     rates = {name: [] for name in loaders}
 
     def rounds():

@@ -1,14 +1,20 @@
 """Claims checked against references the project did not write: torch's DistributedSampler
 for the rank split at counts a world size divides, distinct orders for every (seed, epoch),
 augmentation steps drawing independently of each other, and readers pinned to the set they
-opened when it is replaced before its arrays are mapped."""
+opened when it is replaced before its arrays are mapped; the plan's interval arithmetic
+against explicit sets of positions, and a state's bounds at their edges."""
+
+import json
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.utils.data import DataLoader, DistributedSampler
 
 from fastmnist import FastMNISTError, FastMNISTLoader, convert, open_shards
+from fastmnist.loading import plan
 from fastmnist.loading.order import (
     LOCALITY_WINDOW,
     block_order,
@@ -196,3 +202,83 @@ def test_delivered_counts_what_a_real_dataloader_has_yielded(batches, workers):
     for done in range(batches + 1):
         counts = [sum(1 for w, _ in seen[:done] if w == p) for p in range(workers)]
         assert delivered(done, batches, workers) == counts, done
+
+
+def _positions(intervals) -> list[int]:
+    return [p for a, b in intervals for p in range(a, b)]
+
+
+_interval_lists = st.integers(0, 60).flatmap(lambda n: st.tuples(
+    st.just(n), st.lists(st.tuples(st.integers(0, n), st.integers(0, n)).filter(lambda ab: ab[0] < ab[1])
+                         .map(list), max_size=6)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(_interval_lists, st.integers(0, 70), st.integers(0, 70))
+def test_interval_arithmetic_is_set_arithmetic_on_positions(case, first, last):
+    """merge, gaps, count, pick and covered against the same operations on explicit sets
+    of positions (the plan's whole account of what an epoch consumed)."""
+    n, raw = case
+    consumed = plan.merge(raw)
+    taken = sorted(set(_positions(raw)))
+    apart = all(b < c for (_, b), (c, _) in zip(consumed, consumed[1:], strict=False))
+    assert _positions(consumed) == taken and apart
+    rest = [p for p in range(n) if p not in set(taken)]
+    assert _positions(plan.gaps(consumed, n)) == rest and plan.count(consumed) == len(taken)
+    assert _positions(plan.pick(consumed, n, first, last)) == rest[first:last]
+    spans = [(first, last), (last // 2, last)]
+    assert _positions(plan.covered(consumed, n, spans)) == sorted(set(taken) | set(rest[first:last])
+                                                                  | set(rest[last // 2:last]))
+
+
+def _state(indexed_shards):
+    loader = FastMNISTLoader(indexed_shards, batch_size=10, normalize=False, seed=3)
+    it = iter(loader)
+    next(it)
+    return loader, loader.state_dict()
+
+
+def test_a_state_saved_in_this_format_loads_and_continues(indexed_shards):
+    """Version 2 is the format every release since it writes: such a state loads, and the
+    rest is the uninterrupted epoch's."""
+    loader, state = _state(indexed_shards)
+    assert state["version"] == 2
+    whole = sum(batch_indices(FastMNISTLoader(indexed_shards, batch_size=10, normalize=False, seed=3)), [])
+    resumed = FastMNISTLoader(indexed_shards, batch_size=10, normalize=False, seed=3)
+    resumed.load_state_dict(json.loads(json.dumps(state)))
+    assert sum(batch_indices(resumed), []) == whole[10:]
+
+
+@pytest.mark.parametrize("key, most", [  # the documented bounds, not read from the module
+    ("batches_done", 1 << 40), ("anchor", 1 << 40), ("batch_size", 1 << 24), ("world_size", 1 << 16),
+    ("workers", 1 << 10)])
+def test_a_states_step_is_bounded_exactly(indexed_shards, key, most):
+    """Each bound on a state's step admits its value and refuses one more, before anything
+    is computed from it (a state is hostile input)."""
+    loader, state = _state(indexed_shards)
+    position = plan.STEP_FIELDS.index(key)
+    expected = {k: state[k] for k in loader._plan.identity}
+    for value, refused in ((most, False), (most + 1, True)):
+        step = list(state["step"])
+        step[position] = value
+        if refused:
+            with pytest.raises(FastMNISTError, match=f"step's {key} must be an integer in .*{most}"):
+                plan.check_state({**state, "step": step}, expected, INDEXED_N)
+        else:
+            assert plan.check_state({**state, "step": step}, expected, INDEXED_N)["step"][key] == value
+
+
+def test_a_states_intervals_are_bounded_and_typed(indexed_shards):
+    loader, state = _state(indexed_shards)
+    expected = {k: state[k] for k in loader._plan.identity}
+    n = 2 * plan.MAX_INTERVALS + 2
+    most = [[2 * k, 2 * k + 1] for k in range(plan.MAX_INTERVALS)]
+    assert plan.check_state({**state, "consumed": most}, expected, n)["consumed"] == most
+    for bad in (most + [[n - 1, n]], [[0, 1.5]], [[True, 2]], [[0]], [0, 1], [["0", "1"]], "[[0, 1]]"):
+        with pytest.raises(FastMNISTError, match="consumed must be sorted, disjoint"):
+            plan.check_state({**state, "consumed": bad}, expected, n)
+    for drop_last, even in (("yes", True), (True, "yes"), (1, True)):
+        step = dict(zip(plan.STEP_FIELDS, state["step"], strict=True))
+        step |= {"drop_last": drop_last, "even": even}
+        with pytest.raises(FastMNISTError, match="drop_last and even must be true or false"):
+            plan.check_state({**state, "step": list(step.values())}, expected, INDEXED_N)

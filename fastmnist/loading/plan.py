@@ -75,9 +75,8 @@ def pick(consumed: Intervals, n: int, first: int, last: int) -> Intervals:
 def covered(base: Intervals, n: int, spans: list[tuple[int, int]]) -> Intervals:
     """``base`` plus the positions that ``spans`` of the rest cover: ``(lo, hi)`` counts
     the ``n - count(base)`` positions outside ``base`` in order, from 0. Positions beyond
-    the rest are padding (repeats of its start), already covered."""
-    rest = n - count(base)
-    return merge(base, *(pick(base, n, lo, min(hi, rest)) for lo, hi in spans))
+    the rest are padding (repeats of its start), already covered (``pick`` stops there)."""
+    return merge(base, *(pick(base, n, lo, hi) for lo, hi in spans))
 
 
 def fingerprint(identity: dict) -> str:
