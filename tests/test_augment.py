@@ -4,6 +4,7 @@ digits), parameters distributed as torchvision's own draws, the same bytes for a
 whatever the batch size, world size, workers, resume or residency, and clear refusals."""
 
 import math
+import os
 
 import numpy as np
 import PIL.Image
@@ -18,6 +19,7 @@ from torchvision.transforms.v2 import functional as F
 
 from fastmnist import FastMNISTError, FastMNISTLoader, convert
 from fastmnist.formats.idx import read_images, read_labels
+from fastmnist.loading import kernels
 from fastmnist.loading.augment import _perspective_coefficients, _perspective_grid, uniforms
 
 from .conftest import decode_indices, indexed_images, write_split
@@ -59,6 +61,13 @@ CASES = {  # name -> (transform, interpolation of its geometric step)
         BILINEAR,
     ),
     "rotation by quarter turns": (_v1(v1.RandomRotation((90, 90))), NEAREST),
+    "affine extremes, fill": (_v1(v1.RandomAffine(180, translate=(0.5, 0.5), scale=(0.3, 2.5),
+                                                  shear=(-89, 89, -85, 85), fill=77)), NEAREST),
+    "affine v2 extremes, white fill": (
+        _v2(v2.RandomAffine((179, 180), translate=(0.45, 0.05), scale=(2.4, 2.5), shear=(88, 89.9),
+                            fill=255)),
+        NEAREST),
+    "rotation about a corner, fill": (_v1(v1.RandomRotation(180, center=(0, 27), fill=3)), NEAREST),
     "crop": (_v1(v1.RandomCrop(28, padding=2)), NEAREST),
     "crop v2, uneven padding, fill": (_v2(v2.RandomCrop(28, padding=[1, 3, 2, 0], fill=9)), NEAREST),
     "perspective": (_v1(v1.RandomPerspective(0.5, p=0.7)), BILINEAR),
@@ -137,13 +146,26 @@ def _case_details(transform) -> dict:
     return details
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_same_parameters_same_pixels_as_torchvision(real_shards, real_root, name):
+AFFINE_STEPS = ("RandomAffine", "RandomRotation")
+FUSED = [name for name, (t, mode) in CASES.items()  # one kernel from uint8 to normalised (kernels.py)
+         if mode == NEAREST and any(type(s).__name__ in AFFINE_STEPS for s in t.transforms)]
+
+
+@pytest.mark.parametrize("name, jit", [(name, True) for name in CASES] + [(name, False) for name in FUSED])
+def test_same_parameters_same_pixels_as_torchvision(real_shards, real_root, name, jit, monkeypatch):
     """256 real test digits through the loader, each equal to torchvision's functional op
     with the reported parameters, then its float conversion and Normalize (and erase): bit
-    for bit, bilinear included (the same float32 grid, then grid_sample itself)."""
+    for bit, bilinear included (the same float32 grid, then grid_sample itself); the nearest
+    affine steps both through the fused kernel (numba, required in CI) and the torch path
+    (``FASTMNIST_JIT=0``)."""
     transform, interpolation = CASES[name]
+    monkeypatch.setenv("FASTMNIST_JIT", "1" if jit else "0")
+    kernels.available.cache_clear()
+    if jit and name in FUSED and not os.environ.get("CI"):
+        pytest.importorskip("numba")
     loader = FastMNISTLoader(real_shards, "test", batch_size=256, shuffle=False, seed=11, transform=transform)
+    kernels.available.cache_clear()
+    assert (loader._delivery.finish.fused is not None) == (jit and name in FUSED)
     x, _ = next(iter(loader))
     images = torch.from_numpy(read_images(real_root / "MNIST" / "raw" / "t10k-images-idx3-ubyte.gz")[:256])
     params = loader.augmentation_params(0, torch.arange(256))

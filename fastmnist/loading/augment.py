@@ -21,6 +21,7 @@ import torch
 
 from ..errors import FastMNISTError
 from ..formats.idx import IMAGE_SIDE as SIDE
+from . import kernels
 
 SUPPORTED = ("Compose", "RandomAffine", "RandomRotation", "RandomCrop", "RandomPerspective",
              "ElasticTransform", "RandomErasing", "ToTensor", "ToImage", "PILToTensor", "ToDtype",
@@ -85,6 +86,19 @@ class Augment:
         for step, p in zip(self.geometric, params[:len(self.geometric)], strict=True):
             x = step.apply(x, p)
         return x
+
+    def fusable(self, device: torch.device) -> bool:
+        """Whether ``images`` then the normalisation run as one kernel here: a single nearest
+        ``RandomAffine`` or ``RandomRotation`` step, on the CPU, with numba."""
+        one = self.geometric[0] if len(self.geometric) == 1 else None
+        return (device.type == "cpu" and isinstance(one, (_Affine, _Rotation)) and one.mode == "nearest"
+                and kernels.available())
+
+    def images_normalised(self, x: torch.Tensor, params: list[dict], table: np.ndarray,
+                          out: torch.Tensor) -> torch.Tensor:
+        """uint8 ``(B, 1, 28, 28)`` -> float32 ``table[images(x, params)]`` into ``out`` (same
+        shape) in one pass, where ``fusable``: ``table`` is the normalisation's lookup table."""
+        return self.geometric[0].fused(x, params[0], table, out)
 
     def normalised(self, x: torch.Tensor, params: list[dict]) -> torch.Tensor:
         """float32 normalised ``(B, 1, 28, 28)`` -> the erasing steps applied (in place)."""
@@ -221,6 +235,17 @@ class _Geometric:
         return image.sub_(fill).mul_(mask).add_(fill).round_().to(x.dtype)
 
 
+    def affine_fused(self, x: torch.Tensor, m: np.ndarray, table: np.ndarray,
+                     out: torch.Tensor) -> torch.Tensor:
+        """``table[resample(x, *_affine_grid(m))]`` into ``out`` in one pass, nearest, on the
+        CPU (``kernels.affine_nearest``): ``table`` the normalisation's float32 lookup table."""
+        b = len(x)
+        scaled = (m.astype(np.float32).reshape(b, 2, 3).transpose(0, 2, 1) / np.float32(0.5 * SIDE)).copy()
+        kernels.affine_nearest(x.reshape(b, SIDE, SIDE).numpy(), scaled, _base("cpu").numpy(),
+                               round(self.fill), table, out.view(b, SIDE, SIDE).numpy())
+        return out
+
+
 def _gather(x: torch.Tensor, iy: torch.Tensor, ix: torch.Tensor, fill: float) -> torch.Tensor:
     """uint8 ``(B, 1, H, W)`` images -> each output pixel the source pixel at row ``iy`` and
     column ``ix`` (whole numbers, float or int, broadcast to ``(B, H, W)``; used up), ``fill``
@@ -310,10 +335,16 @@ class _Affine(_Geometric):
                 "translate": torch.from_numpy(translate), "scale": torch.from_numpy(scale),
                 "shear": torch.from_numpy(shear)}
 
+    def matrices(self, p: dict) -> np.ndarray:
+        """float64 ``(B, 6)``: each sample's inverse affine matrix."""
+        return _inverse_affine(self.center, p["angle"].double().numpy(), p["translate"].numpy(),
+                               p["scale"].double().numpy(), p["shear"].double().numpy())
+
     def apply(self, x: torch.Tensor, p: dict) -> torch.Tensor:
-        m = _inverse_affine(self.center, p["angle"].double().numpy(), p["translate"].numpy(),
-                            p["scale"].double().numpy(), p["shear"].double().numpy())
-        return self.resample(x, *_affine_grid(m, x.device))
+        return self.resample(x, *_affine_grid(self.matrices(p), x.device))
+
+    def fused(self, x: torch.Tensor, p: dict, table: np.ndarray, out: torch.Tensor) -> torch.Tensor:
+        return self.affine_fused(x, self.matrices(p), table, out)
 
 
 class _Rotation(_Geometric):
@@ -329,16 +360,28 @@ class _Rotation(_Geometric):
     def params(self, draw) -> dict:
         return {"angle": torch.from_numpy(_uniform(draw(1)[:, 0], *self.degrees))}
 
-    def apply(self, x: torch.Tensor, p: dict) -> torch.Tensor:
+    def matrices(self, p: dict) -> np.ndarray:
         angle = p["angle"].double().numpy() % 360
         n = len(angle)
-        m = _inverse_affine(self.center, -angle, np.zeros((n, 2)), np.ones(n), np.zeros((n, 2)))
-        out = self.resample(x, *_affine_grid(m, x.device))
+        return _inverse_affine(self.center, -angle, np.zeros((n, 2)), np.ones(n), np.zeros((n, 2)))
+
+    def apply(self, x: torch.Tensor, p: dict) -> torch.Tensor:
+        return self._quarter_turns(x, p, self.resample(x, *_affine_grid(self.matrices(p), x.device)))
+
+    def fused(self, x: torch.Tensor, p: dict, table: np.ndarray, out: torch.Tensor) -> torch.Tensor:
+        out = self.affine_fused(x, self.matrices(p), table, out)
+        return self._quarter_turns(x, p, out, torch.from_numpy(table))
+
+    def _quarter_turns(self, x: torch.Tensor, p: dict, out: torch.Tensor, table=None) -> torch.Tensor:
+        """``out`` with the samples turned by a multiple of 90 degrees about the centre made
+        exact quarter turns of ``x`` (looked up in ``table`` when given)."""
         if self.centred:
+            angle = p["angle"].double().numpy() % 360
             for quarter in (0, 1, 2, 3):
                 rows = torch.from_numpy(np.flatnonzero(angle == 90.0 * quarter)).to(x.device)
                 if len(rows):
-                    out[rows] = torch.rot90(x[rows], k=quarter, dims=(-2, -1))
+                    turned = torch.rot90(x[rows], k=quarter, dims=(-2, -1))
+                    out[rows] = turned if table is None else table[turned.long()]
         return out
 
 

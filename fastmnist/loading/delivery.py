@@ -20,7 +20,7 @@ import functools
 import torch
 
 from ..formats.manifest import IMAGE_SHAPE
-from ..formats.normalize import normalizer
+from ..formats.normalize import lookup_table, normalizer
 from .buffers import BufferPool
 from .device import prefetch_to_cuda
 from .sources import empty_batch
@@ -36,7 +36,10 @@ def choose(source, device: torch.device, normalize: bool, resident: bool, pin: b
     if normalize and source.dtype == torch.uint8:
         reciprocal = augment is not None and augment.reciprocal  # as the user's transform scales
         to_float = normalizer(source.info.mean, source.info.std, device, reciprocal)
-    finish = Finish(to_float, augment)
+    fused = None  # the normalisation as a lookup table, where augment's kernel normalises too
+    if to_float is not None and augment is not None and augment.fusable(device):
+        fused = lookup_table(source.info.mean, source.info.std, augment.reciprocal)
+    finish = Finish(to_float, augment, fused)
     if device.type == "cuda" and not resident:
         return CudaPrefetch(source, finish, device, prefetch)
     if source.random_access and device.type == "cpu" and not pin:
@@ -47,10 +50,11 @@ def choose(source, device: torch.device, normalize: bool, resident: bool, pin: b
 class Finish:
     """Gathered images -> what the loop gets: uint8 augmented by ``augment``'s geometric
     steps, normalised by ``to_float`` (into ``out`` when given), then its erasing steps;
-    each part skipped where it is None."""
+    each part skipped where it is None. With ``fused`` (the normalisation's lookup table)
+    the geometric step and the normalisation run as one kernel."""
 
-    def __init__(self, to_float, augment):
-        self.to_float, self.augment = to_float, augment
+    def __init__(self, to_float, augment, fused=None):
+        self.to_float, self.augment, self.fused = to_float, augment, fused
 
     @property
     def makes_float(self) -> bool:
@@ -58,6 +62,9 @@ class Finish:
 
     def __call__(self, x: torch.Tensor, idx, epoch: int, out: torch.Tensor | None = None) -> torch.Tensor:
         params = None if self.augment is None else self.augment.params(epoch, idx)
+        if self.fused is not None:
+            out = torch.empty(x.shape, dtype=torch.float32) if out is None else out
+            return self.augment.normalised(self.augment.images_normalised(x, params, self.fused, out), params)
         if params is not None:
             x = self.augment.images(x, params)
         if self.to_float is not None:
