@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-HEAVY = ("torch", "torchvision", "webdataset", "matplotlib")
+HEAVY = ("torch", "torchvision", "webdataset", "matplotlib", "numba")
 
 
 def _python(code: str, *args, cwd=REPO) -> subprocess.CompletedProcess:

@@ -34,20 +34,24 @@ def _compiled():
     def affine_nearest(images, scaled, base, fill, table, out):
         one, half_side, half = np.float32(1.0), np.float32(images.shape[2] / 2), np.float32(0.5)
         side = images.shape[1]
+        pixels = side * side
+        flat, flat_out = images.reshape(images.shape[0], pixels), out.reshape(images.shape[0], pixels)
+        framed = np.empty(pixels + 1, np.uint8)  # the sample's pixels, then fill
+        framed[pixels] = fill
+        where = np.empty(pixels, np.int64)
         for b in range(images.shape[0]):
             s00, s10, s20 = scaled[b, 0, 0], scaled[b, 1, 0], scaled[b, 2, 0]
             s01, s11, s21 = scaled[b, 0, 1], scaled[b, 1, 1], scaled[b, 2, 1]
-            for i in range(side):
+            framed[:pixels] = flat[b]
+            for i in range(side):  # where each output pixel comes from (a loop the compiler vectorises)
                 along_y0, along_y1 = base[i] * s10, base[i] * s11
                 for j in range(side):
-                    gx = (base[j] * s00 + along_y0) + s20
-                    gy = (base[j] * s01 + along_y1) + s21
-                    ix = np.rint((gx + one) * half_side - half)
-                    iy = np.rint((gy + one) * half_side - half)
-                    if 0 <= ix < side and 0 <= iy < side:
-                        out[b, i, j] = table[images[b, int(iy), int(ix)]]
-                    else:  # outside, or NaN
-                        out[b, i, j] = table[fill]
+                    ix = np.rint(((base[j] * s00 + along_y0) + s20 + one) * half_side - half)
+                    iy = np.rint(((base[j] * s01 + along_y1) + s21 + one) * half_side - half)
+                    inside = (ix >= 0) & (ix < side) & (iy >= 0) & (iy < side)  # NaN: outside
+                    where[i * side + j] = np.int64(iy * side + ix) if inside else pixels
+            for p in range(pixels):  # then the gather and the table
+                flat_out[b, p] = table[framed[where[p]]]
 
     return affine_nearest
 
@@ -61,6 +65,29 @@ def affine_nearest(images: np.ndarray, scaled: np.ndarray, base: np.ndarray, fil
     the inverse affine matrix transposed and divided by half the side, as ``_affine_grid``
     makes it), unnormalised and rounded half to even as ``grid_sample``'s nearest does, or
     ``fill`` (uint8) outside. ``table``: 256 entries, the normalisation (float32) or the
-    identity (uint8)."""
-    _compiled()(images, scaled, base, np.uint8(fill), table, out)
+    identity (uint8). The batch is divided among ``torch.get_num_threads()`` threads (one
+    in DataLoader workers), at least 64 samples each."""
+    import torch
+
+    kernel, n = _compiled(), len(images)
+    threads = max(1, min(torch.get_num_threads(), n // 64))
+    cuts = np.linspace(0, n, threads + 1).astype(int)
+    parts = [(images[a:b], scaled[a:b], base, np.uint8(fill), table, out[a:b])
+             for a, b in zip(cuts, cuts[1:], strict=False)]
+    if threads == 1:
+        kernel(*parts[0])
+    else:
+        list(_pool(threads).map(lambda args: kernel(*args), parts))
     return out
+
+
+_pools = {}  # (process, threads) -> executor: a forked DataLoader worker makes its own
+
+
+def _pool(threads: int):
+    from concurrent.futures import ThreadPoolExecutor
+
+    key = (os.getpid(), threads)
+    if key not in _pools:
+        _pools[key] = ThreadPoolExecutor(threads, thread_name_prefix="fastmnist-kernel")
+    return _pools[key]
