@@ -146,7 +146,7 @@ def _case_details(transform) -> dict:
     return details
 
 
-AFFINE_STEPS = ("RandomAffine", "RandomRotation")
+AFFINE_STEPS = ("RandomAffine", "RandomRotation", "RandomCrop")
 FUSED = [name for name, (t, mode) in CASES.items()  # one kernel from uint8 to normalised (kernels.py)
          if mode == NEAREST and any(type(s).__name__ in AFFINE_STEPS for s in t.transforms)]
 

@@ -89,10 +89,10 @@ class Augment:
 
     def fusable(self, device: torch.device) -> bool:
         """Whether ``images`` then the normalisation run as one kernel here: a single nearest
-        ``RandomAffine`` or ``RandomRotation`` step, on the CPU, with numba."""
+        ``RandomAffine`` or ``RandomRotation`` step or a ``RandomCrop``, on the CPU, with numba."""
         one = self.geometric[0] if len(self.geometric) == 1 else None
-        return (device.type == "cpu" and isinstance(one, (_Affine, _Rotation)) and one.mode == "nearest"
-                and kernels.available())
+        return (device.type == "cpu" and kernels.available() and (
+            isinstance(one, _Crop) or isinstance(one, (_Affine, _Rotation)) and one.mode == "nearest"))
 
     def images_normalised(self, x: torch.Tensor, params: list[dict], table: np.ndarray,
                           out: torch.Tensor) -> torch.Tensor:
@@ -411,6 +411,14 @@ class _Crop:
         u = draw(2)
         return {"top": torch.from_numpy(_randint(u[:, 0], 0, self.height - SIDE + 1)),
                 "left": torch.from_numpy(_randint(u[:, 1], 0, self.width - SIDE + 1))}
+
+    def fused(self, x: torch.Tensor, p: dict, table: np.ndarray, out: torch.Tensor) -> torch.Tensor:
+        """``table[apply(x, p)]`` into ``out`` in one pass, on the CPU (``kernels.shifted``)."""
+        b = len(x)
+        kernels.shifted(x.reshape(b, SIDE, SIDE).numpy(), (p["top"] - self.top).numpy(),
+                        (p["left"] - self.left).numpy(), round(self.fill), table,
+                        out.view(b, SIDE, SIDE).numpy())
+        return out
 
     def apply(self, x: torch.Tensor, p: dict) -> torch.Tensor:
         rows = torch.arange(SIDE, device=x.device)

@@ -53,7 +53,35 @@ def _compiled():
             for p in range(pixels):  # then the gather and the table
                 flat_out[b, p] = table[framed[where[p]]]
 
-    return affine_nearest
+    @numba.njit(cache=True, nogil=True, boundscheck=False)
+    def shifted(images, rows, columns, fill, table, out):
+        side = images.shape[1]
+        pixels = side * side
+        flat, flat_out = images.reshape(images.shape[0], pixels), out.reshape(images.shape[0], pixels)
+        framed = np.empty(pixels + 1, np.uint8)
+        framed[pixels] = fill
+        where = np.empty(pixels, np.int64)
+        for b in range(images.shape[0]):
+            framed[:pixels] = flat[b]
+            for i in range(side):
+                iy = i + rows[b]
+                for j in range(side):
+                    ix = j + columns[b]
+                    inside = (ix >= 0) & (ix < side) & (iy >= 0) & (iy < side)
+                    where[i * side + j] = iy * side + ix if inside else pixels
+            for p in range(pixels):
+                flat_out[b, p] = table[framed[where[p]]]
+
+    return {"affine_nearest": affine_nearest, "shifted": shifted}
+
+
+def shifted(images: np.ndarray, rows: np.ndarray, columns: np.ndarray, fill: int, table: np.ndarray,
+            out: np.ndarray) -> np.ndarray:
+    """uint8 ``images`` ``(B, 28, 28)`` moved into ``out`` (the dtype of ``table``): output
+    pixel ``(i, j)`` of sample ``b`` is ``table[v]``, ``v`` the source pixel at row
+    ``i + rows[b]``, column ``j + columns[b]`` (int64 ``(B,)``), or ``fill`` outside: a
+    padded ``RandomCrop``."""
+    return _run("shifted", (images, rows, columns), (np.uint8(fill), table), out)
 
 
 def affine_nearest(images: np.ndarray, scaled: np.ndarray, base: np.ndarray, fill: int, table: np.ndarray,
@@ -65,19 +93,25 @@ def affine_nearest(images: np.ndarray, scaled: np.ndarray, base: np.ndarray, fil
     the inverse affine matrix transposed and divided by half the side, as ``_affine_grid``
     makes it), unnormalised and rounded half to even as ``grid_sample``'s nearest does, or
     ``fill`` (uint8) outside. ``table``: 256 entries, the normalisation (float32) or the
-    identity (uint8). The batch is divided among ``torch.get_num_threads()`` threads (one
-    in DataLoader workers), at least 64 samples each."""
+    identity (uint8)."""
+    return _run("affine_nearest", (images, scaled), (base, np.uint8(fill), table), out)
+
+
+def _run(name: str, per_sample: tuple, shared: tuple, out: np.ndarray) -> np.ndarray:
+    """``kernel(*per_sample, *shared, out)`` for kernel ``name``, the samples (the rows of
+    ``per_sample`` and ``out``) divided among ``torch.get_num_threads()`` threads (one in
+    DataLoader workers), at least 64 each."""
     import torch
 
-    kernel, n = _compiled(), len(images)
+    kernel, n = _compiled()[name], len(out)
     threads = max(1, min(torch.get_num_threads(), n // 64))
     cuts = np.linspace(0, n, threads + 1).astype(int)
-    parts = [(images[a:b], scaled[a:b], base, np.uint8(fill), table, out[a:b])
-             for a, b in zip(cuts, cuts[1:], strict=False)]
+    parts = [(*(a[lo:hi] for a in per_sample), *shared, out[lo:hi])
+             for lo, hi in zip(cuts, cuts[1:], strict=False)]
     if threads == 1:
         kernel(*parts[0])
     else:
-        list(_pool(threads).map(lambda args: kernel(*args), parts))
+        list(_pool(threads).map(lambda part: kernel(*part), parts))
     return out
 
 
