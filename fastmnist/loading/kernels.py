@@ -55,22 +55,19 @@ def _compiled():
 
     @numba.njit(cache=True, nogil=True, boundscheck=False)
     def shifted(images, rows, columns, fill, table, out):
-        side = images.shape[1]
-        pixels = side * side
-        flat, flat_out = images.reshape(images.shape[0], pixels), out.reshape(images.shape[0], pixels)
-        framed = np.empty(pixels + 1, np.uint8)
-        framed[pixels] = fill
-        where = np.empty(pixels, np.int64)
+        side, outside = images.shape[1], table[fill]
         for b in range(images.shape[0]):
-            framed[:pixels] = flat[b]
+            dx = columns[b]
+            first, stop = min(max(-dx, 0), side), max(min(side - dx, side), 0)  # columns inside
             for i in range(side):
                 iy = i + rows[b]
-                for j in range(side):
-                    ix = j + columns[b]
-                    inside = (ix >= 0) & (ix < side) & (iy >= 0) & (iy < side)
-                    where[i * side + j] = iy * side + ix if inside else pixels
-            for p in range(pixels):
-                flat_out[b, p] = table[framed[where[p]]]
+                if iy < 0 or iy >= side:
+                    out[b, i, :] = outside
+                    continue
+                out[b, i, :first] = outside
+                for j in range(first, stop):
+                    out[b, i, j] = table[images[b, iy, j + dx]]
+                out[b, i, stop:] = outside
 
     return {"affine_nearest": affine_nearest, "shifted": shifted}
 
