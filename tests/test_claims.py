@@ -286,3 +286,12 @@ def test_a_states_intervals_are_bounded_and_typed(indexed_shards):
         step |= {"drop_last": drop_last, "even": even}
         with pytest.raises(FastMNISTError, match="drop_last and even must be true or false"):
             plan.check_state({**state, "step": list(step.values())}, expected, INDEXED_N)
+
+
+def test_a_refused_states_value_is_shown_whole_up_to_80_characters(indexed_shards):
+    loader, state = _state(indexed_shards)
+    expected = {k: state[k] for k in loader._plan.identity}
+    for text, shown in (("e" * 78, repr("e" * 78)), ("e" * 79, repr("e" * 79)[:77] + "...")):
+        with pytest.raises(FastMNISTError) as refused:
+            plan.check_state({**state, "epoch": text}, expected, INDEXED_N)
+        assert str(refused.value).endswith(f"got {shown}")
