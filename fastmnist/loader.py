@@ -77,7 +77,11 @@ class FastMNISTLoader(IterableDataset):
             give the same bits.
         normalize: False yields the uint8 images as stored.
         resident: copy the whole split onto ``device`` once and gather there.
-        pin_memory: put host batches in pinned memory; default: when CUDA is available.
+        pin_memory: put host batches in pinned memory (with ``device="cpu"``, for a loop that
+            copies them to a GPU itself); default: no (``device="cuda"`` stages its copies in
+            pinned memory whatever this says). Never inside a DataLoader worker, whose batches
+            reach the main process through shared memory: give the DataLoader
+            ``pin_memory=True`` instead.
         prefetch: batches copied ahead to CUDA, and shards fetched ahead when streaming.
         verify: check every file's sha256 against the manifest when opening (streamed
             shards: as each arrives); sizes and the tar layout are always checked.
@@ -167,8 +171,10 @@ class FastMNISTLoader(IterableDataset):
                                  f"batch yourself (x.to({str(self.device)!r}))")
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise FastMNISTError(f"device={device!r} asked for, but CUDA is not available here")
+        if self.device.type == "cuda" and self.device.index is None:  # fixed now, for every part
+            self.device = torch.device("cuda", torch.cuda.current_device())
         if pin_memory is None:
-            pin_memory = torch.cuda.is_available()
+            pin_memory = self.device.type == "cuda"
         elif pin_memory and not torch.cuda.is_available():
             raise FastMNISTError("pin_memory=True needs CUDA, which is not available here")
         rank, world_size = _distributed(rank, world_size)
@@ -322,6 +328,13 @@ class FastMNISTLoader(IterableDataset):
 
     def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         worker = get_worker_info()
+        if worker is not None and (self.device.type == "cuda" or self.resident):
+            made = f"device={str(self.device)!r}" if self.device.type == "cuda" else "resident=True"
+            raise FastMNISTError(
+                f"a loader with {made} cannot run in a DataLoader worker (a worker process cannot hand "
+                "CUDA tensors or a resident copy to the main process cheaply): iterate the loader itself, "
+                "which prefetches to the GPU on a side stream; or make it with device='cpu' and give the "
+                "DataLoader pin_memory=True")
         k, w = (1, 0) if worker is None else (worker.num_workers, worker.id)
         if w == 0 and worker is not None and self.source.random_access:
             warnings.warn(WORKER_WARNING, stacklevel=2)

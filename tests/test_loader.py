@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from fastmnist import FastMNISTError, FastMNISTLoader, convert
-from fastmnist.formats.normalize import lookup_table, normalize_u8, normalize_u8_numpy, normalizer
+from fastmnist.formats.normalize import Normalizer, lookup_table, normalize_u8, normalize_u8_numpy
 from fastmnist.loading.order import LOCALITY_WINDOW, block_order, epoch_order, rank_share
 
 from .conftest import INDEXED_N, batch_indices, decode_indices, seed_pipeline
@@ -63,7 +63,7 @@ def test_both_normalisers_give_torchvisions_bits(mean, std):
     got = normalize_u8_numpy(batch, mean, std, out=np.empty(batch.shape, np.float32))
     assert torch.equal(torch.from_numpy(got), reference)
     assert torch.equal(normalize_u8(torch.from_numpy(batch), mean, std), reference)
-    assert torch.equal(normalizer(mean, std, torch.device("cpu"))(torch.from_numpy(batch)), reference)
+    assert torch.equal(Normalizer(mean, std, torch.device("cpu"))(torch.from_numpy(batch)), reference)
     # the table a GPU looks its pixels up in, computed here on the CPU
     assert torch.equal(torch.from_numpy(lookup_table(mean, std)).view(1, 1, 16, 16), reference)
 
@@ -79,7 +79,7 @@ def test_both_normalisers_give_v2s_bits_for_v2s_scaling(mean, std):
     reference = tf(pixels)
     assert not torch.equal(reference, normalize_u8(pixels, mean, std))  # the two scalings differ here
     assert torch.equal(normalize_u8(pixels, mean, std, reciprocal=True), reference)
-    assert torch.equal(normalizer(mean, std, torch.device("cpu"), reciprocal=True)(pixels), reference)
+    assert torch.equal(Normalizer(mean, std, torch.device("cpu"), reciprocal=True)(pixels), reference)
     table = torch.from_numpy(lookup_table(mean, std, reciprocal=True))
     assert torch.equal(table.view(1, 1, 16, 16), reference)
 

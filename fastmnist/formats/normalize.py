@@ -44,13 +44,27 @@ def normalize_u8(images, mean, std, out=None, reciprocal: bool = False):
     return x.sub_(torch.as_tensor(mean, dtype=torch.float32)).div_(torch.as_tensor(std, dtype=torch.float32))
 
 
-def normalizer(mean: float, std: float, device, reciprocal: bool = False):
-    """A function uint8 torch images on ``device`` -> float32 normalised, equal to the CPU
-    result: the arithmetic on the CPU (into ``out=`` when given), a table lookup elsewhere."""
-    import torch
+class Normalizer:
+    """Called with uint8 torch images on ``device``: float32 normalised, equal to the CPU
+    result: the arithmetic on the CPU (into ``out=`` when given), a table lookup elsewhere.
+    Plain data only, so a loader holding one pickles (DataLoader workers under spawn)."""
 
-    if device.type == "cpu":
-        m, s = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
-        return lambda x, out=None: normalize_u8(x, m, s, out, reciprocal)
-    table = torch.from_numpy(lookup_table(mean, std, reciprocal)).to(device)
-    return lambda x: table[x.long()]
+    def __init__(self, mean: float, std: float, device, reciprocal: bool = False):
+        self.mean, self.std, self.device, self.reciprocal = mean, std, device, reciprocal
+        self._made = None  # float32 (mean, std) tensors, or the table on the device: made on first use
+
+    def __call__(self, x, out=None):
+        import torch
+
+        if self._made is None:
+            if self.device.type == "cpu":
+                self._made = tuple(torch.tensor(v, dtype=torch.float32) for v in (self.mean, self.std))
+            else:
+                table = lookup_table(self.mean, self.std, self.reciprocal)
+                self._made = torch.from_numpy(table).to(self.device)
+        if self.device.type == "cpu":
+            return normalize_u8(x, *self._made, out, self.reciprocal)
+        return self._made[x.long()]
+
+    def __getstate__(self):
+        return {**self.__dict__, "_made": None}

@@ -11,8 +11,9 @@ class SplitDataset(torch.utils.data.Dataset):
     ``ToTensor()`` + ``Normalize`` is: ``len()`` is the split's sample count (all ranks
     together, as ``len(DataLoader.dataset)``); ``ds[i]`` is ``(x, label)``, x float32
     ``[1, 28, 28]`` (uint8 with ``normalize=False``) and label an int (int64 ``[8]`` for
-    ``qmnist-extended``); ``targets`` the int64 labels ``(N,)`` (``(N, 8)``). Indexing needs
-    a local set: streamed shards have no random access."""
+    ``qmnist-extended``); ``targets`` the int64 labels ``(N,)`` (``(N, 8)``). Both on the
+    CPU, as torchvision's are, whatever the loader's device (a resident split included).
+    Indexing needs a local set: streamed shards have no random access."""
 
     def __init__(self, loader):
         self.loader = loader
@@ -24,17 +25,18 @@ class SplitDataset(torch.utils.data.Dataset):
         n = len(self)
         if not isinstance(index, int) or not -n <= index < n:
             raise IndexError(f"sample index {index!r} out of range for {n} samples")
-        x, y = self._source().gather(torch.tensor([index % n]))
-        loader = self.loader
+        source = self._source()
+        x, y = source.gather(torch.tensor([index % n], device=source.tensors[0].device))
+        x, y, loader = x.cpu(), y.cpu(), self.loader
         if loader.normalize and x.dtype == torch.uint8:
             from ..formats.normalize import normalize_u8
 
-            x = normalize_u8(x.cpu(), loader.info.mean, loader.info.std)
+            x = normalize_u8(x, loader.info.mean, loader.info.std)
         return x[0], int(y[0]) if y.dim() == 1 else y[0]  # qmnist-extended: int64 (8,)
 
     @property
     def targets(self) -> torch.Tensor:
-        return self._source().tensors[1]
+        return self._source().tensors[1].cpu()
 
     def _source(self):
         source = self.loader.source

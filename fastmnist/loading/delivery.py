@@ -18,9 +18,10 @@ a :class:`Finish` (augmented, normalised).
 import functools
 
 import torch
+from torch.utils.data import get_worker_info
 
 from ..formats.manifest import IMAGE_SHAPE
-from ..formats.normalize import lookup_table, normalizer
+from ..formats.normalize import Normalizer, lookup_table
 from .buffers import BufferPool
 from .device import prefetch_to_cuda
 from .sources import empty_batch
@@ -35,7 +36,7 @@ def choose(source, device: torch.device, normalize: bool, resident: bool, pin: b
     to_float = None  # uint8 -> float32 normalised, where the source gathers uint8
     if normalize and source.dtype == torch.uint8:
         reciprocal = augment is not None and augment.reciprocal  # as the user's transform scales
-        to_float = normalizer(source.info.mean, source.info.std, device, reciprocal)
+        to_float = Normalizer(source.info.mean, source.info.std, device, reciprocal)
     fused = None  # the normalisation as a lookup table, where augment's kernel normalises too
     if to_float is not None and augment is not None and augment.fusable(device):
         fused = lookup_table(source.info.mean, source.info.std, augment.reciprocal)
@@ -109,20 +110,20 @@ class Grouped:
 
 
 class PerBatch:
-    """One gather per batch, into new (pinned, if ``pin``) tensors, then finished (a new
-    tensor, pinned in its turn)."""
+    """One gather per batch, into new (pinned, if ``pin`` and not in a DataLoader worker)
+    tensors, then finished (a new tensor, pinned in its turn)."""
 
     def __init__(self, source, finish: Finish, pin: bool):
         self.source, self.finish, self.pin = source, finish, pin
 
     def batches(self, epoch_pass):
-        src = self.source
+        src, pin = self.source, self.pin and get_worker_info() is None  # a worker's batches are copied anyway
         changes = self.finish.makes_float or self.finish.augment is not None
         for idx in src.index_batches(epoch_pass):
-            out = empty_batch(src.dtype, len(idx), True, src.label_shape) if self.pin else ()
+            out = empty_batch(src.dtype, len(idx), True, src.label_shape) if pin else ()
             x, y = src.gather(idx, *out)
             x = self.finish(x, idx, epoch_pass.epoch)
-            yield (x.pin_memory() if self.pin and changes else x), y
+            yield (x.pin_memory() if pin and changes else x), y
 
 
 class CudaPrefetch:
