@@ -489,11 +489,11 @@ def test_augmented_on_the_gpu_equals_the_cpu(paired_sets):
         v1.RandomCrop(28, padding=2),
         erase=[v1.RandomErasing(p=0.5)],
     )
-    cpu = FastMNISTLoader(real, batch_size=256, seed=3, transform=tf)
     for device_loader in (
         FastMNISTLoader(real, batch_size=256, seed=3, transform=tf, device="cuda"),
         FastMNISTLoader(real, batch_size=256, seed=3, transform=tf, device="cuda", resident=True),
     ):
+        cpu = FastMNISTLoader(real, batch_size=256, seed=3, transform=tf)  # epoch 0 of each, compared
         for (x, y), (cx, cy) in zip(device_loader, cpu, strict=True):
             assert torch.equal(x.cpu(), cx) and torch.equal(y.cpu(), cy)
 

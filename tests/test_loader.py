@@ -333,20 +333,23 @@ def test_resident_cpu_and_unnormalised_modes(indexed_shards):
 
 @needs_cuda
 @pytest.mark.parametrize("mode", [{"resident": False}, {"resident": True},
-                                  {"resident": False, "source": "float32"}])
+                                  {"resident": False, "images": "float32"}])
 def test_cuda_paths_equal_the_cpu_result(real_shards, mode):
-    cpu = list(FastMNISTLoader(real_shards, split="test", batch_size=256, seed=4))
-    gpu = list(FastMNISTLoader(real_shards, split="test", batch_size=256, seed=4, device="cuda", **mode))
-    assert len(cpu) == len(gpu)
+    """Batch by batch as they arrive (each compared before the next is asked for, so a
+    batch overwritten later would show): the CPU loader's bits on the GPU."""
+    cpu = FastMNISTLoader(real_shards, split="test", batch_size=256, seed=4)
+    gpu = FastMNISTLoader(real_shards, split="test", batch_size=256, seed=4, device="cuda", **mode)
     for (x, y), (gx, gy) in zip(cpu, gpu, strict=True):
         assert gx.is_cuda and gy.is_cuda and gx.dtype == torch.float32
         assert torch.equal(gx.cpu(), x) and torch.equal(gy.cpu(), y)
 
 
 @needs_cuda
-def test_cpu_batches_are_pinned_when_cuda_is_present(indexed_shards):
-    x, y = next(iter(FastMNISTLoader(indexed_shards)))
+def test_cpu_batches_are_pinned_when_asked(indexed_shards):
+    x, y = next(iter(FastMNISTLoader(indexed_shards, pin_memory=True)))
     assert x.is_pinned() and y.is_pinned()
+    x, y = next(iter(FastMNISTLoader(indexed_shards)))
+    assert not x.is_pinned() and not y.is_pinned()
 
 
 def test_converted_set_of_other_split_sizes(tmp_path):

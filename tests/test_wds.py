@@ -115,9 +115,9 @@ def test_streamed_batches_equal_torchvision_on_real_data(real_both, torchvision_
 def test_streamed_cuda_batches_equal_the_cpu_result(real_both):
     url = f"file://{real_both}/"
     cpu = list(FastMNISTLoader(url, split="test", batch_size=256, seed=4))
-    gpu = list(FastMNISTLoader(url, split="test", batch_size=256, seed=4, device="cuda"))
+    gpu = FastMNISTLoader(url, split="test", batch_size=256, seed=4, device="cuda")
     assert len(cpu) == len(gpu) == 40
-    for (x, y), (gx, gy) in zip(cpu, gpu, strict=True):
+    for (x, y), (gx, gy) in zip(cpu, gpu, strict=True):  # each GPU batch checked as it arrives
         assert gx.is_cuda and gx.dtype == torch.float32
         assert torch.equal(gx.cpu(), x) and torch.equal(gy.cpu(), y)
 
