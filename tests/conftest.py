@@ -21,6 +21,12 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n N`: N workers share the 
     workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // workers))
 
+def pytest_report_header() -> str:
+    """The CPU kernels torch dispatches to here: bilinear resampling's last bits depend on them
+    (tests/test_augment.py runs its torchvision comparisons on the default kernels too)."""
+    return f"torch {torch.__version__}, cpu capability: {torch.backends.cpu.get_cpu_capability()}"
+
+
 REAL_ROOT = Path(os.environ.get(
     "FASTMNIST_REAL_DATA", Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist-t10k"))
 

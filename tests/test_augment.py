@@ -578,3 +578,20 @@ def test_a_perspective_that_divides_by_0_is_torchvisions(real_shards, real_root,
         replayed = _replay(images[i], row, interpolation, 0.0)
         reference = F.normalize(F.to_dtype(replayed, torch.float32, scale=True), [MEAN], [STD])
         assert torch.equal(x[i], reference), (i, bool(degenerate[i]))
+
+
+def test_the_torchvision_comparisons_hold_on_the_default_cpu_kernels(real_shards):
+    """Bilinear resampling rounds differently on torch's default (non-AVX2) CPU kernels than
+    on AVX2/AVX512 ones: every step compared with torchvision again, in a process whose torch
+    runs the default kernels (``ATEN_CPU_CAPABILITY=default``), where both sides use them."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-k", "same_parameters",
+               "tests/test_augment.py"]
+    done = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=600,  # no -q: the header
+                          env={**os.environ, "ATEN_CPU_CAPABILITY": "default"})  # says which kernels ran
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert "cpu capability: DEFAULT" in done.stdout and " passed" in done.stdout
