@@ -295,3 +295,19 @@ def test_a_refused_states_value_is_shown_whole_up_to_80_characters(indexed_shard
         with pytest.raises(FastMNISTError) as refused:
             plan.check_state({**state, "epoch": text}, expected, INDEXED_N)
         assert str(refused.value).endswith(f"got {shown}")
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_each_pass_of_a_dataloader_runs_the_next_epoch(indexed_shards, persistent):
+    """Passes of DataLoader(loader, num_workers=2) run epochs 0, 1, 2 as iterating the loader
+    directly does, whether its workers are made anew each pass or persist; and the loader
+    then knows three epochs ran."""
+    def make():
+        return FastMNISTLoader(indexed_shards, batch_size=50, normalize=False, seed=8)
+
+    direct = make()
+    expected = [batch_indices(direct) for _ in range(3)]
+    loader = make()
+    workers = DataLoader(loader, batch_size=None, num_workers=2, persistent_workers=persistent)
+    assert [batch_indices(workers) for _ in range(3)] == expected
+    assert len({tuple(sum(e, [])) for e in expected}) == 3 and loader.epoch == 3
