@@ -311,3 +311,52 @@ def test_each_pass_of_a_dataloader_runs_the_next_epoch(indexed_shards, persisten
     workers = DataLoader(loader, batch_size=None, num_workers=2, persistent_workers=persistent)
     assert [batch_indices(workers) for _ in range(3)] == expected
     assert len({tuple(sum(e, [])) for e in expected}) == 3 and loader.epoch == 3
+
+
+def test_a_state_taken_after_a_whole_epoch_starts_the_next(indexed_shards):
+    def make():
+        return FastMNISTLoader(indexed_shards, batch_size=100, normalize=False, seed=5)
+
+    direct = make()
+    first, second = batch_indices(direct), batch_indices(direct)
+    loader = make()
+    assert batch_indices(loader) == first
+    state = loader.state_dict()
+    assert state["epoch"] == 1 and state["consumed"] == []
+    resumed = make()
+    resumed.load_state_dict(state)
+    assert resumed.epoch == 1 and batch_indices(resumed) == second
+
+
+def test_set_epoch_keeps_a_loaded_state_of_that_epoch_and_drops_another(indexed_shards):
+    def make():
+        return FastMNISTLoader(indexed_shards, batch_size=100, normalize=False, seed=5)
+
+    loader = make()
+    loader.set_epoch(2)
+    it = iter(loader)
+    head = [next(it) for _ in range(3)]
+    state = loader.state_dict()
+    whole_two = batch_indices(_epoch_of(make(), 2))
+    same = make()
+    same.load_state_dict(state)
+    same.set_epoch(2)  # as a DistributedSampler loop calls it: the saved position stays
+    assert batch_indices(head) + batch_indices(same) == whole_two
+    other = make()
+    other.load_state_dict(state)
+    other.set_epoch(3)  # another epoch: the saved position is dropped
+    assert batch_indices(other) == batch_indices(_epoch_of(make(), 3))
+
+
+def _epoch_of(loader, epoch: int):
+    loader.set_epoch(epoch)
+    return list(loader)
+
+
+def test_the_epochs_workers_ran_are_recorded_from_iteration_and_epoch_zero():
+    ran = plan.WorkerEpochs()
+    assert ran.last() is None
+    ran.record(0, 0)  # the first pass of epoch 0: all zero bits, still a record
+    assert ran.last() == (0, 0) and ran.take() == 0 and ran.last() is None and ran.take() is None
+    ran.record(plan.WorkerEpochs.PASS, 7)
+    assert ran.last() == (plan.WorkerEpochs.PASS, 7)
