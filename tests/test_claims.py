@@ -360,3 +360,25 @@ def test_the_epochs_workers_ran_are_recorded_from_iteration_and_epoch_zero():
     assert ran.last() == (0, 0) and ran.take() == 0 and ran.last() is None and ran.take() is None
     ran.record(plan.WorkerEpochs.PASS, 7)
     assert ran.last() == (plan.WorkerEpochs.PASS, 7)
+
+
+def test_a_snapshot_at_the_end_of_a_relaid_epoch_starts_the_next(indexed_shards):
+    """A state loaded into another batch size lays the rest of its epoch out anew (a base of
+    consumed positions); a StatefulDataLoader state taken when that rest is done, counted
+    from a snapshot at its start, resumes at the next epoch, as direct iteration goes on."""
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    def make(batch_size):
+        return FastMNISTLoader(indexed_shards, batch_size=batch_size, normalize=False, seed=5)
+
+    first = make(100)
+    it = iter(first)
+    seen = sum(batch_indices([next(it) for _ in range(3)]), [])
+    loader = make(50)
+    loader.load_state_dict(first.state_dict())
+    dl = StatefulDataLoader(loader, batch_size=None, num_workers=1, snapshot_every_n_steps=1000)
+    rest = sum(batch_indices(dl), [])  # the snapshot is the worker's first: all the rest is counted on it
+    assert sorted(seen + rest) == list(range(INDEXED_N))
+    again = StatefulDataLoader(make(50), batch_size=None, num_workers=1)
+    again.load_state_dict(dl.state_dict())
+    assert batch_indices(again) == batch_indices(_epoch_of(make(50), 1))
