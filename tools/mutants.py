@@ -9,11 +9,13 @@ against the copy (``pytest -x -q -p no:cacheprovider``, stopped at the first fai
 mutant is killed when they fail, survives when they pass. Prints a line per mutant, then the
 score and the survivors (each to be killed by a new test, or explained as equivalent in
 docs/reliability.md); ``--only 3,17`` runs those mutants only (the survivors of a run with
-quick tests, against slower ones).
+quick tests, against slower ones). The tests run with ``CI=true`` and the real digits of
+``../shared/data/mnist-t10k`` (or ``FASTMNIST_REAL_DATA``), as the README's test command runs them.
 """
 
 import argparse
 import ast
+import os
 import shutil
 import subprocess
 import sys
@@ -22,6 +24,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+REAL_DATA = REPO.parent / "shared" / "data" / "mnist-t10k"
 SWAPS = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.FloorDiv, ast.FloorDiv: ast.Mult,
          ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq,
          ast.NotEq: ast.Eq, ast.And: ast.Or, ast.Or: ast.And, ast.Mod: ast.FloorDiv}
@@ -78,11 +81,14 @@ def main() -> int:
         skipped = shutil.ignore_patterns(".venv", ".git", "data", "shards", "results", "*.egg-info",
                                          "__pycache__")
         shutil.copytree(REPO, copy, ignore=skipped)
+        # the copy is not beside ../shared: point the tests at the real digits, and make them
+        # fail rather than skip without them (a skipped comparison would let mutants live)
+        environment = {"PYTHONPATH": str(copy), "PATH": "/usr/bin:/bin", "HOME": tmp, "CI": "true",
+                       "FASTMNIST_REAL_DATA": os.environ.get("FASTMNIST_REAL_DATA", str(REAL_DATA))}
         for number, (line, description, mutated) in found:
             (copy / args.module).write_text(mutated)
             done = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
-                                   *args.tests], cwd=copy, capture_output=True, env={"PYTHONPATH": str(copy),
-                                   "PATH": "/usr/bin:/bin", "HOME": tmp})
+                                   *args.tests], cwd=copy, capture_output=True, env=environment)
             killed = done.returncode != 0
             if not killed:
                 survivors.append((number, line, description))
