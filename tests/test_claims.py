@@ -82,7 +82,8 @@ def test_augmentation_steps_draw_independently(indexed_shards):
     epochs of 1,003 samples (steps drawing from the same numbers correlate near 1)."""
     from torchvision import transforms
 
-    tf = transforms.Compose([transforms.RandomAffine(30, translate=(0.1, 0.1)),
+    tf = transforms.Compose([transforms.RandomAffine(30, translate=(0.1, 0.1), scale=(0.8, 1.2),
+                                                     shear=(-10, 10, -5, 5)),
                              transforms.RandomCrop(28, padding=4), transforms.RandomRotation(45),
                              transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
     loader = FastMNISTLoader(indexed_shards, transform=tf)
@@ -90,8 +91,11 @@ def test_augmentation_steps_draw_independently(indexed_shards):
     for epoch in range(20):
         affine, crop, rotation = loader.augmentation_params(epoch, torch.arange(INDEXED_N))
         for name, values in (("affine angle", affine["angle"]), ("affine dx", affine["translate"][:, 0]),
-                             ("affine dy", affine["translate"][:, 1]), ("crop top", crop["top"]),
-                             ("crop left", crop["left"]), ("rotation", rotation["angle"])):
+                             ("affine dy", affine["translate"][:, 1]), ("affine scale", affine["scale"]),
+                             ("affine shear x", affine["shear"][:, 0]),
+                             ("affine shear y", affine["shear"][:, 1]),
+                             ("crop top", crop["top"]), ("crop left", crop["left"]),
+                             ("rotation", rotation["angle"])):
             draws.setdefault(name, []).append(values.double().numpy())
     names = list(draws)
     matrix = np.corrcoef(np.stack([np.concatenate(draws[n]) for n in names]))
