@@ -67,13 +67,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("module", help="the module to mutate, relative to the repository")
     parser.add_argument("tests", nargs="+", help="the tests that cover it")
-    parser.add_argument("--only", help="comma-separated mutant numbers (those another run's tests let "
-                                       "survive, say): run these only")
+    parser.add_argument("--only", help="comma-separated mutant numbers or ranges, 3,17,40-60 (those "
+                                       "another run's tests let survive, say): run these only")
     args = parser.parse_args()
     original = (REPO / args.module).read_text()
     found = list(enumerate(mutants(original), 1))
     if args.only:
-        wanted = {int(n) for n in args.only.split(",")}
+        wanted = set()
+        for part in args.only.split(","):
+            first, _, last = part.partition("-")
+            wanted.update(range(int(first), int(last or first) + 1))
         found = [(n, m) for n, m in found if n in wanted]
     survivors, start = [], time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
