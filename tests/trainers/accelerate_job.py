@@ -44,4 +44,7 @@ for x, y in loader:
     if job.phase == "stop" and step == job.steps:
         accelerator.save_state(job.run / "checkpoint")
         break
-accelerator.end_training()  # destroys the process group while the interpreter is whole
+# the DDP wrapper holds the gloo group: released first, destroy_process_group ends the group here,
+# not during the interpreter's exit, where gloo can abort the process
+model, optimizer = accelerator.free_memory(model, optimizer)
+accelerator.end_training()
