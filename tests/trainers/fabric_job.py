@@ -33,4 +33,5 @@ for x, y in train_dataloader:
     if job.phase == "stop" and state["step"] == job.steps:
         fabric.save(job.run / "checkpoint.ckpt", state)
         break
+del model, optimizer, state  # the DDP wrapper holds the group: destroyed here, not at the exit
 torch.distributed.destroy_process_group()  # a gloo group left to the interpreter's exit can abort it
