@@ -18,7 +18,6 @@ import torch
 from torchvision import transforms
 
 from fastmnist import FastMNISTLoader, open_shards
-from fastmnist.formats.normalize import lookup_table
 from fastmnist.loading import kernels
 
 ROUNDS = 7
@@ -77,21 +76,23 @@ def test_fused_kernel_against_the_torch_path(benchmark, bench_data):
 
 
 def _time_split(fused, torch_path, info: dict) -> None:
-    """us per sample of a 1,024-sample group: the parameter draws, the fused kernel, and the
-    torch path's resampling then normalisation (medians of 20)."""
-    augment, table = fused._augment, lookup_table(fused.info.mean, fused.info.std)
-    x, _ = fused.source.gather(torch.arange(1024))
-    x = x.clone()
-    normalise = torch_path._delivery.finish.to_float
-    parts = {"params": lambda: augment.params(0, torch.arange(1024)),
-             "fused kernel": lambda p: augment.images_normalised(x, p, table, torch.empty(x.shape)),
-             "torch resample + normalise": lambda p: normalise(augment.images(x, p))}
+    """us per sample of a 1,024-sample group (medians of 20): the fused kernel (draws, grid,
+    gather and normalisation in one call), and the torch path's parts: the parameter draws,
+    the resampling, the normalisation."""
+    augment, x = fused._augment, fused.source.gather(torch.arange(1024))[0].clone()
+    norm, normalise = fused._delivery.finish.fused, torch_path._delivery.finish.to_float
     params = augment.params(0, torch.arange(1024))
+    resampled = augment.images(x, params)
+    out = torch.empty(x.shape)
+    parts = {"fused kernel": lambda: augment.images_normalised(x, 0, torch.arange(1024), norm, out),
+             "torch path: params": lambda: augment.params(0, torch.arange(1024)),
+             "torch path: resample": lambda: augment.images(x, params),
+             "torch path: normalise": lambda: normalise(resampled)}
     for name, run in parts.items():
         times = []
         for _ in range(20):
             start = time.perf_counter()
-            run() if name == "params" else run(params)
+            run()
             times.append((time.perf_counter() - start) / 1024 * 1e6)
         info[f"us per sample: {name}"] = round(statistics.median(times), 3)
         print(f"{name:>36}: {statistics.median(times):.3f} us per sample")

@@ -61,6 +61,12 @@ CASES = {  # name -> (transform, interpolation of its geometric step)
         BILINEAR,
     ),
     "rotation by quarter turns": (_v1(v1.RandomRotation((90, 90))), NEAREST),
+    "rotation by -90 degrees (three quarter turns)": (_v1(v1.RandomRotation((-90, -90))), NEAREST),
+    "rotation by a half turn v2, fill": (_v2(v2.RandomRotation((180, 180), fill=7)), NEAREST),
+    "rotation by 360 degrees (none)": (_v1(v1.RandomRotation((360, 360))), NEAREST),
+    "rotation by -1e-30 degrees (360 after % 360: no quarter turn)": (
+        _v1(v1.RandomRotation((-1e-30, -1e-30))), NEAREST),
+    "affine, an angle only, v2": (_v2(v2.RandomAffine((-45, 45))), NEAREST),
     "affine extremes, fill": (_v1(v1.RandomAffine(180, translate=(0.5, 0.5), scale=(0.3, 2.5),
                                                   shear=(-89, 89, -85, 85), fill=77)), NEAREST),
     "affine v2 extremes, white fill": (

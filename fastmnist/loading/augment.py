@@ -33,12 +33,16 @@ _MASK = (1 << 64) - 1
 def uniforms(seed: int, epoch: int, step: int, indices, draws: int) -> np.ndarray:
     """float64 ``(len(indices), draws)`` in [0, 1): draw ``d`` of step ``step`` for each
     sample index, a pure function of (seed, epoch, step, index, d)."""
+    idx = np.asarray(indices, dtype=np.int64).astype(np.uint64)
+    h = _mix(_mix(step_key(seed, epoch, step) ^ idx)[:, None] ^ np.arange(draws, dtype=np.uint64)[None, :])
+    return (h >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def step_key(seed: int, epoch: int, step: int) -> np.uint64:
+    """The key of step ``step``'s draws in ``epoch``, from which ``uniforms`` draws."""
     key = _mix(np.uint64((seed & _MASK) ^ 0x5EED))
     key = _mix(key ^ np.uint64(epoch & _MASK))
-    key = _mix(key ^ np.uint64(step & _MASK))
-    idx = np.asarray(indices, dtype=np.int64).astype(np.uint64)
-    h = _mix(_mix(key ^ idx)[:, None] ^ np.arange(draws, dtype=np.uint64)[None, :])
-    return (h >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+    return _mix(key ^ np.uint64(step & _MASK))
 
 
 def _mix(z):
@@ -72,14 +76,14 @@ class Augment:
     def steps(self) -> list:
         return [*self.geometric, *self.erasing]
 
-    def params(self, epoch: int, indices) -> list[dict]:
-        """The parameters of every step for the samples ``indices`` (int64) of ``epoch``: one
-        dict per step, ``{"transform": name, ...}``, each value a CPU tensor with one row per
-        sample (as ``FastMNISTLoader.augmentation_params`` returns them)."""
+    def params(self, epoch: int, indices, first: int = 0) -> list[dict]:
+        """The parameters of every step (from step ``first`` on) for the samples ``indices``
+        (int64) of ``epoch``: one dict per step, ``{"transform": name, ...}``, each value a CPU
+        tensor with one row per sample (as ``FastMNISTLoader.augmentation_params`` returns them)."""
         indices = torch.as_tensor(indices, dtype=torch.int64).cpu().numpy()
         return [{"transform": step.name, **step.params(
             lambda draws, n=number: uniforms(self.seed, epoch, n, indices, draws))}
-            for number, step in enumerate(self.steps)]
+            for number, step in enumerate(self.steps) if number >= first]
 
     def images(self, x: torch.Tensor, params: list[dict]) -> torch.Tensor:
         """uint8 ``(B, 1, 28, 28)`` images -> uint8, the geometric steps applied with their
@@ -95,15 +99,21 @@ class Augment:
         return (device.type == "cpu" and kernels.available() and (
             isinstance(one, _Crop) or isinstance(one, (_Affine, _Rotation)) and one.mode == "nearest"))
 
-    def images_normalised(self, x: torch.Tensor, params: list[dict], table: np.ndarray,
+    def images_normalised(self, x: torch.Tensor, epoch: int, indices, norm: np.ndarray,
                           out: torch.Tensor) -> torch.Tensor:
-        """uint8 ``(B, 1, 28, 28)`` -> float32 ``table[images(x, params)]`` into ``out`` (same
-        shape) in one pass, where ``fusable``: ``table`` is the normalisation's lookup table."""
-        return self.geometric[0].fused(x, params[0], table, out)
+        """uint8 ``(B, 1, 28, 28)`` images of the samples ``indices`` (int64) of ``epoch`` ->
+        float32 ``normalised(images(x, params))`` into ``out`` (same shape) in one kernel call,
+        where ``fusable``: ``norm`` the normalisation (``kernels``' float32 ``(3,)``)."""
+        indices = torch.as_tensor(indices, dtype=torch.int64).cpu().numpy()
+        b = len(x)
+        self.geometric[0].fused(x.reshape(b, SIDE, SIDE).numpy(), indices, step_key(self.seed, epoch, 0),
+                                norm, self.reciprocal, out.view(b, SIDE, SIDE).numpy())
+        return self.normalised(out, self.params(epoch, indices, first=1)) if self.erasing else out
 
     def normalised(self, x: torch.Tensor, params: list[dict]) -> torch.Tensor:
-        """float32 normalised ``(B, 1, 28, 28)`` -> the erasing steps applied (in place)."""
-        for step, p in zip(self.erasing, params[len(self.geometric):], strict=True):
+        """float32 normalised ``(B, 1, 28, 28)`` -> the erasing steps applied (in place) with
+        the last ``len(erasing)`` of ``params``."""
+        for step, p in zip(self.erasing, params[len(params) - len(self.erasing):], strict=True):
             x = step.apply(x, p)
         return x
 
@@ -236,17 +246,6 @@ class _Geometric:
         return image.sub_(fill).mul_(mask).add_(fill).round_().to(x.dtype)
 
 
-    def affine_fused(self, x: torch.Tensor, m: np.ndarray, table: np.ndarray,
-                     out: torch.Tensor) -> torch.Tensor:
-        """``table[resample(x, *_affine_grid(m))]`` into ``out`` in one pass, nearest, on the
-        CPU (``kernels.affine_nearest``): ``table`` the normalisation's float32 lookup table."""
-        b = len(x)
-        scaled = (m.astype(np.float32).reshape(b, 2, 3).transpose(0, 2, 1) / np.float32(0.5 * SIDE)).copy()
-        kernels.affine_nearest(x.reshape(b, SIDE, SIDE).numpy(), scaled, _base("cpu").numpy(),
-                               round(self.fill), table, out.view(b, SIDE, SIDE).numpy())
-        return out
-
-
 def _gather(x: torch.Tensor, iy: torch.Tensor, ix: torch.Tensor, fill: float) -> torch.Tensor:
     """uint8 ``(B, 1, H, W)`` images -> each output pixel the source pixel at row ``iy`` and
     column ``ix`` (whole numbers, float or int, broadcast to ``(B, H, W)``; used up), ``fill``
@@ -344,8 +343,16 @@ class _Affine(_Geometric):
     def apply(self, x: torch.Tensor, p: dict) -> torch.Tensor:
         return self.resample(x, *_affine_grid(self.matrices(p), x.device))
 
-    def fused(self, x: torch.Tensor, p: dict, table: np.ndarray, out: torch.Tensor) -> torch.Tensor:
-        return self.affine_fused(x, self.matrices(p), table, out)
+    def fused(self, x: np.ndarray, indices: np.ndarray, key: np.uint64, norm: np.ndarray, reciprocal: bool,
+              out: np.ndarray) -> None:
+        """``kernels.affine_nearest``: uint8 ``x`` ``(B, 28, 28)`` drawn, resampled and
+        normalised into float32 ``out``, as ``apply`` then the normalisation."""
+        shear = self.shear or []
+        config = [kernels.AFFINE, *self.degrees, self.translate is not None,
+                  *(float(f * SIDE) for f in self.translate or (0, 0)), self.scale is not None,
+                  *(self.scale or (1, 1)), len(shear), *(shear + [0.0] * (4 - len(shear))), *self.center, 0]
+        kernels.affine_nearest(x, indices, key, np.array(config, np.float64), round(self.fill), norm,
+                               reciprocal, out)
 
 
 class _Rotation(_Geometric):
@@ -369,20 +376,22 @@ class _Rotation(_Geometric):
     def apply(self, x: torch.Tensor, p: dict) -> torch.Tensor:
         return self._quarter_turns(x, p, self.resample(x, *_affine_grid(self.matrices(p), x.device)))
 
-    def fused(self, x: torch.Tensor, p: dict, table: np.ndarray, out: torch.Tensor) -> torch.Tensor:
-        out = self.affine_fused(x, self.matrices(p), table, out)
-        return self._quarter_turns(x, p, out, torch.from_numpy(table))
+    def fused(self, x: np.ndarray, indices: np.ndarray, key: np.uint64, norm: np.ndarray, reciprocal: bool,
+              out: np.ndarray) -> None:
+        """``kernels.affine_nearest``, quarter turns included: as ``apply`` then the normalisation."""
+        config = [kernels.ROTATION, *self.degrees, *[0.0] * 11, *self.center, self.centred]
+        kernels.affine_nearest(x, indices, key, np.array(config, np.float64), round(self.fill), norm,
+                               reciprocal, out)
 
-    def _quarter_turns(self, x: torch.Tensor, p: dict, out: torch.Tensor, table=None) -> torch.Tensor:
+    def _quarter_turns(self, x: torch.Tensor, p: dict, out: torch.Tensor) -> torch.Tensor:
         """``out`` with the samples turned by a multiple of 90 degrees about the centre made
-        exact quarter turns of ``x`` (looked up in ``table`` when given)."""
+        exact quarter turns of ``x``."""
         if self.centred:
             angle = p["angle"].double().numpy() % 360
             for quarter in (0, 1, 2, 3):
                 rows = torch.from_numpy(np.flatnonzero(angle == 90.0 * quarter)).to(x.device)
                 if len(rows):
-                    turned = torch.rot90(x[rows], k=quarter, dims=(-2, -1))
-                    out[rows] = turned if table is None else table[turned.long()]
+                    out[rows] = torch.rot90(x[rows], k=quarter, dims=(-2, -1))
         return out
 
 
@@ -413,13 +422,13 @@ class _Crop:
         return {"top": torch.from_numpy(_randint(u[:, 0], 0, self.height - SIDE + 1)),
                 "left": torch.from_numpy(_randint(u[:, 1], 0, self.width - SIDE + 1))}
 
-    def fused(self, x: torch.Tensor, p: dict, table: np.ndarray, out: torch.Tensor) -> torch.Tensor:
-        """``table[apply(x, p)]`` into ``out`` in one pass, on the CPU (``kernels.shifted``)."""
-        b = len(x)
-        kernels.shifted(x.reshape(b, SIDE, SIDE).numpy(), (p["top"] - self.top).numpy(),
-                        (p["left"] - self.left).numpy(), round(self.fill), table,
-                        out.view(b, SIDE, SIDE).numpy())
-        return out
+    def fused(self, x: np.ndarray, indices: np.ndarray, key: np.uint64, norm: np.ndarray, reciprocal: bool,
+              out: np.ndarray) -> None:
+        """``kernels.shifted``: uint8 ``x`` ``(B, 28, 28)`` drawn, cropped and normalised into
+        float32 ``out``, as ``apply`` then the normalisation."""
+        config = [self.height - SIDE + 1, self.width - SIDE + 1, self.top, self.left]
+        kernels.shifted(x, indices, key, np.array(config, np.float64), round(self.fill), norm, reciprocal,
+                        out)
 
     def apply(self, x: torch.Tensor, p: dict) -> torch.Tensor:
         rows = torch.arange(SIDE, device=x.device)

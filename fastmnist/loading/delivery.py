@@ -21,7 +21,8 @@ import torch
 from torch.utils.data import get_worker_info
 
 from ..formats.manifest import IMAGE_SHAPE
-from ..formats.normalize import Normalizer, lookup_table
+from ..formats.normalize import Normalizer
+from . import kernels
 from .buffers import BufferPool
 from .device import prefetch_to_cuda
 from .sources import empty_batch
@@ -37,9 +38,9 @@ def choose(source, device: torch.device, normalize: bool, resident: bool, pin: b
     if normalize and source.dtype == torch.uint8:
         reciprocal = augment is not None and augment.reciprocal  # as the user's transform scales
         to_float = Normalizer(source.info.mean, source.info.std, device, reciprocal)
-    fused = None  # the normalisation as a lookup table, where augment's kernel normalises too
+    fused = None  # the normalisation for augment's kernel, where it normalises too
     if to_float is not None and augment is not None and augment.fusable(device):
-        fused = lookup_table(source.info.mean, source.info.std, augment.reciprocal)
+        fused = kernels.norm(source.info.mean, source.info.std, augment.reciprocal)
     finish = Finish(to_float, augment, fused)
     if device.type == "cuda" and not resident:
         return CudaPrefetch(source, finish, device, prefetch)
@@ -51,7 +52,7 @@ def choose(source, device: torch.device, normalize: bool, resident: bool, pin: b
 class Finish:
     """Gathered images -> what the loop gets: uint8 augmented by ``augment``'s geometric
     steps, normalised by ``to_float`` (into ``out`` when given), then its erasing steps;
-    each part skipped where it is None. With ``fused`` (the normalisation's lookup table)
+    each part skipped where it is None. With ``fused`` (``kernels.norm``)
     the geometric step and the normalisation run as one kernel."""
 
     def __init__(self, to_float, augment, fused=None):
@@ -62,10 +63,10 @@ class Finish:
         return self.to_float is not None
 
     def __call__(self, x: torch.Tensor, idx, epoch: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        params = None if self.augment is None else self.augment.params(epoch, idx)
         if self.fused is not None:
             out = torch.empty(x.shape, dtype=torch.float32) if out is None else out
-            return self.augment.normalised(self.augment.images_normalised(x, params, self.fused, out), params)
+            return self.augment.images_normalised(x, epoch, idx, self.fused, out)
+        params = None if self.augment is None else self.augment.params(epoch, idx)
         if params is not None:
             x = self.augment.images(x, params)
         if self.to_float is not None:
