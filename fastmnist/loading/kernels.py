@@ -82,10 +82,10 @@ def _run(name: str, per_sample: tuple, shared: tuple, out: np.ndarray) -> np.nda
     cuts = np.linspace(0, n, threads + 1).astype(int)
     parts = [(*(a[lo:hi] for a in per_sample), *shared, out[lo:hi])
              for lo, hi in zip(cuts, cuts[1:], strict=False)]
-    if threads == 1:
-        kernel(*parts[0])
-    else:
-        list(_pool(threads).map(lambda part: kernel(*part), parts))
+    others = [_pool(threads - 1).submit(kernel, *part) for part in parts[1:]]
+    kernel(*parts[0])  # this thread takes a share too
+    for done in others:
+        done.result()
     return out
 
 
