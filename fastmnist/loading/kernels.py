@@ -44,10 +44,12 @@ def _compiled():
 def affine_nearest(images: np.ndarray, indices: np.ndarray, key: np.uint64, config: np.ndarray, fill: int,
                    norm: np.ndarray, reciprocal: bool, out: np.ndarray) -> np.ndarray:
     """uint8 ``images`` ``(B, 28, 28)`` -> float32 ``out`` (same shape): each sample's
-    ``RandomAffine`` or ``RandomRotation`` drawn (``config``: float64, as
-    ``augment._Affine.kernel_config`` lays it out), resampled nearest through torchvision's
+    ``RandomAffine`` or ``RandomRotation`` drawn, resampled nearest through torchvision's
     affine grid (rounded half to even, as ``grid_sample`` rounds), ``fill`` (uint8) outside,
-    and normalised."""
+    and normalised. ``config`` float64 ``(17,)``: ``AFFINE`` or ``ROTATION``; the degrees'
+    range; translate given (1/0) and its limits in pixels (x, y); scale given and its range;
+    the number of shear values (0, 2, 4) and four values; the centre relative to the image
+    centre (x, y); centred (1/0: a rotation by a multiple of 90 degrees is an exact turn)."""
     shared = (key, config, _base(), np.uint8(fill), norm, reciprocal)
     return _run("affine_nearest", (images, indices), shared, out)
 
