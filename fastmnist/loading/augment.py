@@ -284,19 +284,23 @@ def _inverse_affine(center, angle, translate, scale, shear) -> np.ndarray:
     """float64 ``(B, 6)``: torchvision's ``_get_inverse_affine_matrix`` for each sample
     (angles and shears in degrees, ``translate`` ``(B, 2)``, ``center`` relative to the
     image centre)."""
-    rot, sx, sy = np.radians(angle), np.radians(shear[:, 0]), np.radians(shear[:, 1])
-    cx, cy = center
-    tx, ty = translate[:, 0].astype(np.float64), translate[:, 1].astype(np.float64)
+    return np.stack(inverse_affine(*center, angle, translate[:, 0].astype(np.float64),
+                                   translate[:, 1].astype(np.float64), scale, shear[:, 0], shear[:, 1]), 1)
+
+
+def inverse_affine(cx, cy, angle, tx, ty, scale, shear_x, shear_y) -> tuple:
+    """The six float64 values of ``_inverse_affine`` (row by row), in torchvision's order of
+    operations: for numpy arrays here and for one sample compiled in ``numba_kernels``."""
+    rot, sx, sy = np.radians(angle), np.radians(shear_x), np.radians(shear_y)
     cos_sy, tan_sx, rot_minus_sy = np.cos(sy), np.tan(sx), rot - sy
     cx_plus_tx, cy_plus_ty = cx + tx, cy + ty
     a = np.cos(rot_minus_sy) / cos_sy
     b = -(a * tan_sx + np.sin(rot))
     c = np.sin(rot_minus_sy) / cos_sy
     d = np.cos(rot) - c * tan_sx
-    m = np.stack([d / scale, -b / scale, np.zeros_like(a), -c / scale, a / scale, np.zeros_like(a)], 1)
-    m[:, 2] += cx - m[:, 0] * cx_plus_tx - m[:, 1] * cy_plus_ty
-    m[:, 5] += cy - m[:, 3] * cx_plus_tx - m[:, 4] * cy_plus_ty
-    return m
+    m0, m1, m3, m4 = d / scale, -b / scale, -c / scale, a / scale
+    return (m0, m1, 0.0 + (cx - m0 * cx_plus_tx - m1 * cy_plus_ty),
+            m3, m4, 0.0 + (cy - m3 * cx_plus_tx - m4 * cy_plus_ty))
 
 
 def _center(t) -> tuple[float, float]:

@@ -4,6 +4,8 @@ arguments). Each helper is inlined into the kernels, so a kernel is one compiled
 import numba
 import numpy as np
 
+from . import augment
+
 AFFINE = 0.0  # affine_nearest's config[0]; anything else: a rotation
 jit = numba.njit(cache=True, nogil=True, boundscheck=False)
 inline = numba.njit(cache=True, nogil=True, boundscheck=False, inline="always")
@@ -43,20 +45,7 @@ def normalise_row(source, framed, unit, mean, std, reciprocal):  # each loop vec
             framed[p] = (np.float32(source[p]) / unit - mean) / std
 
 
-@inline
-def inverse_affine(cx, cy, angle, tx, ty, scale, shear_x, shear_y, m):
-    # augment._inverse_affine for one sample (float64), into m (6,)
-    rad = np.pi / 180.0
-    rot, sx, sy = angle * rad, shear_x * rad, shear_y * rad
-    cos_sy, tan_sx, rot_minus_sy = np.cos(sy), np.tan(sx), rot - sy
-    cx_plus_tx, cy_plus_ty = cx + tx, cy + ty
-    a = np.cos(rot_minus_sy) / cos_sy
-    b = -(a * tan_sx + np.sin(rot))
-    c = np.sin(rot_minus_sy) / cos_sy
-    d = np.cos(rot) - c * tan_sx
-    m[0], m[1], m[3], m[4] = d / scale, -b / scale, -c / scale, a / scale
-    m[2] = 0.0 + (cx - m[0] * cx_plus_tx - m[1] * cy_plus_ty)
-    m[5] = 0.0 + (cy - m[3] * cx_plus_tx - m[4] * cy_plus_ty)
+inverse_affine = inline(augment.inverse_affine)
 
 
 @jit
@@ -71,7 +60,6 @@ def affine_nearest(images, indices, key, config, base, fill, norm, reciprocal, o
     framed = np.empty(pixels + 1, np.float32)  # the sample's pixels normalised, then fill
     framed[pixels] = normalise(fill, unit, mean, std, reciprocal)
     where = np.empty(pixels, np.uint32)
-    m = np.zeros(6)
     cx, cy = config[14], config[15]
     for b in range(images.shape[0]):
         sample = mix(key ^ np.uint64(indices[b]))
@@ -90,10 +78,10 @@ def affine_nearest(images, indices, key, config, base, fill, norm, reciprocal, o
                 shear_x = np.float64(uniform(draw(sample, 4), config[10], config[11]))
             if config[9] == 4:
                 shear_y = np.float64(uniform(draw(sample, 5), config[12], config[13]))
-            inverse_affine(cx, cy, angle, tx, ty, scale, shear_x, shear_y, m)
+            m = inverse_affine(cx, cy, angle, tx, ty, scale, shear_x, shear_y)
         else:  # augment._Rotation
             angle = np.float64(uniform(draw(sample, 0), config[1], config[2])) % 360.0
-            inverse_affine(cx, cy, -angle, 0.0, 0.0, 1.0, 0.0, 0.0, m)
+            m = inverse_affine(cx, cy, -angle, 0.0, 0.0, 1.0, 0.0, 0.0)
             if config[16] != 0.0 and angle < 360.0 and angle % 90.0 == 0.0:
                 quarter = int(angle // 90.0)
         normalise_row(flat[b], framed, unit, mean, std, reciprocal)
