@@ -131,15 +131,23 @@ def indexed_shards(tmp_path_factory) -> Path:
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    requested = None  # a list each GET's path is appended to, where served is given one
+
     def log_message(self, *args):
         pass
 
+    def do_GET(self):
+        if self.requested is not None:
+            self.requested.append(self.path)
+        super().do_GET()
+
 
 @contextlib.contextmanager
-def served(directory):
+def served(directory, requested: list | None = None):
     """``directory`` served by a real HTTP server on 127.0.0.1 (threads of this process);
-    yields its base URL, ending in "/"."""
-    handler = functools.partial(_QuietHandler, directory=str(directory))
+    yields its base URL, ending in "/". ``requested``: a list each GET's path is appended to."""
+    handler = functools.partial(type("Handler", (_QuietHandler,), {"requested": requested}),
+                                directory=str(directory))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:

@@ -12,6 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader, DistributedSampler
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from fastmnist import FastMNISTError, FastMNISTLoader, convert, open_shards
 from fastmnist.loading import plan
@@ -330,6 +331,41 @@ def test_a_state_taken_after_a_whole_epoch_starts_the_next(indexed_shards):
     resumed = make()
     resumed.load_state_dict(state)
     assert resumed.epoch == 1 and batch_indices(resumed) == second
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_snapshot_counted_to_the_epochs_last_batch_starts_the_next(indexed_shards, workers):
+    """A StatefulDataLoader's state whose worker snapshots are from the epoch's start and
+    whose steps since then reach its last batch (the iterator not yet ended), loaded into a
+    loader: it runs the next epoch, not an empty rest of this one."""
+    def make():
+        return FastMNISTLoader(indexed_shards, batch_size=100, normalize=False, seed=5)
+
+    direct = make()
+    first, second = batch_indices(direct), batch_indices(direct)
+    dl = StatefulDataLoader(make(), batch_size=None, num_workers=workers, snapshot_every_n_steps=1000)
+    batches = iter(dl)
+    assert batch_indices(next(batches) for _ in range(len(first))) == first
+    state = dl.state_dict()
+    assert state["_steps_since_snapshot"] == len(first)
+    resumed = make()
+    resumed.load_state_dict(state)
+    assert batch_indices(resumed) == second
+
+
+def test_a_stateful_dataloaders_state_without_workers_loads_into_the_loader(indexed_shards):
+    """torchdata's state of a StatefulDataLoader without workers (the loader's own state under
+    "dataset_state"), loaded into a fresh loader: the rest of the epoch, no batch skipped."""
+    def make():
+        return FastMNISTLoader(indexed_shards, batch_size=100, normalize=False, seed=5)
+
+    reference = batch_indices(make())
+    dl = StatefulDataLoader(make(), batch_size=None, num_workers=0)
+    batches = iter(dl)
+    assert batch_indices(next(batches) for _ in range(3)) == reference[:3]
+    resumed = make()
+    resumed.load_state_dict(dl.state_dict())
+    assert batch_indices(resumed) == reference[3:]
 
 
 def test_set_epoch_keeps_a_loaded_state_of_that_epoch_and_drops_another(indexed_shards):

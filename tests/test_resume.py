@@ -205,6 +205,21 @@ def test_stateful_dataloader_over_streamed_shards_divided_between_workers(stream
     assert sorted(i for b in head + rest for i in b) == list(range(INDEXED_N))
 
 
+def test_workers_that_divide_a_streamed_epoch_fetch_each_shard_once(tmp_path):
+    """2 DataLoader workers dividing the rank's epoch (a part each, the boundary inside a
+    shard of 100) fetch every tar shard once in all, over a counting HTTP server: the shard
+    they share is fetched by one and handed to the other, and nothing of the next epoch."""
+    write_split(tmp_path, "train", indexed_images(INDEXED_N), np.arange(INDEXED_N) % 10)
+    convert(tmp_path, tmp_path / "set", format="wds", shard_size=100, progress=False)
+    requested = []
+    with served(tmp_path, requested) as base:
+        loader = FastMNISTLoader(base + "set/", batch_size=16, seed=2, normalize=False)
+        seen = batch_indices(DataLoader(loader, batch_size=None, num_workers=2))
+    assert sorted(i for b in seen for i in b) == list(range(INDEXED_N))
+    shards = sorted(path for path in requested if path.endswith(".tar"))
+    assert shards == sorted({*shards}) and len(shards) == len(loader.source.info.shards) == 11
+
+
 def test_refusals_say_what_differs(indexed_shards, tmp_path):
     state = _first_batches(indexed_shards, 1, 0, 50, 3)[1]
     with pytest.raises(FastMNISTError, match="saved with seed=5, this loader has seed=6"):
