@@ -9,7 +9,8 @@ against the copy (``pytest -x -q -p no:cacheprovider``, stopped at the first fai
 mutant is killed when they fail, survives when they pass. Prints a line per mutant, then the
 score and the survivors (each to be killed by a new test, or explained as equivalent in
 docs/reliability.md); ``--only 3,17`` runs those mutants only (the survivors of a run with
-quick tests, against slower ones). The tests run with ``CI=true`` and the real digits of
+quick tests, against slower ones). A mutant the tests hang on (past ``--timeout``) counts as
+killed. The tests run with ``CI=true`` and the real digits of
 ``../shared/data/mnist-t10k`` (or ``FASTMNIST_REAL_DATA``), as the README's test command runs them.
 """
 
@@ -69,6 +70,8 @@ def main() -> int:
     parser.add_argument("tests", nargs="+", help="the tests that cover it")
     parser.add_argument("--only", help="comma-separated mutant numbers or ranges, 3,17,40-60 (those "
                                        "another run's tests let survive, say): run these only")
+    parser.add_argument("--timeout", type=float, default=600,
+                        help="seconds the tests may run on a mutant before it counts as killed (600)")
     args = parser.parse_args()
     original = (REPO / args.module).read_text()
     found = list(enumerate(mutants(original), 1))
@@ -90,12 +93,16 @@ def main() -> int:
                        "FASTMNIST_REAL_DATA": os.environ.get("FASTMNIST_REAL_DATA", str(REAL_DATA))}
         for number, (line, description, mutated) in found:
             (copy / args.module).write_text(mutated)
-            done = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
-                                   *args.tests], cwd=copy, capture_output=True, env=environment)
-            killed = done.returncode != 0
+            try:
+                done = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+                                       *args.tests], cwd=copy, capture_output=True, env=environment,
+                                      timeout=args.timeout)
+                killed, how = done.returncode != 0, "killed"
+            except subprocess.TimeoutExpired:  # the tests hang on it: they do not pass
+                killed, how = True, f"killed (the tests ran past {args.timeout} s)"
             if not killed:
                 survivors.append((number, line, description))
-            print(f"[{number}] line {line}: {description}: {'killed' if killed else 'SURVIVED'}", flush=True)
+            print(f"[{number}] line {line}: {description}: {how if killed else 'SURVIVED'}", flush=True)
         (copy / args.module).write_text(original)
     killed = len(found) - len(survivors)
     print(f"\n{args.module}: {killed} of {len(found)} mutants killed ({killed / max(1, len(found)):.0%}) "
