@@ -18,6 +18,7 @@ import argparse
 import ast
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -93,13 +94,9 @@ def main() -> int:
                        "FASTMNIST_REAL_DATA": os.environ.get("FASTMNIST_REAL_DATA", str(REAL_DATA))}
         for number, (line, description, mutated) in found:
             (copy / args.module).write_text(mutated)
-            try:
-                done = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
-                                       *args.tests], cwd=copy, capture_output=True, env=environment,
-                                      timeout=args.timeout)
-                killed, how = done.returncode != 0, "killed"
-            except subprocess.TimeoutExpired:  # the tests hang on it: they do not pass
-                killed, how = True, f"killed (the tests ran past {args.timeout} s)"
+            killed, how = _run_tests(args.tests, copy, environment, args.timeout), "killed"
+            if killed is None:  # the tests hang on it: they do not pass
+                killed, how = True, f"killed (the tests ran past {args.timeout:.0f} s)"
             if not killed:
                 survivors.append((number, line, description))
             print(f"[{number}] line {line}: {description}: {how if killed else 'SURVIVED'}", flush=True)
@@ -112,6 +109,20 @@ def main() -> int:
     if survivors:
         print(f"  (--only {','.join(str(n) for n, _, _ in survivors)} runs these again)")
     return 0
+
+
+def _run_tests(tests: list, copy: Path, environment: dict, timeout: float) -> bool | None:
+    """Whether pytest fails ``tests`` in ``copy``; None when it runs past ``timeout`` seconds
+    (then it and every process it started, DataLoader workers included, are killed)."""
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    with subprocess.Popen(command, cwd=copy, env=environment, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL, start_new_session=True) as run:
+        try:
+            return run.wait(timeout=timeout) != 0
+        except subprocess.TimeoutExpired:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait()
+            return None
 
 
 if __name__ == "__main__":
