@@ -205,6 +205,30 @@ def test_stateful_dataloader_over_streamed_shards_divided_between_workers(stream
     assert sorted(i for b in head + rest for i in b) == list(range(INDEXED_N))
 
 
+@pytest.mark.parametrize("stop", [4, 20])
+def test_three_workers_dividing_a_streamed_epoch_resume_in_their_order(streamed, stop):
+    """3 workers divide the rank's run into 3 parts of 21 of its 63 batches, worker w taking
+    part w, and the DataLoader takes a batch of each part in turn: batches 0, 21, 42, 1, 22,
+    ... of the run without workers. Saved after ``stop`` batches (the next batch due from
+    worker ``stop % 3``), torchdata's own restore gives the uninterrupted run's batches in
+    its order."""
+    def make():
+        loader = FastMNISTLoader(streamed, batch_size=16, seed=2, normalize=False)
+        return StatefulDataLoader(loader, batch_size=None, num_workers=3)
+
+    alone = batch_indices(FastMNISTLoader(streamed, batch_size=16, seed=2, normalize=False))
+    reference = batch_indices(make())
+    assert reference == [alone[part * 21 + k] for k in range(21) for part in range(3)]
+    dl = make()
+    it = iter(dl)
+    head = batch_indices(next(it) for _ in range(stop))
+    saved = dl.state_dict()
+    del it
+    resumed = make()
+    resumed.load_state_dict(saved)
+    assert head + batch_indices(resumed) == reference
+
+
 def test_workers_that_divide_a_streamed_epoch_fetch_each_shard_once(tmp_path):
     """2 DataLoader workers dividing the rank's epoch (a part each, the boundary inside a
     shard of 100) fetch every tar shard once in all, over a counting HTTP server: the shard
