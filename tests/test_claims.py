@@ -258,16 +258,16 @@ def test_a_state_saved_in_this_format_loads_and_continues(indexed_shards):
     assert sum(batch_indices(resumed), []) == whole[10:]
 
 
-@pytest.mark.parametrize("key, most", [  # the documented bounds, not read from the module
-    ("batches_done", 1 << 40), ("anchor", 1 << 40), ("batch_size", 1 << 24), ("world_size", 1 << 16),
-    ("workers", 1 << 10)])
-def test_a_states_step_is_bounded_exactly(indexed_shards, key, most):
-    """Each bound on a state's step admits its value and refuses one more, before anything
-    is computed from it (a state is hostile input)."""
+@pytest.mark.parametrize("key, least, most", [  # the documented bounds, not read from the module
+    ("batches_done", 0, 1 << 40), ("anchor", 0, 1 << 40), ("batch_size", 1, 1 << 24),
+    ("world_size", 1, 1 << 16), ("workers", 1, 1 << 10)])
+def test_a_states_step_is_bounded_exactly(indexed_shards, key, least, most):
+    """Each bound on a state's step admits its value and refuses one beyond it, before
+    anything is computed from it (a state is hostile input)."""
     loader, state = _state(indexed_shards)
     position = plan.STEP_FIELDS.index(key)
     expected = {k: state[k] for k in loader._plan.identity}
-    for value, refused in ((most, False), (most + 1, True)):
+    for value, refused in ((least, False), (least - 1, True), (most, False), (most + 1, True)):
         step = list(state["step"])
         step[position] = value
         if refused:
@@ -366,6 +366,26 @@ def test_a_stateful_dataloaders_state_without_workers_loads_into_the_loader(inde
     resumed = make()
     resumed.load_state_dict(dl.state_dict())
     assert batch_indices(resumed) == reference[3:]
+
+
+@pytest.mark.parametrize("trim", [False, True])
+def test_a_snapshot_taken_at_the_last_step_resumes_there(indexed_shards, trim):
+    """A StatefulDataLoader state with a snapshot at its last batch (no steps since, or the
+    count left out), loaded into a loader: the rest of the run, no batch skipped or refused."""
+    def make():
+        return FastMNISTLoader(indexed_shards, batch_size=100, normalize=False, seed=5)
+
+    reference = batch_indices(make())
+    dl = StatefulDataLoader(make(), batch_size=None, num_workers=2, snapshot_every_n_steps=1)
+    batches = iter(dl)
+    assert batch_indices(next(batches) for _ in range(4)) == reference[:4]
+    state = dl.state_dict()
+    assert state["_steps_since_snapshot"] == 0
+    if trim:
+        del state["_steps_since_snapshot"]
+    resumed = make()
+    resumed.load_state_dict(state)
+    assert batch_indices(resumed) == reference[4:]
 
 
 def test_set_epoch_keeps_a_loaded_state_of_that_epoch_and_drops_another(indexed_shards):
