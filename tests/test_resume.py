@@ -229,6 +229,27 @@ def test_three_workers_dividing_a_streamed_epoch_resume_in_their_order(streamed,
     assert head + batch_indices(resumed) == reference
 
 
+def test_a_divided_run_continued_without_workers_saves_and_resumes_exactly_once(streamed):
+    """Saved while 2 workers divided the epoch, continued by the loader alone (a fresh layout
+    of the rest), saved again and finished by a third loader: every sample once."""
+    def make():
+        return FastMNISTLoader(streamed, batch_size=16, seed=2, normalize=False)
+
+    dl = StatefulDataLoader(make(), batch_size=None, num_workers=2)
+    it = iter(dl)
+    head = batch_indices(next(it) for _ in range(5))
+    saved = dl.state_dict()
+    del it
+    alone = make()
+    alone.load_state_dict(saved)
+    batches = iter(alone)
+    middle = batch_indices(next(batches) for _ in range(10))
+    finish = make()
+    finish.load_state_dict(alone.state_dict())
+    seen = head + middle + batch_indices(finish)
+    assert sorted(i for b in seen for i in b) == list(range(INDEXED_N))
+
+
 def test_workers_that_divide_a_streamed_epoch_fetch_each_shard_once(tmp_path):
     """2 DataLoader workers dividing the rank's epoch (a part each, the boundary inside a
     shard of 100) fetch every tar shard once in all, over a counting HTTP server: the shard
