@@ -391,6 +391,15 @@ def test_a_snapshot_taken_at_the_last_step_resumes_there(indexed_shards, trim):
     assert batch_indices(resumed) == reference[4:]
 
 
+def test_a_fingerprint_names_the_identity_not_the_order_of_its_keys():
+    """The digest a state and a selection are checked by: equal for the same keys and values
+    in any order, different for another value."""
+    identity = {"set": "ab" * 16, "split": "train", "seed": 5, "shuffle": True}
+    shuffled = dict(reversed(list(identity.items())))
+    assert plan.fingerprint(identity) == plan.fingerprint(shuffled)
+    assert plan.fingerprint(identity) != plan.fingerprint({**identity, "seed": 6})
+
+
 def test_set_epoch_keeps_a_loaded_state_of_that_epoch_and_drops_another(indexed_shards):
     def make():
         return FastMNISTLoader(indexed_shards, batch_size=100, normalize=False, seed=5)
