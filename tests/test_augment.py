@@ -601,3 +601,22 @@ def test_the_torchvision_comparisons_hold_on_the_default_cpu_kernels(real_shards
                           env={**os.environ, "ATEN_CPU_CAPABILITY": "default"})  # says which kernels ran
     assert done.returncode == 0, done.stdout[-3000:]
     assert "cpu capability: DEFAULT" in done.stdout and " passed" in done.stdout
+
+
+def test_the_fused_kernels_stay_in_bounds(real_shards, tmp_path):
+    """The kernels run without bounds checks; compiled with them (``NUMBA_BOUNDSCHECK=1``, a
+    cache of their own), every fused case of the torchvision comparison passes again: no
+    index outside an array, which unchecked would read or write neighbouring memory."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if not os.environ.get("CI"):
+        pytest.importorskip("numba")
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k",
+               "same_parameters and True and (affine or rotation or crop)", "tests/test_augment.py"]
+    done = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "NUMBA_BOUNDSCHECK": "1",
+                                            "NUMBA_CACHE_DIR": str(tmp_path / "numba-cache")})
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert f"{sum('affine' in n or 'rotation' in n or 'crop' in n for n in CASES)} passed" in done.stdout
