@@ -54,7 +54,6 @@ def affine_nearest(images, indices, key, config, base, fill, norm, reciprocal, o
     pixels = side * side
     one, half_side, half = np.float32(1.0), np.float32(side / 2), np.float32(0.5)
     zero, fside, fpixels = np.float32(0.0), np.float32(side), np.float32(pixels)
-    fourteen = np.float32(side * 0.5)
     flat, flat_out = images.reshape(images.shape[0], pixels), out.reshape(images.shape[0], pixels)
     unit, mean, std = norm[0], norm[1], norm[2]  # scalars: stores into framed cannot change them
     framed = np.empty(pixels + 1, np.float32)  # the sample's pixels normalised, then fill
@@ -98,9 +97,9 @@ def affine_nearest(images, indices, key, config, base, fill, norm, reciprocal, o
                     else:
                         where[i * side + j] = (last - j) * side + i
         else:  # torchvision's grid (_affine_grid's float32 roundings), rounded half to even
-            s00, s10 = np.float32(m[0]) / fourteen, np.float32(m[1]) / fourteen
-            s20, s01 = np.float32(m[2]) / fourteen, np.float32(m[3]) / fourteen
-            s11, s21 = np.float32(m[4]) / fourteen, np.float32(m[5]) / fourteen
+            s00, s10 = np.float32(m[0]) / half_side, np.float32(m[1]) / half_side
+            s20, s01 = np.float32(m[2]) / half_side, np.float32(m[3]) / half_side
+            s11, s21 = np.float32(m[4]) / half_side, np.float32(m[5]) / half_side
             for i in range(side):  # a loop the compiler vectorises
                 along_y0, along_y1 = base[i] * s10, base[i] * s11
                 for j in range(side):
