@@ -262,7 +262,7 @@ def test_a_stream_state_is_checked_against_the_stream(indexed_shards):
 
 
 @pytest.mark.parametrize("page, expect", [
-    ("federated", r"round 4: test accuracy (0\.\d+)"),
+    ("federated", r"round 9: test accuracy (0\.\d+)"),
     ("continual", r"after task 2: accuracy on tasks 0..2: (\S+) \S+ \S+")])
 def test_the_documented_example_runs(page, expect, real_root, tmp_path):
     """docs/research/<page>.md's example as printed (real test digits as both splits: train
