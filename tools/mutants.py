@@ -94,12 +94,12 @@ def main() -> int:
                        "FASTMNIST_REAL_DATA": os.environ.get("FASTMNIST_REAL_DATA", str(REAL_DATA))}
         for number, (line, description, mutated) in found:
             (copy / args.module).write_text(mutated)
-            killed, how = _run_tests(args.tests, copy, environment, args.timeout), "killed"
-            if killed is None:  # the tests hang on it: they do not pass
-                killed, how = True, f"killed (the tests ran past {args.timeout:.0f} s)"
-            if not killed:
+            failed = _run_tests(args.tests, copy, environment, args.timeout)  # None: they hang on it
+            if failed is False:
                 survivors.append((number, line, description))
-            print(f"[{number}] line {line}: {description}: {how if killed else 'SURVIVED'}", flush=True)
+            outcome = {True: "killed", False: "SURVIVED",
+                       None: f"killed (the tests ran past {args.timeout:.0f} s)"}
+            print(f"[{number}] line {line}: {description}: {outcome[failed]}", flush=True)
         (copy / args.module).write_text(original)
     killed = len(found) - len(survivors)
     print(f"\n{args.module}: {killed} of {len(found)} mutants killed ({killed / max(1, len(found)):.0%}) "

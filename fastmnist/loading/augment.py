@@ -246,6 +246,14 @@ class _Geometric:
         return image.sub_(fill).mul_(mask).add_(fill).round_().to(x.dtype)
 
 
+    def affine_kernel(self, config: list, x: np.ndarray, indices: np.ndarray, key: np.uint64,
+                      norm: np.ndarray, reciprocal: bool, out: np.ndarray) -> None:
+        """``kernels.affine_nearest`` with this step's ``config``: uint8 ``x`` ``(B, 28, 28)``
+        drawn, resampled and normalised into float32 ``out``, as ``apply`` then the normalisation."""
+        kernels.affine_nearest(x, indices, key, np.array(config, np.float64), _base("cpu").numpy(),
+                               round(self.fill), norm, reciprocal, out)
+
+
 def _gather(x: torch.Tensor, iy: torch.Tensor, ix: torch.Tensor, fill: float) -> torch.Tensor:
     """uint8 ``(B, 1, H, W)`` images -> each output pixel the source pixel at row ``iy`` and
     column ``ix`` (whole numbers, float or int, broadcast to ``(B, H, W)``; used up), ``fill``
@@ -349,14 +357,12 @@ class _Affine(_Geometric):
 
     def fused(self, x: np.ndarray, indices: np.ndarray, key: np.uint64, norm: np.ndarray, reciprocal: bool,
               out: np.ndarray) -> None:
-        """``kernels.affine_nearest``: uint8 ``x`` ``(B, 28, 28)`` drawn, resampled and
-        normalised into float32 ``out``, as ``apply`` then the normalisation."""
+        """``affine_kernel`` with this step's draws laid out for it."""
         shear = self.shear or []
         config = [kernels.AFFINE, *self.degrees, self.translate is not None,
                   *(float(f * SIDE) for f in self.translate or (0, 0)), self.scale is not None,
                   *(self.scale or (1, 1)), len(shear), *(shear + [0.0] * (4 - len(shear))), *self.center, 0]
-        kernels.affine_nearest(x, indices, key, np.array(config, np.float64), round(self.fill), norm,
-                               reciprocal, out)
+        self.affine_kernel(config, x, indices, key, norm, reciprocal, out)
 
 
 class _Rotation(_Geometric):
@@ -382,10 +388,9 @@ class _Rotation(_Geometric):
 
     def fused(self, x: np.ndarray, indices: np.ndarray, key: np.uint64, norm: np.ndarray, reciprocal: bool,
               out: np.ndarray) -> None:
-        """``kernels.affine_nearest``, quarter turns included: as ``apply`` then the normalisation."""
+        """``affine_kernel`` with this step's draws laid out for it, quarter turns included."""
         config = [kernels.ROTATION, *self.degrees, *[0.0] * 11, *self.center, self.centred]
-        kernels.affine_nearest(x, indices, key, np.array(config, np.float64), round(self.fill), norm,
-                               reciprocal, out)
+        self.affine_kernel(config, x, indices, key, norm, reciprocal, out)
 
     def _quarter_turns(self, x: torch.Tensor, p: dict, out: torch.Tensor) -> torch.Tensor:
         """``out`` with the samples turned by a multiple of 90 degrees about the centre made

@@ -18,7 +18,7 @@ import os
 
 import numpy as np
 
-AFFINE, ROTATION = 0.0, 1.0  # affine_nearest's config[0] (numba_kernels.AFFINE)
+AFFINE, ROTATION = 0.0, 1.0  # affine_nearest's config[0]
 
 
 @functools.cache
@@ -41,16 +41,18 @@ def _compiled():
     return {"affine_nearest": numba_kernels.affine_nearest, "shifted": numba_kernels.shifted}
 
 
-def affine_nearest(images: np.ndarray, indices: np.ndarray, key: np.uint64, config: np.ndarray, fill: int,
-                   norm: np.ndarray, reciprocal: bool, out: np.ndarray) -> np.ndarray:
+def affine_nearest(images: np.ndarray, indices: np.ndarray, key: np.uint64, config: np.ndarray,
+                   base: np.ndarray, fill: int, norm: np.ndarray, reciprocal: bool,
+                   out: np.ndarray) -> np.ndarray:
     """uint8 ``images`` ``(B, 28, 28)`` -> float32 ``out`` (same shape): each sample's
     ``RandomAffine`` or ``RandomRotation`` drawn, resampled nearest through torchvision's
-    affine grid (rounded half to even, as ``grid_sample`` rounds), ``fill`` (uint8) outside,
-    and normalised. ``config`` float64 ``(17,)``: ``AFFINE`` or ``ROTATION``; the degrees'
-    range; translate given (1/0) and its limits in pixels (x, y); scale given and its range;
-    the number of shear values (0, 2, 4) and four values; the centre relative to the image
-    centre (x, y); centred (1/0: a rotation by a multiple of 90 degrees is an exact turn)."""
-    shared = (key, config, _base(), np.uint8(fill), norm, reciprocal)
+    affine grid (``base``: its float32 ``(28,)`` coordinates; rounded half to even, as
+    ``grid_sample`` rounds), ``fill`` (uint8) outside, and normalised. ``config`` float64
+    ``(17,)``: ``AFFINE`` or ``ROTATION``; the degrees' range; translate given (1/0) and its
+    limits in pixels (x, y); scale given and its range; the number of shear values (0, 2, 4)
+    and four values; the centre relative to the image centre (x, y); centred (1/0: a rotation
+    by a multiple of 90 degrees is an exact turn)."""
+    shared = (key, config, base, np.uint8(fill), norm, reciprocal)
     return _run("affine_nearest", (images, indices), shared, out)
 
 
@@ -65,12 +67,6 @@ def shifted(images: np.ndarray, indices: np.ndarray, key: np.uint64, config: np.
 def norm(mean: float, std: float, reciprocal: bool) -> np.ndarray:
     """float32 ``(3,)``: the kernels' ``norm`` for ``formats.normalize``'s arithmetic."""
     return np.array([1 / 255 if reciprocal else 255, mean, std], np.float32)
-
-
-def _base() -> np.ndarray:
-    """float32 ``(28,)``: torchvision's base grid coordinates, ``-13.5 .. 13.5`` (as
-    ``torch.linspace`` makes them: whole and half numbers, exact)."""
-    return np.arange(28, dtype=np.float32) - np.float32(13.5)
 
 
 def _run(name: str, per_sample: tuple, shared: tuple, out: np.ndarray) -> np.ndarray:

@@ -5,8 +5,8 @@ import numba
 import numpy as np
 
 from . import augment
+from .kernels import AFFINE
 
-AFFINE = 0.0  # affine_nearest's config[0]; anything else: a rotation
 jit = numba.njit(cache=True, nogil=True, boundscheck=False)
 inline = numba.njit(cache=True, nogil=True, boundscheck=False, inline="always")
 
