@@ -436,8 +436,9 @@ def test_the_epochs_workers_ran_are_recorded_from_iteration_and_epoch_zero():
 
 def test_a_snapshot_at_the_end_of_a_relaid_epoch_starts_the_next(indexed_shards):
     """A state loaded into another batch size lays the rest of its epoch out anew (a base of
-    consumed positions); a StatefulDataLoader state taken when that rest is done, counted
-    from a snapshot at its start, resumes at the next epoch, as direct iteration goes on."""
+    consumed positions); a StatefulDataLoader state taken at that rest's last batch, counted
+    from a snapshot at its start, finishes the interrupted pass (nothing left) and goes on
+    with the next epoch, and loaded into a loader iterated directly starts the next epoch."""
     from torchdata.stateful_dataloader import StatefulDataLoader
 
     def make(batch_size):
@@ -449,8 +450,21 @@ def test_a_snapshot_at_the_end_of_a_relaid_epoch_starts_the_next(indexed_shards)
     loader = make(50)
     loader.load_state_dict(first.state_dict())
     dl = StatefulDataLoader(loader, batch_size=None, num_workers=1, snapshot_every_n_steps=1000)
-    rest = sum(batch_indices(dl), [])  # the snapshot is the worker's first: all the rest is counted on it
+    batches, rest = iter(dl), []
+    while len(seen) + len(rest) < INDEXED_N:  # up to the rest's last batch, the iterator not yet exhausted
+        rest += batch_indices([next(batches)])[0]
     assert sorted(seen + rest) == list(range(INDEXED_N))
+    state = dl.state_dict()  # the snapshot is the worker's first: all the rest is counted on it
+    assert state["_steps_since_snapshot"] == -(-(INDEXED_N - 300) // 50)
     again = StatefulDataLoader(make(50), batch_size=None, num_workers=1)
-    again.load_state_dict(dl.state_dict())
-    assert batch_indices(again) == batch_indices(_epoch_of(make(50), 1))
+    again.load_state_dict(state)
+    assert batch_indices(again) == []  # the interrupted pass: nothing left of it
+    following = batch_indices(_epoch_of(make(50), 1))
+    assert batch_indices(again) == following
+    direct = make(50)  # loaded into the loader itself, iterated without a DataLoader: the next epoch at once
+    direct.load_state_dict(state)
+    assert batch_indices(direct) == following
+    assert next(batches, None) is None  # the pass exhausted: its state starts the next epoch
+    exhausted = StatefulDataLoader(make(50), batch_size=None, num_workers=1)
+    exhausted.load_state_dict(dl.state_dict())
+    assert batch_indices(exhausted) == following

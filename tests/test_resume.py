@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -263,6 +264,27 @@ def test_workers_that_divide_a_streamed_epoch_fetch_each_shard_once(tmp_path):
     assert sorted(i for b in seen for i in b) == list(range(INDEXED_N))
     shards = sorted(path for path in requested if path.endswith(".tar"))
     assert shards == sorted({*shards}) and len(shards) == len(loader.source.info.shards) == 11
+
+
+def test_the_shard_fetched_ahead_at_an_epochs_end_is_the_next_epochs_first(tmp_path):
+    """Near the end of an epoch a streamed loader fetches ahead the shard the next epoch
+    starts with (prefetch=1: that one only), so the next epoch's first batch waits for
+    nothing: epoch 0 requests each of the 11 shards once and then exactly that shard."""
+    write_split(tmp_path, "train", indexed_images(INDEXED_N), np.arange(INDEXED_N) % 10)
+    convert(tmp_path, tmp_path / "set", format="wds", shard_size=100, progress=False)
+    requested = []
+    with served(tmp_path, requested) as base:
+        # seed 0: epoch 0 ends in shard 1, epochs 1 and 2 start in shards 7 and 10
+        loader = FastMNISTLoader(base + "set/", batch_size=16, seed=0, normalize=False, prefetch=1)
+        assert sorted(i for b in batch_indices(loader) for i in b) == list(range(INDEXED_N))
+        files = [shard.file for shard in loader.source.info.shards]
+        deadline = time.monotonic() + 60  # the fetch ahead runs on its own thread
+        while len([p for p in requested if p.endswith(".tar")]) <= len(files) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        in_epoch_0 = Counter(Path(p).name for p in requested if p.endswith(".tar"))
+        next_first = batch_indices([next(iter(loader))])[0][0] // 100  # the shard epoch 1 starts in
+    assert in_epoch_0 - Counter(files) == Counter([files[next_first]])
+    assert set(in_epoch_0) == set(files)
 
 
 def test_refusals_say_what_differs(indexed_shards, tmp_path):
