@@ -36,13 +36,14 @@ def normalise(v, unit, mean, std, reciprocal):  # formats.normalize, on one pixe
 
 
 @inline
-def normalise_row(source, framed, unit, mean, std, reciprocal):  # each loop vectorises
+def normalise_into(source, target, offset, unit, mean, std, reciprocal):
+    """target[offset + p] = source[p] normalised, for each p (each loop vectorises)."""
     if reciprocal:
         for p in range(source.shape[0]):
-            framed[p] = (np.float32(source[p]) * unit - mean) / std
+            target[np.uint64(offset + p)] = (np.float32(source[p]) * unit - mean) / std
     else:
         for p in range(source.shape[0]):
-            framed[p] = (np.float32(source[p]) / unit - mean) / std
+            target[np.uint64(offset + p)] = (np.float32(source[p]) / unit - mean) / std
 
 
 inverse_affine = inline(augment.inverse_affine)
@@ -59,6 +60,9 @@ def affine_nearest(images, indices, key, config, base, fill, norm, reciprocal, o
     framed = np.empty(pixels + 1, np.float32)  # the sample's pixels normalised, then fill
     framed[pixels] = normalise(fill, unit, mean, std, reciprocal)
     where = np.empty(pixels, np.uint32)
+    xs, ys = np.empty(pixels, np.float32), np.empty(pixels, np.float32)  # each pixel's base grid x, y
+    for p in range(pixels):
+        xs[p], ys[p] = base[p % side], base[p // side]
     cx, cy = config[14], config[15]
     for b in range(images.shape[0]):
         sample = mix(key ^ np.uint64(indices[b]))
@@ -83,7 +87,7 @@ def affine_nearest(images, indices, key, config, base, fill, norm, reciprocal, o
             m = inverse_affine(cx, cy, -angle, 0.0, 0.0, 1.0, 0.0, 0.0)
             if config[16] != 0.0 and angle < 360.0 and angle % 90.0 == 0.0:
                 quarter = int(angle // 90.0)
-        normalise_row(flat[b], framed, unit, mean, std, reciprocal)
+        normalise_into(flat[b], framed, 0, unit, mean, std, reciprocal)
         if quarter >= 0:  # torch.rot90's exact quarter turns, as torchvision's rotate
             last = side - 1
             for i in range(side):
@@ -100,13 +104,11 @@ def affine_nearest(images, indices, key, config, base, fill, norm, reciprocal, o
             s00, s10 = np.float32(m[0]) / half_side, np.float32(m[1]) / half_side
             s20, s01 = np.float32(m[2]) / half_side, np.float32(m[3]) / half_side
             s11, s21 = np.float32(m[4]) / half_side, np.float32(m[5]) / half_side
-            for i in range(side):  # a loop the compiler vectorises
-                along_y0, along_y1 = base[i] * s10, base[i] * s11
-                for j in range(side):
-                    ix = np.rint(((base[j] * s00 + along_y0) + s20 + one) * half_side - half)
-                    iy = np.rint(((base[j] * s01 + along_y1) + s21 + one) * half_side - half)
-                    inside = (ix >= zero) & (ix < fside) & (iy >= zero) & (iy < fside)  # NaN: outside
-                    where[i * side + j] = np.uint32(iy * fside + ix if inside else fpixels)
+            for p in range(pixels):  # one flat loop, which the compiler vectorises (rows of 28 it does not)
+                ix = np.rint(((xs[p] * s00 + ys[p] * s10) + s20 + one) * half_side - half)
+                iy = np.rint(((xs[p] * s01 + ys[p] * s11) + s21 + one) * half_side - half)
+                inside = (ix >= zero) & (ix < fside) & (iy >= zero) & (iy < fside)  # NaN: outside
+                where[p] = np.uint32(iy * fside + ix if inside else fpixels)
         row = flat_out[b]
         for p in range(pixels):  # then the gather
             row[p] = framed[where[p]]
@@ -118,18 +120,25 @@ def shifted(images, indices, key, config, fill, norm, reciprocal, out):
     unit, mean, std = norm[0], norm[1], norm[2]
     pixels = side * side
     flat, flat_out = images.reshape(images.shape[0], pixels), out.reshape(images.shape[0], pixels)
-    framed = np.empty(pixels + 1, np.float32)  # the sample's pixels normalised, then fill
-    framed[pixels] = normalise(fill, unit, mean, std, reciprocal)
+    filled = normalise(fill, unit, mean, std, reciprocal)
+    counts = np.int64(config[0]), np.int64(config[1])
+    padding = np.int64(config[2]), np.int64(config[3])
+    # Output pixel p is the sample's pixel p + shift (dy rows and dx columns on) where that is
+    # inside: one contiguous load per pixel from the normalised sample, in a buffer with a
+    # margin wider than any shift, then a select of fill.
+    margin = max(padding[0], counts[0] - 1 - padding[0]) * side + max(padding[1], counts[1] - 1 - padding[1])
+    shifted_by = np.zeros(pixels + 2 * margin, np.float32)
+    rows, columns = np.empty(pixels, np.int64), np.empty(pixels, np.int64)
+    for p in range(pixels):
+        rows[p], columns[p] = p // side, p % side
     for b in range(images.shape[0]):
         sample = mix(key ^ np.uint64(indices[b]))  # augment._Crop.params (_randint)
-        top = min(np.int64(np.floor(draw(sample, 0) * config[0])), np.int64(config[0]) - 1)
-        left = min(np.int64(np.floor(draw(sample, 1) * config[1])), np.int64(config[1]) - 1)
-        dy, dx = top - np.int64(config[2]), left - np.int64(config[3])
-        normalise_row(flat[b], framed, unit, mean, std, reciprocal)
-        row = flat_out[b]
-        for i in range(side):
-            iy = i + dy
-            for j in range(side):
-                ix = j + dx
-                inside = (iy >= 0) & (iy < side) & (ix >= 0) & (ix < side)
-                row[i * side + j] = framed[np.uint64(iy * side + ix if inside else pixels)]
+        top = min(np.int64(np.floor(draw(sample, 0) * config[0])), counts[0] - 1)
+        left = min(np.int64(np.floor(draw(sample, 1) * config[1])), counts[1] - 1)
+        dy, dx = top - padding[0], left - padding[1]
+        normalise_into(flat[b], shifted_by, margin, unit, mean, std, reciprocal)
+        start, row = margin + dy * side + dx, flat_out[b]
+        for p in range(pixels):  # vectorised: contiguous loads, a select
+            y, x = rows[p] + dy, columns[p] + dx
+            value = shifted_by[np.uint64(start + p)]
+            row[p] = value if (y >= 0) & (y < side) & (x >= 0) & (x < side) else filled
