@@ -5,6 +5,7 @@ opened when it is replaced before its arrays are mapped; the plan's interval ari
 against explicit sets of positions, and a state's bounds at their edges."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -141,6 +142,18 @@ def test_a_split_maps_the_version_it_was_opened_from_or_refuses(tmp_path):
         assert "the set was replaced after it was opened" in str(e)
     else:
         assert mapped.tolist() == labels.tolist()
+
+
+def test_a_split_whose_set_was_deleted_since_it_was_opened_says_so(tmp_path):
+    """The set's directory removed (its path gone) after ``open_shards``: mapping an array
+    of the opened split says the set was replaced and to open it again."""
+    root = tmp_path / "raw"
+    write_split(root, "train", indexed_images(30), np.arange(30) % 10)
+    convert(root, tmp_path / "set", progress=False)
+    split = open_shards(tmp_path / "set").split("train")
+    shutil.rmtree(tmp_path / "set")
+    with pytest.raises(FastMNISTError, match="train_labels.npy: the set was replaced after it was opened"):
+        split.array("labels")
 
 
 @pytest.mark.parametrize("seed", range(6))

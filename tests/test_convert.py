@@ -86,6 +86,7 @@ def test_flipping_any_byte_fails_verify_naming_the_file(small_root, tmp_path, ca
         assert f"FAILED {path}: sha256 differs" in capsys.readouterr().err
         with pytest.raises(FastMNISTError, match=f"{path}: sha256 differs"):
             open_shards(out, verify=True)
+        assert open_shards(out).splits == ["train", "test"]  # by default only sizes: nothing is hashed
         path.write_bytes(original)
     assert verify_shards(out) == []
 
@@ -275,6 +276,8 @@ def test_no_float32_keeps_uint8_only_and_the_loader_gives_the_same_bits(synth_ro
         assert x.dtype == torch.float32 and torch.equal(x, fx) and torch.equal(y, fy)
     with pytest.raises(FastMNISTError, match="no images_f32 array"):
         FastMNISTLoader(out, images="float32")
+    with pytest.raises(FastMNISTError, match=r"'train' has no images_f32 array \(it has images_u8, labels\)"):
+        open_shards(out).split("train").array("images_f32")
 
 
 def test_demo_converts_with_the_convert_commands_own_defaults(tmp_path, monkeypatch):

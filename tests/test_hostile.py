@@ -167,8 +167,9 @@ def test_a_fortran_order_header_is_refused(tmp_path, indexed_shards):
     path = out / "train_images_f32.npy"
     data = path.read_bytes().replace(b"'fortran_order': False", b"'fortran_order': True ")
     path.write_bytes(data)
-    with pytest.raises(FastMNISTError, match=r"train_images_f32.npy: .npy header differs"):
+    with pytest.raises(FastMNISTError, match=r"train_images_f32.npy: .npy header differs") as refused:
         next(iter(FastMNISTLoader(out)))
+    assert str(refused.value).endswith(f"found {data[:120]!r}")  # the header's first 120 bytes shown
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -239,3 +239,15 @@ def test_oversized_and_deeply_nested_manifests(hostile, server):
     finally:
         tracemalloc.stop()
         (root / "set" / "manifest.json").write_text(json.dumps(manifest))
+    text = json.dumps(manifest)
+    try:  # the limit itself: a manifest of exactly 16 MiB opens, one byte more does not
+        (root / "set" / "manifest.json").write_text(" " * ((16 << 20) - len(text)) + text)
+        assert len(FastMNISTLoader(root / "set", batch_size=INDEXED_N)) == 1
+        assert len(FastMNISTLoader(server, batch_size=INDEXED_N)) == 1
+        (root / "set" / "manifest.json").write_text(" " * ((16 << 20) + 1 - len(text)) + text)
+        with pytest.raises(FastMNISTError, match="manifest.json: larger than a manifest may be"):
+            FastMNISTLoader(root / "set")
+        with pytest.raises(FastMNISTError, match="manifest.json: more than 16777216 bytes"):
+            FastMNISTLoader(server)
+    finally:
+        (root / "set" / "manifest.json").write_text(text)

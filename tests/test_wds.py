@@ -243,3 +243,15 @@ def test_http_errors_and_incomplete_listings_are_named(http_server):
         FastMNISTLoader([base + "train-000000.tar", base + "test-000000.tar"])
     with pytest.raises(FastMNISTError, match="manifest.json: HTTP error 404"):
         FastMNISTLoader(base + "nowhere/")
+
+
+def test_a_split_of_one_shard_streams_from_that_shards_url(http_server):
+    """A split stored in one tar shard, given by that shard's URL (alone, or as a list of
+    one): its manifest is the one beside it, its batches those of the whole set's URL."""
+    base, _ = http_server
+    whole = list(FastMNISTLoader(base, split="test", normalize=False, shuffle=False))
+    for location in (base + "test-000000.tar", [base + "test-000000.tar"]):
+        batches = list(FastMNISTLoader(location, split="test", normalize=False, shuffle=False))
+        assert len(whole) > 0
+        for (x, y), (x0, y0) in zip(batches, whole, strict=True):
+            assert torch.equal(x, x0) and torch.equal(y, y0)
