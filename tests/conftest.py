@@ -21,6 +21,15 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n N`: N workers share the 
     workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // workers))
 
+HANG_S = 300  # a test running longer fails (pytest-timeout): a hang costs 5 minutes, not CI's 90
+
+
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        if item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(HANG_S))
+
+
 def pytest_report_header() -> str:
     """The CPU kernels torch dispatches to here: bilinear resampling's last bits depend on them
     (tests/test_augment.py runs its torchvision comparisons on the default kernels too)."""
