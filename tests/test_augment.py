@@ -437,6 +437,34 @@ def test_a_sample_gets_the_same_bytes_whatever_the_run(paired_sets):
         assert images == set(reference[sample]), sample
 
 
+@pytest.mark.parametrize("step", [v1.RandomAffine(10, translate=(0.1, 0.1), scale=(0.9, 1.1)),
+                                  v1.RandomRotation(30), v1.RandomCrop(28, padding=4)], ids=repr)
+def test_the_fused_kernels_read_each_sample_where_it_lies(paired_sets, step, monkeypatch):
+    """Shuffled, the fused kernel (reading each sample from the mapped set, or from the
+    joined arrays of a mixture) gives every batch of the torch path (``FASTMNIST_JIT=0``),
+    also resident, in DataLoader workers and in a mixture."""
+    if not os.environ.get("CI"):
+        pytest.importorskip("numba")
+    real, _ = paired_sets
+    transform = _v1(step)
+
+    def batches(jit: bool, workers=0, **kw):
+        monkeypatch.setenv("FASTMNIST_JIT", "1" if jit else "0")
+        kernels.available.cache_clear()
+        loader = FastMNISTLoader(real, batch_size=64, seed=5, transform=transform, **kw)
+        kernels.available.cache_clear()
+        assert (loader._delivery.finish.fused is not None) == jit
+        loader.set_epoch(1)
+        return list(DataLoader(loader, batch_size=None, num_workers=workers) if workers else loader)
+
+    for kw in ({}, {"resident": True}, {"workers": 2}, {"mix_with": [(real, "test")]}):
+        reference = batches(False, **kw)
+        fused = batches(True, **kw)
+        assert len(fused) == len(reference) > 10
+        for (x, y), (rx, ry) in zip(fused, reference, strict=True):
+            assert torch.equal(x, rx) and torch.equal(y, ry), kw
+
+
 def test_the_next_epoch_draws_new_parameters(indexed_shards):
     loader = FastMNISTLoader(indexed_shards, transform=TRANSFORM)
     first, second = (loader.augmentation_params(e, np.arange(100))[0]["angle"] for e in (0, 1))

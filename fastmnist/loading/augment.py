@@ -100,14 +100,18 @@ class Augment:
             isinstance(one, _Crop) or isinstance(one, (_Affine, _Rotation)) and one.mode == "nearest"))
 
     def images_normalised(self, x: torch.Tensor, epoch: int, indices, norm: np.ndarray,
-                          out: torch.Tensor) -> torch.Tensor:
+                          out: torch.Tensor, whole: bool = False) -> torch.Tensor:
         """uint8 ``(B, 1, 28, 28)`` images of the samples ``indices`` (int64) of ``epoch`` ->
         float32 ``normalised(images(x, params))`` into ``out`` (same shape) in one kernel call,
-        where ``fusable``: ``norm`` the normalisation (``kernels``' float32 ``(3,)``)."""
+        where ``fusable``: ``norm`` the normalisation (``kernels``' float32 ``(3,)``). With
+        ``whole``, ``x`` is the whole source ``(N, 1, 28, 28)``, sample ``i`` its image ``i``:
+        the kernel reads the samples where they lie."""
         indices = torch.as_tensor(indices, dtype=torch.int64).cpu().numpy()
-        b = len(x)
-        self.geometric[0].fused(x.reshape(b, SIDE, SIDE).numpy(), indices, step_key(self.seed, epoch, 0),
-                                norm, self.reciprocal, out.view(b, SIDE, SIDE).numpy())
+        b = len(indices)
+        rows = indices if whole else np.arange(b)
+        self.geometric[0].fused(x.reshape(len(x), SIDE, SIDE).numpy(), rows, indices,
+                                step_key(self.seed, epoch, 0), norm, self.reciprocal,
+                                out.view(b, SIDE, SIDE).numpy())
         return self.normalised(out, self.params(epoch, indices, first=1)) if self.erasing else out
 
     def normalised(self, x: torch.Tensor, params: list[dict]) -> torch.Tensor:
@@ -246,11 +250,12 @@ class _Geometric:
         return image.sub_(fill).mul_(mask).add_(fill).round_().to(x.dtype)
 
 
-    def affine_kernel(self, config: list, x: np.ndarray, indices: np.ndarray, key: np.uint64,
-                      norm: np.ndarray, reciprocal: bool, out: np.ndarray) -> None:
-        """``kernels.affine_nearest`` with this step's ``config``: uint8 ``x`` ``(B, 28, 28)``
-        drawn, resampled and normalised into float32 ``out``, as ``apply`` then the normalisation."""
-        kernels.affine_nearest(x, indices, key, np.array(config, np.float64), _base("cpu").numpy(),
+    def affine_kernel(self, config: list, x: np.ndarray, rows: np.ndarray, indices: np.ndarray,
+                      key: np.uint64, norm: np.ndarray, reciprocal: bool, out: np.ndarray) -> None:
+        """``kernels.affine_nearest`` with this step's ``config``: the uint8 images ``rows`` of
+        ``x`` ``(N, 28, 28)`` drawn, resampled and normalised into float32 ``out``, as ``apply``
+        then the normalisation."""
+        kernels.affine_nearest(x, rows, indices, key, np.array(config, np.float64), _base("cpu").numpy(),
                                round(self.fill), norm, reciprocal, out)
 
 
@@ -355,14 +360,14 @@ class _Affine(_Geometric):
     def apply(self, x: torch.Tensor, p: dict) -> torch.Tensor:
         return self.resample(x, *_affine_grid(self.matrices(p), x.device))
 
-    def fused(self, x: np.ndarray, indices: np.ndarray, key: np.uint64, norm: np.ndarray, reciprocal: bool,
-              out: np.ndarray) -> None:
+    def fused(self, x: np.ndarray, rows: np.ndarray, indices: np.ndarray, key: np.uint64, norm: np.ndarray,
+              reciprocal: bool, out: np.ndarray) -> None:
         """``affine_kernel`` with this step's draws laid out for it."""
         shear = self.shear or []
         config = [kernels.AFFINE, *self.degrees, self.translate is not None,
                   *(float(f * SIDE) for f in self.translate or (0, 0)), self.scale is not None,
                   *(self.scale or (1, 1)), len(shear), *(shear + [0.0] * (4 - len(shear))), *self.center, 0]
-        self.affine_kernel(config, x, indices, key, norm, reciprocal, out)
+        self.affine_kernel(config, x, rows, indices, key, norm, reciprocal, out)
 
 
 class _Rotation(_Geometric):
@@ -386,11 +391,11 @@ class _Rotation(_Geometric):
     def apply(self, x: torch.Tensor, p: dict) -> torch.Tensor:
         return self._quarter_turns(x, p, self.resample(x, *_affine_grid(self.matrices(p), x.device)))
 
-    def fused(self, x: np.ndarray, indices: np.ndarray, key: np.uint64, norm: np.ndarray, reciprocal: bool,
-              out: np.ndarray) -> None:
+    def fused(self, x: np.ndarray, rows: np.ndarray, indices: np.ndarray, key: np.uint64, norm: np.ndarray,
+              reciprocal: bool, out: np.ndarray) -> None:
         """``affine_kernel`` with this step's draws laid out for it, quarter turns included."""
         config = [kernels.ROTATION, *self.degrees, *[0.0] * 11, *self.center, self.centred]
-        self.affine_kernel(config, x, indices, key, norm, reciprocal, out)
+        self.affine_kernel(config, x, rows, indices, key, norm, reciprocal, out)
 
     def _quarter_turns(self, x: torch.Tensor, p: dict, out: torch.Tensor) -> torch.Tensor:
         """``out`` with the samples turned by a multiple of 90 degrees about the centre made
@@ -431,13 +436,13 @@ class _Crop:
         return {"top": torch.from_numpy(_randint(u[:, 0], 0, self.height - SIDE + 1)),
                 "left": torch.from_numpy(_randint(u[:, 1], 0, self.width - SIDE + 1))}
 
-    def fused(self, x: np.ndarray, indices: np.ndarray, key: np.uint64, norm: np.ndarray, reciprocal: bool,
-              out: np.ndarray) -> None:
-        """``kernels.shifted``: uint8 ``x`` ``(B, 28, 28)`` drawn, cropped and normalised into
-        float32 ``out``, as ``apply`` then the normalisation."""
+    def fused(self, x: np.ndarray, rows: np.ndarray, indices: np.ndarray, key: np.uint64, norm: np.ndarray,
+              reciprocal: bool, out: np.ndarray) -> None:
+        """``kernels.shifted``: the uint8 images ``rows`` of ``x`` ``(N, 28, 28)`` drawn, cropped
+        and normalised into float32 ``out``, as ``apply`` then the normalisation."""
         config = [self.height - SIDE + 1, self.width - SIDE + 1, self.top, self.left]
-        kernels.shifted(x, indices, key, np.array(config, np.float64), round(self.fill), norm, reciprocal,
-                        out)
+        kernels.shifted(x, rows, indices, key, np.array(config, np.float64), round(self.fill), norm,
+                        reciprocal, out)
 
     def apply(self, x: torch.Tensor, p: dict) -> torch.Tensor:
         rows = torch.arange(SIDE, device=x.device)

@@ -95,9 +95,15 @@ class Grouped:
                 idx = share[part[0] * size:(part[-1] + 1) * size]
             else:  # a DataLoader worker's batches: every k-th
                 idx = torch.cat([share[b * size:(b + 1) * size] for b in part])
-            x, y = src.gather(idx, pools[src.dtype].take(len(idx)))
-            out = pools[torch.float32].take(len(idx)) if self.finish.makes_float else None
-            x = self.finish(x, idx, epoch_pass.epoch, out)
+            if self.finish.fused is not None:  # the kernel reads the samples where they lie: no gather
+                images, labels = src.tensors
+                x = self.finish.augment.images_normalised(images, epoch_pass.epoch, idx, self.finish.fused,
+                                                          pools[torch.float32].take(len(idx)), whole=True)
+                y = torch.index_select(labels, 0, idx)
+            else:
+                x, y = src.gather(idx, pools[src.dtype].take(len(idx)))
+                out = pools[torch.float32].take(len(idx)) if self.finish.makes_float else None
+                x = self.finish(x, idx, epoch_pass.epoch, out)
             yield from zip(x.split(size), y.split(size), strict=True)
 
     def _pools_for(self, batch_size: int) -> dict[torch.dtype, BufferPool]:

@@ -41,27 +41,28 @@ def _compiled():
     return {"affine_nearest": numba_kernels.affine_nearest, "shifted": numba_kernels.shifted}
 
 
-def affine_nearest(images: np.ndarray, indices: np.ndarray, key: np.uint64, config: np.ndarray,
-                   base: np.ndarray, fill: int, norm: np.ndarray, reciprocal: bool,
+def affine_nearest(images: np.ndarray, rows: np.ndarray, indices: np.ndarray, key: np.uint64,
+                   config: np.ndarray, base: np.ndarray, fill: int, norm: np.ndarray, reciprocal: bool,
                    out: np.ndarray) -> np.ndarray:
-    """uint8 ``images`` ``(B, 28, 28)`` -> float32 ``out`` (same shape): each sample's
-    ``RandomAffine`` or ``RandomRotation`` drawn, resampled nearest through torchvision's
-    affine grid (``base``: its float32 ``(28,)`` coordinates; rounded half to even, as
-    ``grid_sample`` rounds), ``fill`` (uint8) outside, and normalised. ``config`` float64
-    ``(17,)``: ``AFFINE`` or ``ROTATION``; the degrees' range; translate given (1/0) and its
-    limits in pixels (x, y); scale given and its range; the number of shear values (0, 2, 4)
-    and four values; the centre relative to the image centre (x, y); centred (1/0: a rotation
-    by a multiple of 90 degrees is an exact turn)."""
+    """uint8 ``images`` ``(N, 28, 28)`` -> float32 ``out`` ``(B, 28, 28)``: each sample (image
+    ``rows[b]``) with its ``RandomAffine`` or ``RandomRotation`` drawn, resampled nearest
+    through torchvision's affine grid (``base``: its float32 ``(28,)`` coordinates; rounded
+    half to even, as ``grid_sample`` rounds), ``fill`` (uint8) outside, and normalised.
+    ``config`` float64 ``(17,)``: ``AFFINE`` or ``ROTATION``; the degrees' range; translate
+    given (1/0) and its limits in pixels (x, y); scale given and its range; the number of
+    shear values (0, 2, 4) and four values; the centre relative to the image centre (x, y);
+    centred (1/0: a rotation by a multiple of 90 degrees is an exact turn)."""
     shared = (key, config, base, np.uint8(fill), norm, reciprocal)
-    return _run("affine_nearest", (images, indices), shared, out)
+    return _run("affine_nearest", images, (rows, indices), shared, out)
 
 
-def shifted(images: np.ndarray, indices: np.ndarray, key: np.uint64, config: np.ndarray, fill: int,
-            norm: np.ndarray, reciprocal: bool, out: np.ndarray) -> np.ndarray:
-    """uint8 ``images`` ``(B, 28, 28)`` -> float32 ``out`` (same shape): each sample's padded
-    ``RandomCrop`` drawn (``config`` float64: the top and left offsets' counts, then the top
-    and left padding), ``fill`` (uint8) in the padding, and normalised."""
-    return _run("shifted", (images, indices), (key, config, np.uint8(fill), norm, reciprocal), out)
+def shifted(images: np.ndarray, rows: np.ndarray, indices: np.ndarray, key: np.uint64, config: np.ndarray,
+            fill: int, norm: np.ndarray, reciprocal: bool, out: np.ndarray) -> np.ndarray:
+    """uint8 ``images`` ``(N, 28, 28)`` -> float32 ``out`` ``(B, 28, 28)``: each sample (image
+    ``rows[b]``) with its padded ``RandomCrop`` drawn (``config`` float64: the top and left
+    offsets' counts, then the top and left padding), ``fill`` (uint8) in the padding, and
+    normalised."""
+    return _run("shifted", images, (rows, indices), (key, config, np.uint8(fill), norm, reciprocal), out)
 
 
 def norm(mean: float, std: float, reciprocal: bool) -> np.ndarray:
@@ -69,16 +70,20 @@ def norm(mean: float, std: float, reciprocal: bool) -> np.ndarray:
     return np.array([1 / 255 if reciprocal else 255, mean, std], np.float32)
 
 
-def _run(name: str, per_sample: tuple, shared: tuple, out: np.ndarray) -> np.ndarray:
-    """``kernel(*per_sample, *shared, out)`` for kernel ``name``, the samples (the rows of
-    ``per_sample`` and ``out``) divided among ``torch.get_num_threads()`` threads (one in
+def _run(name: str, images: np.ndarray, per_sample: tuple, shared: tuple, out: np.ndarray) -> np.ndarray:
+    """``kernel(images, *per_sample, *shared, out)`` for kernel ``name``, the samples (the rows
+    of ``per_sample`` and ``out``; ``per_sample[0]`` their rows of ``images``, checked: the
+    kernels do not check bounds) divided among ``torch.get_num_threads()`` threads (one in
     DataLoader workers), at least 64 each."""
     import torch
 
-    kernel, n = _compiled()[name], len(out)
+    rows, n = per_sample[0], len(out)
+    if n and (rows.min() < 0 or rows.max() >= len(images)):
+        raise IndexError(f"{name}: rows {rows.min()}..{rows.max()} outside the {len(images)} images")
+    kernel = _compiled()[name]
     threads = max(1, min(torch.get_num_threads(), n // 64))
     cuts = np.linspace(0, n, threads + 1).astype(int)
-    parts = [(*(a[lo:hi] for a in per_sample), *shared, out[lo:hi])
+    parts = [(images, *(a[lo:hi] for a in per_sample), *shared, out[lo:hi])
              for lo, hi in zip(cuts, cuts[1:], strict=False)]
     others = [_pool(threads - 1).submit(kernel, *part) for part in parts[1:]]
     kernel(*parts[0])  # this thread takes a share too

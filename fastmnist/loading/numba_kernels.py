@@ -50,12 +50,12 @@ inverse_affine = inline(augment.inverse_affine)
 
 
 @jit
-def affine_nearest(images, indices, key, config, base, fill, norm, reciprocal, out):
+def affine_nearest(images, rows, indices, key, config, base, fill, norm, reciprocal, out):
     side = images.shape[1]
     pixels = side * side
     one, half_side, half = np.float32(1.0), np.float32(side / 2), np.float32(0.5)
     zero, fside, fpixels = np.float32(0.0), np.float32(side), np.float32(pixels)
-    flat, flat_out = images.reshape(images.shape[0], pixels), out.reshape(images.shape[0], pixels)
+    flat, flat_out = images.reshape(images.shape[0], pixels), out.reshape(out.shape[0], pixels)
     unit, mean, std = norm[0], norm[1], norm[2]  # scalars: stores into framed cannot change them
     framed = np.empty(pixels + 1, np.float32)  # the sample's pixels normalised, then fill
     framed[pixels] = normalise(fill, unit, mean, std, reciprocal)
@@ -64,7 +64,7 @@ def affine_nearest(images, indices, key, config, base, fill, norm, reciprocal, o
     for p in range(pixels):
         xs[p], ys[p] = base[p % side], base[p // side]
     cx, cy = config[14], config[15]
-    for b in range(images.shape[0]):
+    for b in range(out.shape[0]):
         sample = mix(key ^ np.uint64(indices[b]))
         quarter = -1
         if config[0] == AFFINE:  # augment._Affine.params, then its matrix
@@ -87,7 +87,7 @@ def affine_nearest(images, indices, key, config, base, fill, norm, reciprocal, o
             m = inverse_affine(cx, cy, -angle, 0.0, 0.0, 1.0, 0.0, 0.0)
             if config[16] != 0.0 and angle < 360.0 and angle % 90.0 == 0.0:
                 quarter = int(angle // 90.0)
-        normalise_into(flat[b], framed, 0, unit, mean, std, reciprocal)
+        normalise_into(flat[rows[b]], framed, 0, unit, mean, std, reciprocal)
         if quarter >= 0:  # torch.rot90's exact quarter turns, as torchvision's rotate
             last = side - 1
             for i in range(side):
@@ -115,11 +115,11 @@ def affine_nearest(images, indices, key, config, base, fill, norm, reciprocal, o
 
 
 @jit
-def shifted(images, indices, key, config, fill, norm, reciprocal, out):
+def shifted(images, rows, indices, key, config, fill, norm, reciprocal, out):
     side = images.shape[1]
     unit, mean, std = norm[0], norm[1], norm[2]
     pixels = side * side
-    flat, flat_out = images.reshape(images.shape[0], pixels), out.reshape(images.shape[0], pixels)
+    flat, flat_out = images.reshape(images.shape[0], pixels), out.reshape(out.shape[0], pixels)
     filled = normalise(fill, unit, mean, std, reciprocal)
     counts = np.int64(config[0]), np.int64(config[1])
     padding = np.int64(config[2]), np.int64(config[3])
@@ -128,17 +128,17 @@ def shifted(images, indices, key, config, fill, norm, reciprocal, out):
     # margin wider than any shift, then a select of fill.
     margin = max(padding[0], counts[0] - 1 - padding[0]) * side + max(padding[1], counts[1] - 1 - padding[1])
     shifted_by = np.zeros(pixels + 2 * margin, np.float32)
-    rows, columns = np.empty(pixels, np.int64), np.empty(pixels, np.int64)
+    row_of, column_of = np.empty(pixels, np.int64), np.empty(pixels, np.int64)
     for p in range(pixels):
-        rows[p], columns[p] = p // side, p % side
-    for b in range(images.shape[0]):
+        row_of[p], column_of[p] = p // side, p % side
+    for b in range(out.shape[0]):
         sample = mix(key ^ np.uint64(indices[b]))  # augment._Crop.params (_randint)
         top = min(np.int64(np.floor(draw(sample, 0) * config[0])), counts[0] - 1)
         left = min(np.int64(np.floor(draw(sample, 1) * config[1])), counts[1] - 1)
         dy, dx = top - padding[0], left - padding[1]
-        normalise_into(flat[b], shifted_by, margin, unit, mean, std, reciprocal)
+        normalise_into(flat[rows[b]], shifted_by, margin, unit, mean, std, reciprocal)
         start, row = margin + dy * side + dx, flat_out[b]
         for p in range(pixels):  # vectorised: contiguous loads, a select
-            y, x = rows[p] + dy, columns[p] + dx
+            y, x = row_of[p] + dy, column_of[p] + dx
             value = shifted_by[np.uint64(start + p)]
             row[p] = value if (y >= 0) & (y < side) & (x >= 0) & (x < side) else filled
