@@ -3,6 +3,8 @@ arguments). Each helper is inlined into the kernels, so a kernel is one compiled
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba.extending import intrinsic
 
 from . import augment
 from .kernels import AFFINE
@@ -48,6 +50,31 @@ def normalise_into(source, target, offset, unit, mean, std, reciprocal):
 
 inverse_affine = inline(augment.inverse_affine)
 
+AHEAD = 4  # samples whose pixels are fetched into the caches ahead of their turn
+
+
+@intrinsic
+def prefetch(typingctx, array, offset):
+    """Bring element ``offset`` of the C-contiguous ``array`` (counted over all of it) into
+    the caches (``llvm.prefetch``: a hint, never a fault)."""
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        byte = ir.IntType(8).as_pointer()
+        word = ir.IntType(32)
+        fn = builder.module.declare_intrinsic("llvm.prefetch", [byte], ir.FunctionType(
+            ir.VoidType(), [byte, word, word, word]))
+        builder.call(fn, [builder.bitcast(builder.gep(data, [args[1]]), byte), word(0), word(3), word(1)])
+        return context.get_dummy_value()
+    return numba.types.void(array, offset), codegen
+
+
+@inline
+def fetch_ahead(flat, rows, b):  # sample b's cache lines, if there is a sample b
+    if b < rows.shape[0]:
+        start, size = rows[b] * flat.shape[1], flat.shape[1]
+        for line in range(0, size + 63, 64):
+            prefetch(flat, start + min(line, size - 1))
+
 
 @jit
 def affine_nearest(images, rows, indices, key, config, base, fill, norm, reciprocal, out):
@@ -65,6 +92,7 @@ def affine_nearest(images, rows, indices, key, config, base, fill, norm, recipro
         xs[p], ys[p] = base[p % side], base[p // side]
     cx, cy = config[14], config[15]
     for b in range(out.shape[0]):
+        fetch_ahead(flat, rows, b + AHEAD)
         sample = mix(key ^ np.uint64(indices[b]))
         quarter = -1
         if config[0] == AFFINE:  # augment._Affine.params, then its matrix
@@ -132,6 +160,7 @@ def shifted(images, rows, indices, key, config, fill, norm, reciprocal, out):
     for p in range(pixels):
         row_of[p], column_of[p] = p // side, p % side
     for b in range(out.shape[0]):
+        fetch_ahead(flat, rows, b + AHEAD)
         sample = mix(key ^ np.uint64(indices[b]))  # augment._Crop.params (_randint)
         top = min(np.int64(np.floor(draw(sample, 0) * config[0])), counts[0] - 1)
         left = min(np.int64(np.floor(draw(sample, 1) * config[1])), counts[1] - 1)
