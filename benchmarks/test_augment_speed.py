@@ -1,7 +1,8 @@
-"""The fused augmentation kernel (numba) against the torch path and the un-augmented loader,
+"""The fused augmentation kernel (numba) against the torch path, the un-augmented loader and
+the bare reference they share a bottleneck with (its batches with every pixel gathered),
 interleaved in one run, batch 64 on the CPU: medians of rounds (samples/s) with their
-spread; where a 1,024-sample group's time goes; the first batch's latency with the JIT
-cache cold and warm (fresh interpreters).
+spread, after a warm-up epoch of each; where a 1,024-sample group's time goes; the first
+batch's latency with the JIT cache cold and warm (fresh interpreters).
 
     pytest benchmarks/test_augment_speed.py --benchmark-only -s
 """
@@ -20,7 +21,7 @@ from torchvision import transforms
 from fastmnist import FastMNISTLoader, open_shards
 from fastmnist.loading import kernels
 
-ROUNDS = 7
+ROUNDS = 15
 BATCH = 64
 STEPS = {"RandomAffine (recipe)": transforms.RandomAffine(10, translate=(0.1, 0.1), scale=(0.9, 1.1)),
          "RandomRotation(30)": transforms.RandomRotation(30),
@@ -32,6 +33,19 @@ def _rate(loader) -> float:
     for _, y in loader:
         n += len(y)
     return n / (time.perf_counter() - start)
+
+
+class _PixelGather:
+    """The bare reference a nearest resampling shares its bottleneck with: ``loader``'s
+    batches, each sample's 784 pixels then gathered through one fixed pixel order
+    (``index_select``): the per-pixel gather without the per-sample grid."""
+
+    def __init__(self, loader):
+        self.loader, self.order = loader, torch.randperm(28 * 28, generator=torch.Generator().manual_seed(0))
+
+    def __iter__(self):
+        for x, y in self.loader:
+            yield x.flatten(1).index_select(1, self.order).view_as(x), y
 
 
 def _loader(shards, step, jit: bool):
@@ -52,11 +66,14 @@ def _loader(shards, step, jit: bool):
 def test_fused_kernel_against_the_torch_path(benchmark, bench_data):
     pytest.importorskip("numba")
     shards = bench_data[1]
-    loaders = {"plain (float32)": FastMNISTLoader(shards, batch_size=BATCH)}
+    plain = FastMNISTLoader(shards, batch_size=BATCH)
+    loaders = {"plain (float32)": plain, "plain + bare pixel gather": _PixelGather(plain)}
     for name, step in STEPS.items():
         loaders[f"{name}, fused kernel"] = _loader(shards, step, True)
         loaders[f"{name}, torch path"] = _loader(shards, step, False)
     rates = {name: [] for name in loaders}
+    for loader in loaders.values():  # a warm-up epoch each, not counted: mapping the set, compiling
+        _rate(loader)
 
     def rounds():
         for _ in range(ROUNDS):
@@ -71,6 +88,11 @@ def test_fused_kernel_against_the_torch_path(benchmark, bench_data):
                                       round(max(values))], "of_plain": round(median / plain, 3)}
         print(f"{name:>36}: {median:>10,.0f} samples/s (min {min(values):,.0f}, max {max(values):,.0f}), "
               f"{median / plain:.3f} of plain")
+    bare = statistics.median(rates["plain + bare pixel gather"])
+    for name in STEPS:
+        of_bare = statistics.median(rates[f"{name}, fused kernel"]) / bare
+        benchmark.extra_info[f"{name}, fused kernel"]["of_bare_pixel_gather"] = round(of_bare, 3)
+        print(f"{name}, fused kernel: {of_bare:.3f} of plain + bare pixel gather")
     _time_split(loaders["RandomAffine (recipe), fused kernel"], loaders["RandomAffine (recipe), torch path"],
                 benchmark.extra_info)
 
