@@ -71,34 +71,12 @@ def norm(mean: float, std: float, reciprocal: bool) -> np.ndarray:
 
 
 def _run(name: str, images: np.ndarray, per_sample: tuple, shared: tuple, out: np.ndarray) -> np.ndarray:
-    """``kernel(images, *per_sample, *shared, out)`` for kernel ``name``, the samples (the rows
-    of ``per_sample`` and ``out``; ``per_sample[0]`` their rows of ``images``, checked: the
-    kernels do not check bounds) divided among ``torch.get_num_threads()`` threads (one in
-    DataLoader workers), at least 64 each."""
-    import torch
-
-    rows, n = per_sample[0], len(out)
-    if n and (rows.min() < 0 or rows.max() >= len(images)):
+    """``kernel(images, *per_sample, *shared, out)`` for kernel ``name`` on this thread (split
+    between two threads, a 1,024-sample group lost as much to the hand-off as it gained);
+    ``per_sample[0]``: the samples' rows of ``images``, checked (the kernels do not check
+    bounds)."""
+    rows = per_sample[0]
+    if len(rows) and (rows.min() < 0 or rows.max() >= len(images)):
         raise IndexError(f"{name}: rows {rows.min()}..{rows.max()} outside the {len(images)} images")
-    kernel = _compiled()[name]
-    threads = max(1, min(torch.get_num_threads(), n // 64))
-    cuts = np.linspace(0, n, threads + 1).astype(int)
-    parts = [(images, *(a[lo:hi] for a in per_sample), *shared, out[lo:hi])
-             for lo, hi in zip(cuts, cuts[1:], strict=False)]
-    others = [_pool(threads - 1).submit(kernel, *part) for part in parts[1:]]
-    kernel(*parts[0])  # this thread takes a share too
-    for done in others:
-        done.result()
+    _compiled()[name](images, *per_sample, *shared, out)
     return out
-
-
-_pools = {}  # (process, threads) -> executor: a forked DataLoader worker makes its own
-
-
-def _pool(threads: int):
-    from concurrent.futures import ThreadPoolExecutor
-
-    key = (os.getpid(), threads)
-    if key not in _pools:
-        _pools[key] = ThreadPoolExecutor(threads, thread_name_prefix="fastmnist-kernel")
-    return _pools[key]
