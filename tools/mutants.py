@@ -9,7 +9,8 @@ against the copy (``pytest -x -q -p no:cacheprovider``, stopped at the first fai
 mutant is killed when they fail, survives when they pass. Prints a line per mutant, then the
 score and the survivors (each to be killed by a new test, or explained as equivalent in
 docs/reliability.md); ``--only 3,17`` runs those mutants only (the survivors of a run with
-quick tests, against slower ones). A mutant the tests hang on (past ``--timeout``) counts as
+quick tests, against slower ones); after ``--``, the tests may carry pytest's own options
+(``-- tests/test_hostile.py -k "not stress"``). A mutant the tests hang on (past ``--timeout``) counts as
 killed. The tests run with ``CI=true`` and the real digits of
 ``../shared/data/mnist-t10k`` (or ``FASTMNIST_REAL_DATA``), as the README's test command runs them.
 """
@@ -68,7 +69,8 @@ def _mutate(node) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("module", help="the module to mutate, relative to the repository")
-    parser.add_argument("tests", nargs="+", help="the tests that cover it")
+    parser.add_argument("tests", nargs="+", help="the tests that cover it (after `--`, with pytest's own "
+                                                 "options: -- tests/a.py -k 'not slow')")
     parser.add_argument("--only", help="comma-separated mutant numbers or ranges, 3,17,40-60 (those "
                                        "another run's tests let survive, say): run these only")
     parser.add_argument("--timeout", type=float, default=600,
