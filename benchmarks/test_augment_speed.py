@@ -24,6 +24,8 @@ from fastmnist.loading import kernels
 ROUNDS = 15
 BATCH = 64
 STEPS = {"RandomAffine (recipe)": transforms.RandomAffine(10, translate=(0.1, 0.1), scale=(0.9, 1.1)),
+         "RandomAffine (recipe), bilinear": transforms.RandomAffine(
+             10, translate=(0.1, 0.1), scale=(0.9, 1.1), interpolation=transforms.InterpolationMode.BILINEAR),
          "RandomRotation(30)": transforms.RandomRotation(30),
          "RandomCrop(28, padding=4)": transforms.RandomCrop(28, padding=4)}
 

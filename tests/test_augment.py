@@ -74,6 +74,16 @@ CASES = {  # name -> (transform, interpolation of its geometric step)
                             fill=255)),
         NEAREST),
     "rotation about a corner, fill": (_v1(v1.RandomRotation(180, center=(0, 27), fill=3)), NEAREST),
+    "affine extremes, bilinear, fill": (
+        _v1(v1.RandomAffine(180, translate=(0.5, 0.5), scale=(0.3, 2.5), shear=(-89, 89, -85, 85),
+                            interpolation=BILINEAR, fill=77)), BILINEAR),
+    "affine v2 extremes, bilinear, white fill": (
+        _v2(v2.RandomAffine((179, 180), translate=(0.45, 0.05), scale=(2.4, 2.5), shear=(88, 89.9),
+                            interpolation=BILINEAR, fill=255)), BILINEAR),
+    "rotation by quarter turns, bilinear v2": (_v2(v2.RandomRotation((-90, -90), interpolation=BILINEAR)),
+                                               BILINEAR),
+    "rotation about a corner, bilinear, fill": (
+        _v1(v1.RandomRotation(180, center=(0, 27), interpolation=BILINEAR, fill=3)), BILINEAR),
     "crop": (_v1(v1.RandomCrop(28, padding=2)), NEAREST),
     "crop v2, uneven padding, fill": (_v2(v2.RandomCrop(28, padding=[1, 3, 2, 0], fill=9)), NEAREST),
     "crop, padding wider than the image": (_v1(v1.RandomCrop(28, padding=(30, 3, 0, 40), fill=5)), NEAREST),
@@ -155,7 +165,7 @@ def _case_details(transform) -> dict:
 
 AFFINE_STEPS = ("RandomAffine", "RandomRotation", "RandomCrop")
 FUSED = [name for name, (t, mode) in CASES.items()  # one kernel from uint8 to normalised (kernels.py)
-         if mode == NEAREST and any(type(s).__name__ in AFFINE_STEPS for s in t.transforms)]
+         if any(type(s).__name__ in AFFINE_STEPS for s in t.transforms)]
 
 
 @pytest.mark.parametrize("name, jit", [(name, True) for name in CASES] + [(name, False) for name in FUSED])
@@ -438,6 +448,7 @@ def test_a_sample_gets_the_same_bytes_whatever_the_run(paired_sets):
 
 
 @pytest.mark.parametrize("step", [v1.RandomAffine(10, translate=(0.1, 0.1), scale=(0.9, 1.1)),
+                                  v1.RandomAffine(15, scale=(0.8, 1.2), interpolation=BILINEAR, fill=40),
                                   v1.RandomRotation(30), v1.RandomCrop(28, padding=4)], ids=repr)
 def test_the_fused_kernels_read_each_sample_where_it_lies(paired_sets, step, monkeypatch):
     """Shuffled, the fused kernel (reading each sample from the mapped set, or from the

@@ -93,11 +93,13 @@ class Augment:
         return x
 
     def fusable(self, device: torch.device) -> bool:
-        """Whether ``images`` then the normalisation run as one kernel here: a single nearest
-        ``RandomAffine`` or ``RandomRotation`` step or a ``RandomCrop``, on the CPU, with numba."""
+        """Whether ``images`` then the normalisation run as one kernel here: a single
+        ``RandomAffine`` or ``RandomRotation`` step (bilinear where ``kernels.bilinear_rounding``
+        knows torch's rounding) or a ``RandomCrop``, on the CPU, with numba."""
         one = self.geometric[0] if len(self.geometric) == 1 else None
         return (device.type == "cpu" and kernels.available() and (
-            isinstance(one, _Crop) or isinstance(one, (_Affine, _Rotation)) and one.mode == "nearest"))
+            isinstance(one, _Crop) or isinstance(one, (_Affine, _Rotation)) and (
+                one.mode == "nearest" or kernels.bilinear_rounding() is not None)))
 
     def images_normalised(self, x: torch.Tensor, epoch: int, indices, norm: np.ndarray,
                           out: torch.Tensor, whole: bool = False) -> torch.Tensor:
@@ -252,11 +254,15 @@ class _Geometric:
 
     def affine_kernel(self, config: list, x: np.ndarray, rows: np.ndarray, indices: np.ndarray,
                       key: np.uint64, norm: np.ndarray, reciprocal: bool, out: np.ndarray) -> None:
-        """``kernels.affine_nearest`` with this step's ``config``: the uint8 images ``rows`` of
-        ``x`` ``(N, 28, 28)`` drawn, resampled and normalised into float32 ``out``, as ``apply``
-        then the normalisation."""
-        kernels.affine_nearest(x, rows, indices, key, np.array(config, np.float64), _base("cpu").numpy(),
-                               round(self.fill), norm, reciprocal, out)
+        """``kernels.affine_nearest`` (or ``affine_bilinear``) with this step's ``config``: the
+        uint8 images ``rows`` of ``x`` ``(N, 28, 28)`` drawn, resampled and normalised into
+        float32 ``out``, as ``apply`` then the normalisation."""
+        config, base = np.array(config, np.float64), _base("cpu").numpy()
+        if self.mode == "nearest":
+            kernels.affine_nearest(x, rows, indices, key, config, base, round(self.fill), norm, reciprocal,
+                                   out)
+        else:
+            kernels.affine_bilinear(x, rows, indices, key, config, base, self.fill, norm, reciprocal, out)
 
 
 def _gather(x: torch.Tensor, iy: torch.Tensor, ix: torch.Tensor, fill: float) -> torch.Tensor:

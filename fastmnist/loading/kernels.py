@@ -18,7 +18,7 @@ import os
 
 import numpy as np
 
-AFFINE, ROTATION = 0.0, 1.0  # affine_nearest's config[0]
+AFFINE, ROTATION = 0.0, 1.0  # the affine kernels' config[0]
 
 
 @functools.cache
@@ -38,7 +38,23 @@ def available() -> bool:
 def _compiled():
     from . import numba_kernels
 
-    return {"affine_nearest": numba_kernels.affine_nearest, "shifted": numba_kernels.shifted}
+    return {"affine_nearest": numba_kernels.affine_nearest, "affine_bilinear": numba_kernels.affine_bilinear,
+            "shifted": numba_kernels.shifted}
+
+
+@functools.cache
+def bilinear_rounding() -> bool | None:
+    """How torch's CPU ``grid_sample`` rounds a bilinear sample on this machine, which the
+    bilinear kernel must repeat: True where it runs its AVX2 or AVX-512 kernel (fused
+    multiply-adds in the unnormalisation and the weighted sum), False its default kernel on
+    x86-64 (none); None on other machines, where the torch path runs (not compared)."""
+    import platform
+
+    import torch
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    return {"AVX2": True, "AVX512": True, "DEFAULT": False}.get(torch.backends.cpu.get_cpu_capability())
 
 
 def affine_nearest(images: np.ndarray, rows: np.ndarray, indices: np.ndarray, key: np.uint64,
@@ -54,6 +70,16 @@ def affine_nearest(images: np.ndarray, rows: np.ndarray, indices: np.ndarray, ke
     centred (1/0: a rotation by a multiple of 90 degrees is an exact turn)."""
     shared = (key, config, base, np.uint8(fill), norm, reciprocal)
     return _run("affine_nearest", images, (rows, indices), shared, out)
+
+
+def affine_bilinear(images: np.ndarray, rows: np.ndarray, indices: np.ndarray, key: np.uint64,
+                    config: np.ndarray, base: np.ndarray, fill: float, norm: np.ndarray, reciprocal: bool,
+                    out: np.ndarray) -> np.ndarray:
+    """``affine_nearest`` resampled bilinear instead, as ``grid_sample`` then torchvision's
+    fill and rounding to uint8 compute it (``fill`` float32 where the mask is 0), each sum
+    rounded as ``bilinear_rounding()`` says torch's kernel rounds it here."""
+    shared = (key, config, base, np.float32(fill), bilinear_rounding(), norm, reciprocal)
+    return _run("affine_bilinear", images, (rows, indices), shared, out)
 
 
 def shifted(images: np.ndarray, rows: np.ndarray, indices: np.ndarray, key: np.uint64, config: np.ndarray,
