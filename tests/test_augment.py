@@ -87,6 +87,8 @@ CASES = {  # name -> (transform, interpolation of its geometric step)
     "crop": (_v1(v1.RandomCrop(28, padding=2)), NEAREST),
     "crop v2, uneven padding, fill": (_v2(v2.RandomCrop(28, padding=[1, 3, 2, 0], fill=9)), NEAREST),
     "crop, padding wider than the image": (_v1(v1.RandomCrop(28, padding=(30, 3, 0, 40), fill=5)), NEAREST),
+    "crop, padding on the right and bottom only": (_v1(v1.RandomCrop(28, padding=(0, 0, 3, 5), fill=1)),
+                                                   NEAREST),
     "perspective": (_v1(v1.RandomPerspective(0.5, p=0.7)), BILINEAR),
     "perspective nearest v2": (_v2(v2.RandomPerspective(0.4, p=1.0, interpolation=NEAREST)), NEAREST),
     "elastic": (_v1(v1.ElasticTransform(alpha=34.0, sigma=4.0)), BILINEAR),
