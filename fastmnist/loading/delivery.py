@@ -75,6 +75,11 @@ class Finish:
             x = self.augment.normalised(x, params)
         return x
 
+    def from_source(self, images: torch.Tensor, idx, epoch: int, out: torch.Tensor) -> torch.Tensor:
+        """The samples ``idx`` finished by the fused kernel (``fused`` set) straight from
+        ``images``, the source's whole uint8 ``(N, 1, 28, 28)``: no gather before it."""
+        return self.augment.images_normalised(images, epoch, idx, self.fused, out, whole=True)
+
 
 class Grouped:
     """Batches sliced from groups of about ``GROUP_SAMPLES`` samples, gathered (and
@@ -95,10 +100,10 @@ class Grouped:
                 idx = share[part[0] * size:(part[-1] + 1) * size]
             else:  # a DataLoader worker's batches: every k-th
                 idx = torch.cat([share[b * size:(b + 1) * size] for b in part])
-            if self.finish.fused is not None:  # the kernel reads the samples where they lie: no gather
+            if self.finish.fused is not None:  # the kernel reads the samples where they lie
                 images, labels = src.tensors
-                x = self.finish.augment.images_normalised(images, epoch_pass.epoch, idx, self.finish.fused,
-                                                          pools[torch.float32].take(len(idx)), whole=True)
+                out = pools[torch.float32].take(len(idx))
+                x = self.finish.from_source(images, idx, epoch_pass.epoch, out)
                 y = torch.index_select(labels, 0, idx)
             else:
                 x, y = src.gather(idx, pools[src.dtype].take(len(idx)))
