@@ -40,13 +40,9 @@ def normalise(v, unit, mean, std, reciprocal):  # formats.normalize, on one pixe
 
 @inline
 def normalise_into(source, target, offset, unit, mean, std, reciprocal):
-    """target[offset + p] = source[p] normalised, for each p (each loop vectorises)."""
-    if reciprocal:
-        for p in range(source.shape[0]):
-            target[np.uint64(offset + p)] = (np.float32(source[p]) * unit - mean) / std
-    else:
-        for p in range(source.shape[0]):
-            target[np.uint64(offset + p)] = (np.float32(source[p]) / unit - mean) / std
+    """target[offset + p] = source[p] normalised, for each p (the loop vectorises)."""
+    for p in range(source.shape[0]):
+        target[np.uint64(offset + p)] = normalise(source[p], unit, mean, std, reciprocal)
 
 
 inverse_affine = inline(augment.inverse_affine)
