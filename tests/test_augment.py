@@ -93,6 +93,14 @@ CASES = {  # name -> (transform, interpolation of its geometric step)
     "perspective nearest v2": (_v2(v2.RandomPerspective(0.4, p=1.0, interpolation=NEAREST)), NEAREST),
     "elastic": (_v1(v1.ElasticTransform(alpha=34.0, sigma=4.0)), BILINEAR),
     "elastic nearest v2": (_v2(v2.ElasticTransform(alpha=50.0, sigma=5.0, interpolation=NEAREST)), NEAREST),
+    "perspective extremes, bilinear, white fill": (_v1(v1.RandomPerspective(1.0, p=1.0, fill=255)), BILINEAR),
+    "perspective extremes, nearest v2, fill": (
+        _v2(v2.RandomPerspective(0.95, p=0.9, interpolation=NEAREST, fill=77)), NEAREST),
+    "elastic, the widest blur, uneven, fill": (
+        _v1(v1.ElasticTransform(alpha=(20.0, 90.0), sigma=(6.7, 1.5), fill=200)), BILINEAR),
+    "elastic v2, strong, nearest, fill": (
+        _v2(v2.ElasticTransform(alpha=(250.0, 10.0), sigma=(0.5, 6.0), interpolation=NEAREST, fill=3)),
+        NEAREST),
     "erasing": (_v1(erase=[v1.RandomErasing(p=0.8)]), None),
     "erasing v2, a value": (_v2(erase=[v2.RandomErasing(p=1.0, scale=(0.05, 0.4), value=1.5)]), None),
     "affine then erasing": (
@@ -165,17 +173,17 @@ def _case_details(transform) -> dict:
     return details
 
 
-AFFINE_STEPS = ("RandomAffine", "RandomRotation", "RandomCrop")
+GEOMETRIC = ("RandomAffine", "RandomRotation", "RandomCrop", "RandomPerspective", "ElasticTransform")
 FUSED = [name for name, (t, mode) in CASES.items()  # one kernel from uint8 to normalised (kernels.py)
-         if any(type(s).__name__ in AFFINE_STEPS for s in t.transforms)]
+         if any(type(s).__name__ in GEOMETRIC for s in t.transforms)]
 
 
 @pytest.mark.parametrize("name, jit", [(name, True) for name in CASES] + [(name, False) for name in FUSED])
 def test_same_parameters_same_pixels_as_torchvision(real_shards, real_root, name, jit, monkeypatch):
     """256 real test digits through the loader, each equal to torchvision's functional op
     with the reported parameters, then its float conversion and Normalize (and erase): bit
-    for bit, bilinear included (the same float32 grid, then grid_sample itself); the nearest
-    affine steps both through the fused kernel (numba, required in CI) and the torch path
+    for bit, bilinear included (the same float32 grid, then grid_sample itself); the
+    geometric steps both through the fused kernels (numba, required in CI) and the torch path
     (``FASTMNIST_JIT=0``)."""
     transform, interpolation = CASES[name]
     monkeypatch.setenv("FASTMNIST_JIT", "1" if jit else "0")
@@ -451,7 +459,8 @@ def test_a_sample_gets_the_same_bytes_whatever_the_run(paired_sets):
 
 @pytest.mark.parametrize("step", [v1.RandomAffine(10, translate=(0.1, 0.1), scale=(0.9, 1.1)),
                                   v1.RandomAffine(15, scale=(0.8, 1.2), interpolation=BILINEAR, fill=40),
-                                  v1.RandomRotation(30), v1.RandomCrop(28, padding=4)], ids=repr)
+                                  v1.RandomRotation(30), v1.RandomCrop(28, padding=4),
+                                  v1.RandomPerspective(0.5, p=0.5), v1.ElasticTransform(40.0, 4.0)], ids=repr)
 def test_the_fused_kernels_read_each_sample_where_it_lies(paired_sets, step, monkeypatch):
     """Shuffled, the fused kernel (reading each sample from the mapped set, or from the
     joined arrays of a mixture) gives every batch of the torch path (``FASTMNIST_JIT=0``),
@@ -607,13 +616,22 @@ def test_a_transform_is_replayed_for_what_it_is_not_for_its_name(indexed_shards,
 
 
 @pytest.mark.parametrize("interpolation", [NEAREST, BILINEAR])
-def test_a_perspective_that_divides_by_0_is_torchvisions(real_shards, real_root, interpolation):
+@pytest.mark.parametrize("jit", [True, False])
+def test_a_perspective_that_divides_by_0_is_torchvisions(real_shards, real_root, interpolation, jit,
+                                                         monkeypatch):
     """``RandomPerspective(0.9)`` puts, for some samples, pixels where the grid's denominator
     is 0 (infinite or NaN coordinates, which grid_sample takes as outside): 69 of the 10,000
     test digits at seed 0, 9 of them 0 / 0. Each of those, and the first 100, equal torchvision's
-    ``F.perspective`` with the reported end points, bit for bit."""
+    ``F.perspective`` with the reported end points, bit for bit: through the fused kernel and
+    the torch path."""
+    if jit and not os.environ.get("CI"):
+        pytest.importorskip("numba")
+    monkeypatch.setenv("FASTMNIST_JIT", "1" if jit else "0")
+    kernels.available.cache_clear()
     transform = _v2(v2.RandomPerspective(0.9, p=1.0, interpolation=interpolation))
     loader = FastMNISTLoader(real_shards, "test", batch_size=2500, shuffle=False, seed=0, transform=transform)
+    kernels.available.cache_clear()
+    assert (loader._delivery.finish.fused is not None) == jit
     x = torch.cat([x for x, _ in loader])
     (step,) = loader.augmentation_params(0, torch.arange(len(x)))
     gx, gy = _perspective_grid(_perspective_coefficients(step["endpoints"]), "cpu")
@@ -654,10 +672,11 @@ def test_the_fused_kernels_stay_in_bounds(real_shards, tmp_path):
 
     if not os.environ.get("CI"):
         pytest.importorskip("numba")
+    kinds = ("affine", "rotation", "crop", "perspective", "elastic")  # the fused cases' names
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k",
-               "same_parameters and True and (affine or rotation or crop)", "tests/test_augment.py"]
+               f"same_parameters and True and ({' or '.join(kinds)})", "tests/test_augment.py"]
     done = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
                           timeout=600, env={**os.environ, "NUMBA_BOUNDSCHECK": "1",
                                             "NUMBA_CACHE_DIR": str(tmp_path / "numba-cache")})
     assert done.returncode == 0, done.stdout[-3000:]
-    assert f"{sum('affine' in n or 'rotation' in n or 'crop' in n for n in CASES)} passed" in done.stdout
+    assert f"{sum(any(kind in n for kind in kinds) for n in CASES)} passed" in done.stdout

@@ -35,8 +35,13 @@ _MASK = (1 << 64) - 1
 def uniforms(seed: int, epoch: int, step: int, indices, draws: int) -> np.ndarray:
     """float64 ``(len(indices), draws)`` in [0, 1): draw ``d`` of step ``step`` for each
     sample index, a pure function of (seed, epoch, step, index, d)."""
+    return keyed_uniforms(step_key(seed, epoch, step), indices, draws)
+
+
+def keyed_uniforms(key: np.uint64, indices, draws: int) -> np.ndarray:
+    """``uniforms`` of the step whose key (``step_key``) is ``key``."""
     idx = np.asarray(indices, dtype=np.int64).astype(np.uint64)
-    h = _mix(_mix(step_key(seed, epoch, step) ^ idx)[:, None] ^ np.arange(draws, dtype=np.uint64)[None, :])
+    h = _mix(_mix(key ^ idx)[:, None] ^ np.arange(draws, dtype=np.uint64)[None, :])
     return (h >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
@@ -97,12 +102,10 @@ class Augment:
 
     def fusable(self, device: torch.device) -> bool:
         """Whether ``images`` then the normalisation run as one kernel here: a single
-        ``RandomAffine`` or ``RandomRotation`` step (bilinear where ``kernels.bilinear_rounding``
-        knows torch's rounding) or a ``RandomCrop``, on the CPU, with numba."""
+        geometric step (bilinear where ``kernels.bilinear_rounding`` knows torch's rounding;
+        an ``ElasticTransform`` whose blur torch can pad), on the CPU, with numba."""
         one = self.geometric[0] if len(self.geometric) == 1 else None
-        return (device.type == "cpu" and kernels.available() and (
-            isinstance(one, _Crop) or isinstance(one, (_Affine, _Rotation)) and (
-                one.mode == "nearest" or kernels.bilinear_rounding() is not None)))
+        return device.type == "cpu" and kernels.available() and one is not None and one.fusable()
 
     def images_normalised(self, x: torch.Tensor, epoch: int, indices, norm: np.ndarray,
                           out: torch.Tensor, whole: bool = False) -> torch.Tensor:
@@ -255,17 +258,23 @@ class _Geometric:
         return image.sub_(fill).mul_(mask).add_(fill).round_().to(x.dtype)
 
 
+    def fusable(self) -> bool:
+        """Whether ``fused`` runs here (``kernels.mode`` knows this interpolation's rounding)."""
+        return kernels.mode(self.mode) is not None
+
+    @property
+    def kernel_fill(self) -> float:
+        """The fill as the kernels take it: rounded to a whole number for nearest, as
+        ``resample`` frames the image."""
+        return round(self.fill) if self.mode == "nearest" else self.fill
+
     def affine_kernel(self, config: list, x: np.ndarray, rows: np.ndarray, indices: np.ndarray,
                       key: np.uint64, norm: np.ndarray, reciprocal: bool, out: np.ndarray) -> None:
-        """``kernels.affine_nearest`` (or ``affine_bilinear``) with this step's ``config``: the
-        uint8 images ``rows`` of ``x`` ``(N, 28, 28)`` drawn, resampled and normalised into
-        float32 ``out``, as ``apply`` then the normalisation."""
-        config, base = np.array(config, np.float64), _base("cpu").numpy()
-        if self.mode == "nearest":
-            kernels.affine_nearest(x, rows, indices, key, config, base, round(self.fill), norm, reciprocal,
-                                   out)
-        else:
-            kernels.affine_bilinear(x, rows, indices, key, config, base, self.fill, norm, reciprocal, out)
+        """``kernels.affine`` with this step's ``config``: the uint8 images ``rows`` of ``x``
+        ``(N, 28, 28)`` drawn, resampled and normalised into float32 ``out``, as ``apply`` then
+        the normalisation."""
+        kernels.affine(x, rows, indices, key, np.array(config, np.float64), _base("cpu").numpy(),
+                       self.kernel_fill, kernels.mode(self.mode), norm, reciprocal, out)
 
 
 def _gather(x: torch.Tensor, iy: torch.Tensor, ix: torch.Tensor, fill: float) -> torch.Tensor:
@@ -440,6 +449,9 @@ class _Crop:
     def __repr__(self):
         return self.t
 
+    def fusable(self) -> bool:
+        return True
+
     def params(self, draw) -> dict:
         u = draw(2)
         return {"top": torch.from_numpy(_randint(u[:, 0], 0, self.height - SIDE + 1)),
@@ -487,6 +499,19 @@ class _Perspective(_Geometric):
         out[rows.to(x.device)] = self.resample(x[rows.to(x.device)], *_perspective_grid(coeffs, x.device))
         return out
 
+    def fused(self, x: np.ndarray, rows: np.ndarray, indices: np.ndarray, key: np.uint64, norm: np.ndarray,
+              reciprocal: bool, out: np.ndarray) -> None:
+        """``kernels.perspective``: the uint8 images ``rows`` of ``x`` ``(N, 28, 28)`` drawn
+        (the coefficients solved by torch, as ``apply`` solves them), resampled and normalised
+        into float32 ``out``, as ``apply`` then the normalisation."""
+        p = self.params(lambda draws: keyed_uniforms(key, indices, draws))
+        applied = p["applied"].numpy()
+        coefficients = np.zeros((len(indices), 8), np.float32)
+        if applied.any():
+            coefficients[applied] = _perspective_coefficients(p["endpoints"][p["applied"]]).numpy()
+        kernels.perspective(x, rows, coefficients, applied, _perspective_base("cpu").numpy(),
+                            self.kernel_fill, kernels.mode(self.mode), norm, reciprocal, out)
+
 
 START = [[0, 0], [SIDE - 1, 0], [SIDE - 1, SIDE - 1], [0, SIDE - 1]]
 
@@ -507,6 +532,11 @@ def _perspective_coefficients(ends: torch.Tensor) -> torch.Tensor:
     return torch.linalg.lstsq(a, b.unsqueeze(-1), driver="gels").solution.squeeze(-1).to(torch.float32)
 
 
+def _perspective_base(device) -> torch.Tensor:
+    """float32 ``(28,)``: torchvision's perspective base grid coordinates, ``0.5 .. 27.5``."""
+    return torch.linspace(0.5, SIDE + 0.5 - 1.0, steps=SIDE, device=device)
+
+
 def _perspective_grid(coeffs: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 ``(B, 28, 28)`` x and y of torchvision's ``_perspective_grid`` of each row of
     ``coeffs``: ``(a x + b y + c) / (g x + h y + 1) - 1`` (scaled), with its roundings."""
@@ -514,7 +544,7 @@ def _perspective_grid(coeffs: torch.Tensor, device) -> tuple[torch.Tensor, torch
     theta1 = torch.stack([c[:, 0:3], c[:, 3:6]], 1).transpose(1, 2)
     theta1 = theta1.div_(torch.tensor([0.5 * SIDE] * 2, dtype=torch.float32, device=device))
     theta2 = torch.stack([c[:, 6:8], c[:, 6:8]], 2)  # (B, 2, 2): g, h for both columns
-    steps = torch.linspace(0.5, SIDE + 0.5 - 1.0, steps=SIDE, device=device)
+    steps = _perspective_base(device)
     below = _plane(steps, steps, theta2, 0, 1.0)
     return tuple(_plane(steps, steps, theta1, k, theta1[:, 2, k, None, None]).div_(below).sub_(1.0)
                  for k in (0, 1))
@@ -535,14 +565,50 @@ class _Elastic(_Geometric):
         for axis in (0, 1):
             field = noise[:, axis:axis + 1]
             if self.sigma[axis] > 0:  # torchvision's kernel: this axis's size, both sigmas
-                field = _blur(field, self.sigma, int(8 * self.sigma[axis] + 1) | 1)
+                field = _blur(field, self.sigma, self._size(axis))
             fields.append(field * self.alpha[axis] / SIDE)
         return {"displacement": torch.cat(fields, 1).permute(0, 2, 3, 1).contiguous()}
 
+    def _size(self, axis: int) -> int:
+        """The taps of the blur of ``axis``'s field (odd), 0 where it is not blurred."""
+        return int(8 * self.sigma[axis] + 1) | 1 if self.sigma[axis] > 0 else 0
+
     def apply(self, x: torch.Tensor, p: dict) -> torch.Tensor:
-        side = torch.linspace((1 - SIDE) / SIDE, (SIDE - 1) / SIDE, SIDE, device=x.device)
+        side = _elastic_side(x.device)
         shift = p["displacement"].to(x.device)
         return self.resample(x, shift[..., 0] + side[None, None, :], shift[..., 1] + side[None, :, None])
+
+    def fusable(self) -> bool:
+        """``_Geometric.fusable``, and each blur within the reflect padding torch allows (less
+        than the image's side each way; torch refuses more, and the torch path says so)."""
+        return super().fusable() and max(self._size(0), self._size(1)) // 2 < SIDE
+
+    def fused(self, x: np.ndarray, rows: np.ndarray, indices: np.ndarray, key: np.uint64, norm: np.ndarray,
+              reciprocal: bool, out: np.ndarray) -> None:
+        """``kernels.elastic``: the uint8 images ``rows`` of ``x`` ``(N, 28, 28)`` with their
+        displacement fields drawn, resampled and normalised into float32 ``out``, as ``apply``
+        then the normalisation."""
+        sizes = np.array([self._size(0), self._size(1)], np.int64)
+        weights = np.zeros((2, 2, max(1, *sizes)), np.float32)
+        for axis in np.flatnonzero(sizes):
+            for dim in (0, 1):
+                weights[axis, dim, :sizes[axis]] = _gaussian(sizes[axis], self.sigma[dim]).numpy()
+        kernels.elastic(x, rows, indices, key, weights, sizes, np.array(self.alpha, np.float32),
+                        _elastic_side("cpu").numpy(), self.kernel_fill, kernels.mode(self.mode), norm,
+                        reciprocal, out)
+
+
+def _elastic_side(device) -> torch.Tensor:
+    """float32 ``(28,)``: torchvision's identity grid of an elastic transform, per axis."""
+    return torch.linspace((1 - SIDE) / SIDE, (SIDE - 1) / SIDE, SIDE, device=device)
+
+
+def _gaussian(size: int, sigma: float) -> torch.Tensor:
+    """float32 ``(size,)``: torchvision's 1-D Gaussian kernel of ``size`` taps and ``sigma``."""
+    half = (size - 1) * 0.5
+    x = torch.linspace(-half, half, steps=size)
+    kernel = torch.exp(-0.5 * (x / sigma).pow(2))
+    return kernel / kernel.sum()
 
 
 def _blur(field: torch.Tensor, sigma: list[float], size: int) -> torch.Tensor:
@@ -551,10 +617,7 @@ def _blur(field: torch.Tensor, sigma: list[float], size: int) -> torch.Tensor:
     separable, a fixed order of sums, so each sample's result is the same in any batch."""
     out = field
     for dim, s in ((3, sigma[0]), (2, sigma[1])):
-        half = (size - 1) * 0.5
-        x = torch.linspace(-half, half, steps=size)
-        kernel = torch.exp(-0.5 * (x / s).pow(2))
-        kernel = kernel / kernel.sum()
+        kernel = _gaussian(size, s)
         pad = [size // 2] * 2 + [0, 0] if dim == 3 else [0, 0] + [size // 2] * 2
         padded = torch.nn.functional.pad(out, pad, mode="reflect")
         acc = torch.zeros_like(out)

@@ -18,7 +18,8 @@ import os
 
 import numpy as np
 
-AFFINE, ROTATION = 0.0, 1.0  # the affine kernels' config[0]
+AFFINE, ROTATION = 0.0, 1.0  # the affine kernel's config[0]
+NEAREST, BILINEAR, BILINEAR_FMA = 0, 1, 2  # the kernels' resampling modes
 
 
 @functools.cache
@@ -38,8 +39,8 @@ def available() -> bool:
 def _compiled():
     from . import numba_kernels
 
-    return {"affine_nearest": numba_kernels.affine_nearest, "affine_bilinear": numba_kernels.affine_bilinear,
-            "shifted": numba_kernels.shifted}
+    return {"affine": numba_kernels.affine, "perspective": numba_kernels.perspective,
+            "elastic": numba_kernels.elastic, "shifted": numba_kernels.shifted}
 
 
 @functools.cache
@@ -57,29 +58,49 @@ def bilinear_rounding() -> bool | None:
     return {"AVX2": True, "AVX512": True, "DEFAULT": False}.get(torch.backends.cpu.get_cpu_capability())
 
 
-def affine_nearest(images: np.ndarray, rows: np.ndarray, indices: np.ndarray, key: np.uint64,
-                   config: np.ndarray, base: np.ndarray, fill: int, norm: np.ndarray, reciprocal: bool,
-                   out: np.ndarray) -> np.ndarray:
+def mode(interpolation: str) -> int | None:
+    """The kernels' resampling mode for torchvision's ``interpolation`` ("nearest" or
+    "bilinear") here: bilinear as ``bilinear_rounding()`` says torch rounds it, None (the
+    torch path) where that is not known."""
+    if interpolation == "nearest":
+        return NEAREST
+    return {True: BILINEAR_FMA, False: BILINEAR, None: None}[bilinear_rounding()]
+
+
+def affine(images: np.ndarray, rows: np.ndarray, indices: np.ndarray, key: np.uint64, config: np.ndarray,
+           base: np.ndarray, fill: float, mode: int, norm: np.ndarray, reciprocal: bool,
+           out: np.ndarray) -> np.ndarray:
     """uint8 ``images`` ``(N, 28, 28)`` -> float32 ``out`` ``(B, 28, 28)``: each sample (image
-    ``rows[b]``) with its ``RandomAffine`` or ``RandomRotation`` drawn, resampled nearest
-    through torchvision's affine grid (``base``: its float32 ``(28,)`` coordinates; rounded
-    half to even, as ``grid_sample`` rounds), ``fill`` (uint8) outside, and normalised.
-    ``config`` float64 ``(17,)``: ``AFFINE`` or ``ROTATION``; the degrees' range; translate
-    given (1/0) and its limits in pixels (x, y); scale given and its range; the number of
-    shear values (0, 2, 4) and four values; the centre relative to the image centre (x, y);
-    centred (1/0: a rotation by a multiple of 90 degrees is an exact turn)."""
-    shared = (key, config, base, np.uint8(fill), norm, reciprocal)
-    return _run("affine_nearest", images, (rows, indices), shared, out)
+    ``rows[b]``) with its ``RandomAffine`` or ``RandomRotation`` drawn, resampled through
+    torchvision's affine grid (``base``: its float32 ``(28,)`` coordinates) as ``mode`` says,
+    ``fill`` outside (a whole number for ``NEAREST``), and normalised. ``config`` float64
+    ``(17,)``: ``AFFINE`` or ``ROTATION``; the degrees' range; translate given (1/0) and its
+    limits in pixels (x, y); scale given and its range; the number of shear values (0, 2, 4)
+    and four values; the centre relative to the image centre (x, y); centred (1/0: a rotation
+    by a multiple of 90 degrees is an exact turn)."""
+    shared = (key, config, base, np.float32(fill), mode, norm, reciprocal)
+    return _run("affine", images, (rows, indices), shared, out)
 
 
-def affine_bilinear(images: np.ndarray, rows: np.ndarray, indices: np.ndarray, key: np.uint64,
-                    config: np.ndarray, base: np.ndarray, fill: float, norm: np.ndarray, reciprocal: bool,
-                    out: np.ndarray) -> np.ndarray:
-    """``affine_nearest`` resampled bilinear instead, as ``grid_sample`` then torchvision's
-    fill and rounding to uint8 compute it (``fill`` float32 where the mask is 0), each sum
-    rounded as ``bilinear_rounding()`` says torch's kernel rounds it here."""
-    shared = (key, config, base, np.float32(fill), bilinear_rounding(), norm, reciprocal)
-    return _run("affine_bilinear", images, (rows, indices), shared, out)
+def perspective(images: np.ndarray, rows: np.ndarray, coefficients: np.ndarray, applied: np.ndarray,
+                base: np.ndarray, fill: float, mode: int, norm: np.ndarray, reciprocal: bool,
+                out: np.ndarray) -> np.ndarray:
+    """``affine``'s resampling through torchvision's perspective grid of each sample's float32
+    ``coefficients`` ``(B, 8)`` (``base``: the grid's float32 ``(28,)`` coordinates) where
+    ``applied[b]`` (bool), the sample only normalised where not."""
+    shared = (base, np.float32(fill), mode, norm, reciprocal)
+    return _run("perspective", images, (rows, coefficients, applied), shared, out)
+
+
+def elastic(images: np.ndarray, rows: np.ndarray, indices: np.ndarray, key: np.uint64, weights: np.ndarray,
+            sizes: np.ndarray, alpha: np.ndarray, side: np.ndarray, fill: float, mode: int, norm: np.ndarray,
+            reciprocal: bool, out: np.ndarray) -> np.ndarray:
+    """``affine``'s resampling through each sample's ``ElasticTransform`` grid: its noise
+    drawn, blurred along x then y by float32 ``weights`` ``(2, 2, K)`` (x field then y field;
+    x pass then y pass) of ``sizes`` int64 ``(2,)`` taps (0: not blurred), scaled by float32
+    ``alpha`` ``(2,)`` / 28, and added to the identity grid ``side`` (float32 ``(28,)``)."""
+    shared = (key, weights, sizes, alpha, side, np.float32(fill), mode, norm, reciprocal)
+    return _run("elastic", images, (rows, indices), shared, out)
 
 
 def shifted(images: np.ndarray, rows: np.ndarray, indices: np.ndarray, key: np.uint64, config: np.ndarray,

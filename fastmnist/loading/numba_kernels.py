@@ -8,10 +8,10 @@ from numba.extending import intrinsic
 
 from ..formats.idx import IMAGE_SIDE as SIDE
 from . import augment
-from .kernels import AFFINE
+from .kernels import AFFINE, BILINEAR_FMA, NEAREST
 
-jit = numba.njit(cache=True, nogil=True, boundscheck=False)
-inline = numba.njit(cache=True, nogil=True, boundscheck=False, inline="always")
+jit = numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")  # IEEE division
+inline = numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy", inline="always")
 
 
 @inline
@@ -138,91 +138,204 @@ def base_grid(base):  # each pixel's base grid x and y, float32 (784,) each
     return xs, ys
 
 
-@jit
-def affine_nearest(images, rows, indices, key, config, base, fill, norm, reciprocal, out):
+@inline
+def scratch():
+    """A kernel's per-sample buffers: the grid (x, y: float32 (784,) each), the source framed
+    (float32 (785,): the sample's pixels, then what lies outside), the source pixels of each
+    output pixel (uint32 (4, 784): up to four, 784 meaning outside) and their weights
+    (float32 (4, 784))."""
     pixels = SIDE * SIDE
+    return (np.empty(pixels, np.float32), np.empty(pixels, np.float32), np.empty(pixels + 1, np.float32),
+            np.empty((4, pixels), np.uint32), np.empty((4, pixels), np.float32))
+
+
+@inline
+def nearest_where(gx, gy, where):
+    """where[p]: grid_sample's nearest source pixel of grid point p (unnormalised, rounded half
+    to even), or 784 outside (NaN and infinite points included)."""
     one, half_side, half = np.float32(1.0), np.float32(SIDE / 2), np.float32(0.5)
-    zero, fside, fpixels = np.float32(0.0), np.float32(SIDE), np.float32(pixels)
-    flat, flat_out = images.reshape(images.shape[0], pixels), out.reshape(out.shape[0], pixels)
+    zero, fside, fpixels = np.float32(0.0), np.float32(SIDE), np.float32(SIDE * SIDE)
+    for p in range(SIDE * SIDE):  # one flat loop, which the compiler vectorises (rows of 28 it does not)
+        ix = np.rint((gx[p] + one) * half_side - half)
+        iy = np.rint((gy[p] + one) * half_side - half)
+        inside = (ix >= zero) & (ix < fside) & (iy >= zero) & (iy < fside)  # NaN: outside
+        where[p] = np.uint32(iy * fside + ix if inside else fpixels)
+
+
+@inline
+def bilinear_where(gx, gy, fused, where, weight):
+    """where[c, p] and weight[c, p]: grid_sample's four bilinear neighbours of grid point p
+    (nw, ne, sw, se; 784 outside) and their weights, as torch's CPU kernel rounds them
+    (``fused``: its AVX2/AVX-512 build, which unnormalises with a fused multiply-add)."""
+    one, zero, half_side, half = np.float32(1.0), np.float32(0.0), np.float32(SIDE / 2), np.float32(0.5)
+    fside, fpixels, last = np.float32(SIDE), np.float32(SIDE * SIDE), np.float32(SIDE - 1)
+    for p in range(SIDE * SIDE):  # vectorised: positions, weights, neighbours
+        if fused:
+            x, y = fma(gx[p] + one, half_side, -half), fma(gy[p] + one, half_side, -half)
+        else:
+            x, y = (gx[p] + one) * half_side - half, (gy[p] + one) * half_side - half
+        left, top = np.floor(x), np.floor(y)
+        east, south = x - left, y - top
+        west, north = one - east, one - south
+        weight[0, p], weight[1, p] = north * west, north * east
+        weight[2, p], weight[3, p] = south * west, south * east
+        across = (left >= zero) & (left < fside), (left >= -one) & (left < last)
+        down = (top >= zero) & (top < fside), (top >= -one) & (top < last)
+        at = top * fside + left
+        where[0, p] = np.uint32(at if across[0] & down[0] else fpixels)
+        where[1, p] = np.uint32(at + one if across[1] & down[0] else fpixels)
+        where[2, p] = np.uint32(at + fside if across[0] & down[1] else fpixels)
+        where[3, p] = np.uint32(at + fside + one if across[1] & down[1] else fpixels)
+
+
+@inline
+def gather(source, framed, where, fill, norm, reciprocal, row):
+    """row[p]: the uint8 ``source`` (784,) pixel where[p] (``fill`` at 784) normalised."""
+    pixels = SIDE * SIDE
     unit, mean, std = norm[0], norm[1], norm[2]  # scalars: stores into framed cannot change them
-    framed = np.empty(pixels + 1, np.float32)  # the sample's pixels normalised, then fill
+    normalise_into(source, framed, 0, unit, mean, std, reciprocal)
     framed[pixels] = normalise(fill, unit, mean, std, reciprocal)
-    where = np.empty(pixels, np.uint32)
-    xs, ys = base_grid(base)
-    for b in range(out.shape[0]):
-        fetch_ahead(flat, rows, b + AHEAD)
-        (s00, s10, s20, s01, s11, s21), quarter = matrix(config, mix(key ^ np.uint64(indices[b])))
-        normalise_into(flat[rows[b]], framed, 0, unit, mean, std, reciprocal)
-        if quarter >= 0:
-            quarter_turn(where, quarter)
-        else:  # torchvision's grid (_affine_grid's float32 roundings), rounded half to even
-            for p in range(pixels):  # one flat loop, which the compiler vectorises (rows of 28 it does not)
-                ix = np.rint(((xs[p] * s00 + ys[p] * s10) + s20 + one) * half_side - half)
-                iy = np.rint(((xs[p] * s01 + ys[p] * s11) + s21 + one) * half_side - half)
-                inside = (ix >= zero) & (ix < fside) & (iy >= zero) & (iy < fside)  # NaN: outside
-                where[p] = np.uint32(iy * fside + ix if inside else fpixels)
-        row = flat_out[b]
-        for p in range(pixels):  # then the gather
-            row[p] = framed[where[p]]
+    for p in range(pixels):
+        row[p] = framed[where[p]]
+
+
+@inline
+def blend(source, framed, where, weight, fill, fused, norm, reciprocal, row):
+    """row[p]: the bilinear sum of ``source``'s pixels where[:, p] weighted by weight[:, p],
+    with torchvision's fill (the sum of the weights inside as its mask), rounded to the uint8
+    it becomes (NaN, of a NaN or infinite grid point: 0, as torch converts it) and
+    normalised."""
+    pixels = SIDE * SIDE
+    one, zero = np.float32(1.0), np.float32(0.0)
+    unit, mean, std = norm[0], norm[1], norm[2]
+    for p in range(pixels):
+        framed[p] = np.float32(source[p])
+    framed[pixels] = zero
+    for p in range(pixels):  # the gathers, scalar
+        nw, ne = framed[where[0, p]], framed[where[1, p]]
+        sw, se = framed[where[2, p]], framed[where[3, p]]
+        wnw, wne, wsw, wse = weight[0, p], weight[1, p], weight[2, p], weight[3, p]
+        inw, ine = one if where[0, p] < pixels else zero, one if where[1, p] < pixels else zero
+        isw, ise = one if where[2, p] < pixels else zero, one if where[3, p] < pixels else zero
+        if fused:
+            image = fma(se, wse, fma(sw, wsw, fma(ne, wne, nw * wnw)))
+            mask = fma(ise, wse, fma(isw, wsw, fma(ine, wne, inw * wnw)))
+        else:
+            image = ((nw * wnw + ne * wne) + sw * wsw) + se * wse
+            mask = ((inw * wnw + ine * wne) + isw * wsw) + ise * wse
+        value = np.rint((image - fill) * mask + fill)  # the fill where the mask is 0
+        row[p] = normalise(value if value == value else zero, unit, mean, std, reciprocal)
+
+
+@inline
+def resample(source, gx, gy, fill, mode, norm, reciprocal, buffers, row):
+    """row: the uint8 ``source`` (784,) resampled at the grid ``gx``, ``gy`` (in [-1, 1]) as
+    grid_sample's ``mode`` (``NEAREST``, ``BILINEAR`` or ``BILINEAR_FMA``) then torchvision
+    compute it, ``fill`` outside (a whole number for nearest), normalised."""
+    framed, where, weight = buffers[2], buffers[3], buffers[4]
+    if mode == NEAREST:
+        nearest_where(gx, gy, where[0])
+        gather(source, framed, where[0], fill, norm, reciprocal, row)
+    else:
+        bilinear_where(gx, gy, mode == BILINEAR_FMA, where, weight)
+        blend(source, framed, where, weight, fill, mode == BILINEAR_FMA, norm, reciprocal, row)
 
 
 @jit
-def affine_bilinear(images, rows, indices, key, config, base, fill, fused, norm, reciprocal, out):
+def affine(images, rows, indices, key, config, base, fill, mode, norm, reciprocal, out):
     pixels = SIDE * SIDE
-    one, zero, half_side, half = np.float32(1.0), np.float32(0.0), np.float32(SIDE / 2), np.float32(0.5)
-    fside, fpixels, last = np.float32(SIDE), np.float32(pixels), np.float32(SIDE - 1)
     flat, flat_out = images.reshape(images.shape[0], pixels), out.reshape(out.shape[0], pixels)
-    unit, mean, std = norm[0], norm[1], norm[2]
-    framed = np.zeros(pixels + 1, np.float32)  # the sample's pixels as float32, then 0 (outside)
+    buffers = scratch()
+    gx, gy, where = buffers[0], buffers[1], buffers[3]
     xs, ys = base_grid(base)
-    where = np.empty((4, pixels), np.uint32)  # each pixel's four neighbours (or the 0 past the end)
-    weight = np.empty((4, pixels), np.float32)  # and their weights: nw, ne, sw, se
-    value = np.empty(pixels, np.float32)  # the resampled pixel, rounded as the uint8 it becomes
     for b in range(out.shape[0]):
         fetch_ahead(flat, rows, b + AHEAD)
         (s00, s10, s20, s01, s11, s21), quarter = matrix(config, mix(key ^ np.uint64(indices[b])))
-        source = flat[rows[b]]
-        for p in range(pixels):
-            framed[p] = np.float32(source[p])
-        row = flat_out[b]
         if quarter >= 0:
             quarter_turn(where[0], quarter)
+            gather(flat[rows[b]], buffers[2], where[0], fill, norm, reciprocal, flat_out[b])
+            continue
+        for p in range(pixels):  # torchvision's affine grid, with _affine_grid's float32 roundings
+            gx[p] = (xs[p] * s00 + ys[p] * s10) + s20
+            gy[p] = (xs[p] * s01 + ys[p] * s11) + s21
+        resample(flat[rows[b]], gx, gy, fill, mode, norm, reciprocal, buffers, flat_out[b])
+
+
+@jit
+def perspective(images, rows, coefficients, applied, base, fill, mode, norm, reciprocal, out):
+    pixels = SIDE * SIDE
+    one, half_side = np.float32(1.0), np.float32(SIDE / 2)
+    flat, flat_out = images.reshape(images.shape[0], pixels), out.reshape(out.shape[0], pixels)
+    buffers = scratch()
+    gx, gy = buffers[0], buffers[1]
+    xs, ys = base_grid(base)
+    for b in range(out.shape[0]):
+        fetch_ahead(flat, rows, b + AHEAD)
+        if not applied[b]:
+            normalise_into(flat[rows[b]], flat_out[b], 0, norm[0], norm[1], norm[2], reciprocal)
+            continue
+        c = coefficients[b]
+        ax, bx, cx = c[0] / half_side, c[1] / half_side, c[2] / half_side
+        ay, by, cy = c[3] / half_side, c[4] / half_side, c[5] / half_side
+        for p in range(pixels):  # torchvision's _perspective_grid, its float32 roundings
+            below = (xs[p] * c[6] + ys[p] * c[7]) + one
+            gx[p] = ((xs[p] * ax + ys[p] * bx) + cx) / below - one
+            gy[p] = ((xs[p] * ay + ys[p] * by) + cy) / below - one
+        resample(flat[rows[b]], gx, gy, fill, mode, norm, reciprocal, buffers, flat_out[b])
+
+
+@inline
+def blur_pass(lines, w, size, padded, out):
+    """out[q] = sum over k of w[k] * lines[q + (k - size // 2) * 28], in that order, from 0
+    (``augment._blur``'s products and sums): the float32 ``lines`` (784,) blurred across its 28
+    lines of 28, reflect-padded; ``padded``: float32 scratch of at least (28 + size) * 28."""
+    half = size // 2
+    for at in range(SIDE + 2 * half):
+        source = abs(at - half)
+        source = source if source < SIDE else 2 * (SIDE - 1) - source
+        for q in range(SIDE):
+            padded[at * SIDE + q] = lines[source * SIDE + q]
+    for q in range(SIDE * SIDE):
+        out[q] = np.float32(0.0)
+    for k in range(size):
+        offset = k * SIDE
+        for q in range(SIDE * SIDE):  # vectorised
+            out[q] = out[q] + w[k] * padded[offset + q]
+
+
+@inline
+def transpose(source, target):
+    for i in range(SIDE):
+        for j in range(SIDE):
+            target[i * SIDE + j] = source[j * SIDE + i]
+
+
+@jit
+def elastic(images, rows, indices, key, weights, sizes, alpha, side, fill, mode, norm, reciprocal, out):
+    pixels = SIDE * SIDE
+    one, two, fside = np.float32(1.0), np.float32(2.0), np.float32(SIDE)
+    flat, flat_out = images.reshape(images.shape[0], pixels), out.reshape(out.shape[0], pixels)
+    buffers = scratch()
+    grid = buffers[0], buffers[1]
+    most = SIDE * (SIDE + max(sizes[0], sizes[1]))
+    noise, field, line, padded = (np.empty(pixels, np.float32), np.empty(pixels, np.float32),
+                                  np.empty(most, np.float32), np.empty(most, np.float32))
+    for b in range(out.shape[0]):
+        sample = mix(key ^ np.uint64(indices[b]))
+        for axis in range(2):  # augment._Elastic.params: noise, blurred, scaled; then the grid
+            for p in range(pixels):  # transposed: noise[j * 28 + i] is pixel (i, j)'s
+                u = np.float32(draw(sample, axis * pixels + p))
+                noise[(p % SIDE) * SIDE + p // SIDE] = u * two - one
+            if sizes[axis]:  # along x on the columns, then along y on the rows
+                blur_pass(noise, weights[axis, 0], sizes[axis], padded, line)
+                transpose(line, noise)
+                blur_pass(noise, weights[axis, 1], sizes[axis], padded, field)
+            else:
+                transpose(noise, field)
+            g = grid[axis]
             for p in range(pixels):
-                value[p] = framed[where[0, p]]
-        else:  # grid_sample's bilinear, as torch's CPU kernel rounds it (fused: its AVX2/AVX-512 build)
-            for p in range(pixels):  # vectorised: positions, weights, neighbours
-                gx, gy = (xs[p] * s00 + ys[p] * s10) + s20, (xs[p] * s01 + ys[p] * s11) + s21
-                if fused:
-                    x, y = fma(gx + one, half_side, -half), fma(gy + one, half_side, -half)
-                else:
-                    x, y = (gx + one) * half_side - half, (gy + one) * half_side - half
-                left, top = np.floor(x), np.floor(y)
-                east, south = x - left, y - top
-                west, north = one - east, one - south
-                weight[0, p], weight[1, p] = north * west, north * east
-                weight[2, p], weight[3, p] = south * west, south * east
-                across = (left >= zero) & (left < fside), (left >= -one) & (left < last)
-                down = (top >= zero) & (top < fside), (top >= -one) & (top < last)
-                at = top * fside + left
-                where[0, p] = np.uint32(at if across[0] & down[0] else fpixels)
-                where[1, p] = np.uint32(at + one if across[1] & down[0] else fpixels)
-                where[2, p] = np.uint32(at + fside if across[0] & down[1] else fpixels)
-                where[3, p] = np.uint32(at + fside + one if across[1] & down[1] else fpixels)
-            for p in range(pixels):  # the gathers
-                nw, ne = framed[where[0, p]], framed[where[1, p]]
-                sw, se = framed[where[2, p]], framed[where[3, p]]
-                wnw, wne, wsw, wse = weight[0, p], weight[1, p], weight[2, p], weight[3, p]
-                inw, ine = one if where[0, p] < pixels else zero, one if where[1, p] < pixels else zero
-                isw, ise = one if where[2, p] < pixels else zero, one if where[3, p] < pixels else zero
-                if fused:
-                    image = fma(se, wse, fma(sw, wsw, fma(ne, wne, nw * wnw)))
-                    mask = fma(ise, wse, fma(isw, wsw, fma(ine, wne, inw * wnw)))
-                else:
-                    image = ((nw * wnw + ne * wne) + sw * wsw) + se * wse
-                    mask = ((inw * wnw + ine * wne) + isw * wsw) + ise * wse
-                value[p] = np.rint((image - fill) * mask + fill)  # the fill where the mask is 0
-        for p in range(pixels):  # normalised, vectorised
-            row[p] = normalise(value[p], unit, mean, std, reciprocal)
+                g[p] = field[p] * alpha[axis] / fside + side[p % SIDE if axis == 0 else p // SIDE]
+        resample(flat[rows[b]], grid[0], grid[1], fill, mode, norm, reciprocal, buffers, flat_out[b])
 
 
 @jit
