@@ -27,7 +27,9 @@ STEPS = {"RandomAffine (recipe)": transforms.RandomAffine(10, translate=(0.1, 0.
          "RandomAffine (recipe), bilinear": transforms.RandomAffine(
              10, translate=(0.1, 0.1), scale=(0.9, 1.1), interpolation=transforms.InterpolationMode.BILINEAR),
          "RandomRotation(30)": transforms.RandomRotation(30),
-         "RandomCrop(28, padding=4)": transforms.RandomCrop(28, padding=4)}
+         "RandomCrop(28, padding=4)": transforms.RandomCrop(28, padding=4),
+         "RandomPerspective()": transforms.RandomPerspective(),
+         "ElasticTransform()": transforms.ElasticTransform()}
 
 
 def _rate(loader) -> float:

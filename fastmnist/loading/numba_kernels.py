@@ -74,6 +74,17 @@ def fetch_ahead(flat, rows, b):  # sample b's cache lines, if there is a sample 
 
 
 @intrinsic
+def pair_at(typingctx, array, offset):
+    """Elements ``offset`` and ``offset + 1`` of the C-contiguous float32 ``array`` (counted
+    over all of it) as one uint64: one load of 8 bytes, at any alignment."""
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        word = ir.IntType(64)
+        return builder.load(builder.bitcast(builder.gep(data, [args[1]]), word.as_pointer()), align=4)
+    return numba.types.uint64(array, offset), codegen
+
+
+@intrinsic
 def fma(typingctx, a, b, c):
     """float32 ``a * b + c`` rounded once (``llvm.fma``), as torch's AVX2 kernels compute it."""
     def codegen(context, builder, signature, args):
@@ -140,13 +151,16 @@ def base_grid(base):  # each pixel's base grid x and y, float32 (784,) each
 
 @inline
 def scratch():
-    """A kernel's per-sample buffers: the grid (x, y: float32 (784,) each), the source framed
-    (float32 (785,): the sample's pixels, then what lies outside), the source pixels of each
-    output pixel (uint32 (4, 784): up to four, 784 meaning outside) and their weights
-    (float32 (4, 784))."""
+    """A kernel's per-sample buffers: the grid (x, y: float32 (784,) each); for nearest, the
+    source framed (float32 (785,): the sample's pixels, then what lies outside) and each output
+    pixel's source pixel (uint32 (784,), 784 meaning outside); for bilinear, the source in a
+    border of zeros (float32 ``BORDERED``, the rows past it zero too), each output pixel's
+    neighbours (uint32 (784,): the north-west one's place in it), their weights and whether
+    each is inside (float32 (4, 784) each), and their values as pairs (uint64 (2, 784))."""
     pixels = SIDE * SIDE
     return (np.empty(pixels, np.float32), np.empty(pixels, np.float32), np.empty(pixels + 1, np.float32),
-            np.empty((4, pixels), np.uint32), np.empty((4, pixels), np.float32))
+            np.empty(pixels, np.uint32), np.zeros(BORDERED, np.float32), np.empty((4, pixels), np.float32),
+            np.empty((4, pixels), np.float32), np.empty((2, pixels), np.uint64))
 
 
 @inline
@@ -162,13 +176,20 @@ def nearest_where(gx, gy, where):
         where[p] = np.uint32(iy * fside + ix if inside else fpixels)
 
 
+WIDE = SIDE + 2  # a row of the source in a border of zeros (bilinear)
+BORDERED = WIDE * (WIDE + 2)  # that frame, and two rows of zeros past it: where the neighbours outside are
+
+
 @inline
-def bilinear_where(gx, gy, fused, where, weight):
-    """where[c, p] and weight[c, p]: grid_sample's four bilinear neighbours of grid point p
-    (nw, ne, sw, se; 784 outside) and their weights, as torch's CPU kernel rounds them
-    (``fused``: its AVX2/AVX-512 build, which unnormalises with a fused multiply-add)."""
+def bilinear_where(gx, gy, fused, at, weight, inside):
+    """grid_sample's four bilinear neighbours of grid point p (nw, ne, sw, se), as torch's CPU
+    kernel rounds them (``fused``: its AVX2/AVX-512 build, which unnormalises with a fused
+    multiply-add): their weights weight[c, p], whether each is inside the image (inside[c, p]:
+    1 or 0) and at[p], where the north-west one lies in the source framed by a border of zeros
+    (``BORDERED``; ne follows it, sw and se a row below), or the zero rows past the frame where
+    no neighbour is inside or at its border."""
     one, zero, half_side, half = np.float32(1.0), np.float32(0.0), np.float32(SIDE / 2), np.float32(0.5)
-    fside, fpixels, last = np.float32(SIDE), np.float32(SIDE * SIDE), np.float32(SIDE - 1)
+    fside, last, wide = np.float32(SIDE), np.float32(SIDE - 1), np.float32(WIDE)
     for p in range(SIDE * SIDE):  # vectorised: positions, weights, neighbours
         if fused:
             x, y = fma(gx[p] + one, half_side, -half), fma(gy[p] + one, half_side, -half)
@@ -181,11 +202,12 @@ def bilinear_where(gx, gy, fused, where, weight):
         weight[2, p], weight[3, p] = south * west, south * east
         across = (left >= zero) & (left < fside), (left >= -one) & (left < last)
         down = (top >= zero) & (top < fside), (top >= -one) & (top < last)
-        at = top * fside + left
-        where[0, p] = np.uint32(at if across[0] & down[0] else fpixels)
-        where[1, p] = np.uint32(at + one if across[1] & down[0] else fpixels)
-        where[2, p] = np.uint32(at + fside if across[0] & down[1] else fpixels)
-        where[3, p] = np.uint32(at + fside + one if across[1] & down[1] else fpixels)
+        inside[0, p] = one if across[0] & down[0] else zero
+        inside[1, p] = one if across[1] & down[0] else zero
+        inside[2, p] = one if across[0] & down[1] else zero
+        inside[3, p] = one if across[1] & down[1] else zero
+        framed = (left >= -one) & (left < fside) & (top >= -one) & (top < fside)
+        at[p] = np.uint32((top + one) * wide + left + one if framed else wide * wide)
 
 
 @inline
@@ -200,23 +222,24 @@ def gather(source, framed, where, fill, norm, reciprocal, row):
 
 
 @inline
-def blend(source, framed, where, weight, fill, fused, norm, reciprocal, row):
-    """row[p]: the bilinear sum of ``source``'s pixels where[:, p] weighted by weight[:, p],
-    with torchvision's fill (the sum of the weights inside as its mask), rounded to the uint8
-    it becomes (NaN, of a NaN or infinite grid point: 0, as torch converts it) and
-    normalised."""
+def blend(source, bordered, at, weight, inside, near, fill, fused, norm, reciprocal, row):
+    """row[p]: the bilinear sum of ``source``'s four neighbours of p (``bilinear_where``'s
+    ``at``; 0 outside) weighted by weight[:, p], with torchvision's fill (the sum of the
+    weights inside as its mask), rounded to the uint8 it becomes (NaN, of a NaN or infinite
+    grid point: 0, as torch converts it) and normalised."""
     pixels = SIDE * SIDE
-    one, zero = np.float32(1.0), np.float32(0.0)
+    zero = np.float32(0.0)
     unit, mean, std = norm[0], norm[1], norm[2]
+    for i in range(SIDE):  # the border stays 0
+        for j in range(SIDE):
+            bordered[(i + 1) * WIDE + j + 1] = np.float32(source[i * SIDE + j])
+    for p in range(pixels):  # the gathers alone, a pair of neighbours a load, so what follows vectorises
+        near[0, p], near[1, p] = pair_at(bordered, at[p]), pair_at(bordered, at[p] + WIDE)
+    values = near.view(np.float32)  # (2, 2 * 784): nw, ne, ... then sw, se, ...
     for p in range(pixels):
-        framed[p] = np.float32(source[p])
-    framed[pixels] = zero
-    for p in range(pixels):  # the gathers, scalar
-        nw, ne = framed[where[0, p]], framed[where[1, p]]
-        sw, se = framed[where[2, p]], framed[where[3, p]]
+        nw, ne, sw, se = values[0, 2 * p], values[0, 2 * p + 1], values[1, 2 * p], values[1, 2 * p + 1]
         wnw, wne, wsw, wse = weight[0, p], weight[1, p], weight[2, p], weight[3, p]
-        inw, ine = one if where[0, p] < pixels else zero, one if where[1, p] < pixels else zero
-        isw, ise = one if where[2, p] < pixels else zero, one if where[3, p] < pixels else zero
+        inw, ine, isw, ise = inside[0, p], inside[1, p], inside[2, p], inside[3, p]
         if fused:
             image = fma(se, wse, fma(sw, wsw, fma(ne, wne, nw * wnw)))
             mask = fma(ise, wse, fma(isw, wsw, fma(ine, wne, inw * wnw)))
@@ -232,13 +255,14 @@ def resample(source, gx, gy, fill, mode, norm, reciprocal, buffers, row):
     """row: the uint8 ``source`` (784,) resampled at the grid ``gx``, ``gy`` (in [-1, 1]) as
     grid_sample's ``mode`` (``NEAREST``, ``BILINEAR`` or ``BILINEAR_FMA``) then torchvision
     compute it, ``fill`` outside (a whole number for nearest), normalised."""
-    framed, where, weight = buffers[2], buffers[3], buffers[4]
+    framed, where, bordered, weight, inside, near = buffers[2:]
     if mode == NEAREST:
-        nearest_where(gx, gy, where[0])
-        gather(source, framed, where[0], fill, norm, reciprocal, row)
+        nearest_where(gx, gy, where)
+        gather(source, framed, where, fill, norm, reciprocal, row)
     else:
-        bilinear_where(gx, gy, mode == BILINEAR_FMA, where, weight)
-        blend(source, framed, where, weight, fill, mode == BILINEAR_FMA, norm, reciprocal, row)
+        fused = mode == BILINEAR_FMA
+        bilinear_where(gx, gy, fused, where, weight, inside)
+        blend(source, bordered, where, weight, inside, near, fill, fused, norm, reciprocal, row)
 
 
 @jit
@@ -252,8 +276,8 @@ def affine(images, rows, indices, key, config, base, fill, mode, norm, reciproca
         fetch_ahead(flat, rows, b + AHEAD)
         (s00, s10, s20, s01, s11, s21), quarter = matrix(config, mix(key ^ np.uint64(indices[b])))
         if quarter >= 0:
-            quarter_turn(where[0], quarter)
-            gather(flat[rows[b]], buffers[2], where[0], fill, norm, reciprocal, flat_out[b])
+            quarter_turn(where, quarter)
+            gather(flat[rows[b]], buffers[2], where, fill, norm, reciprocal, flat_out[b])
             continue
         for p in range(pixels):  # torchvision's affine grid, with _affine_grid's float32 roundings
             gx[p] = (xs[p] * s00 + ys[p] * s10) + s20
@@ -297,10 +321,20 @@ def blur_pass(lines, w, size, padded, out):
             padded[at * SIDE + q] = lines[source * SIDE + q]
     for q in range(SIDE * SIDE):
         out[q] = np.float32(0.0)
-    for k in range(size):
-        offset = k * SIDE
-        for q in range(SIDE * SIDE):  # vectorised
-            out[q] = out[q] + w[k] * padded[offset + q]
+    k = 0
+    while k + 4 <= size:  # four taps a pass over out (the same sums in the same order), vectorised
+        w0, w1, w2, w3 = w[k], w[k + 1], w[k + 2], w[k + 3]
+        at = k * SIDE
+        for q in range(SIDE * SIDE):
+            total = out[q] + w0 * padded[at + q]
+            total = total + w1 * padded[at + SIDE + q]
+            total = total + w2 * padded[at + 2 * SIDE + q]
+            out[q] = total + w3 * padded[at + 3 * SIDE + q]
+        k += 4
+    for tap in range(k, size):
+        at = tap * SIDE
+        for q in range(SIDE * SIDE):
+            out[q] = out[q] + w[tap] * padded[at + q]
 
 
 @inline
@@ -316,25 +350,25 @@ def elastic(images, rows, indices, key, weights, sizes, alpha, side, fill, mode,
     one, two, fside = np.float32(1.0), np.float32(2.0), np.float32(SIDE)
     flat, flat_out = images.reshape(images.shape[0], pixels), out.reshape(out.shape[0], pixels)
     buffers = scratch()
-    grid = buffers[0], buffers[1]
+    grid, identity = (buffers[0], buffers[1]), base_grid(side)
     most = SIDE * (SIDE + max(sizes[0], sizes[1]))
     noise, field, line, padded = (np.empty(pixels, np.float32), np.empty(pixels, np.float32),
                                   np.empty(most, np.float32), np.empty(most, np.float32))
     for b in range(out.shape[0]):
         sample = mix(key ^ np.uint64(indices[b]))
         for axis in range(2):  # augment._Elastic.params: noise, blurred, scaled; then the grid
-            for p in range(pixels):  # transposed: noise[j * 28 + i] is pixel (i, j)'s
-                u = np.float32(draw(sample, axis * pixels + p))
-                noise[(p % SIDE) * SIDE + p // SIDE] = u * two - one
+            for j in range(SIDE):  # transposed: noise[j * 28 + i] is pixel (i, j)'s
+                for i in range(SIDE):  # vectorised (a flat loop's index arithmetic is not)
+                    noise[j * SIDE + i] = np.float32(draw(sample, axis * pixels + i * SIDE + j)) * two - one
             if sizes[axis]:  # along x on the columns, then along y on the rows
                 blur_pass(noise, weights[axis, 0], sizes[axis], padded, line)
                 transpose(line, noise)
                 blur_pass(noise, weights[axis, 1], sizes[axis], padded, field)
             else:
                 transpose(noise, field)
-            g = grid[axis]
+            g, base, scale = grid[axis], identity[axis], alpha[axis]
             for p in range(pixels):
-                g[p] = field[p] * alpha[axis] / fside + side[p % SIDE if axis == 0 else p // SIDE]
+                g[p] = field[p] * scale / fside + base[p]
         resample(flat[rows[b]], grid[0], grid[1], fill, mode, norm, reciprocal, buffers, flat_out[b])
 
 
