@@ -4,6 +4,7 @@ arguments). Each helper is inlined into the kernels, so a kernel is one compiled
 import numba
 import numpy as np
 from llvmlite import ir
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..formats.idx import IMAGE_SIDE as SIDE
@@ -74,14 +75,28 @@ def fetch_ahead(flat, rows, b):  # sample b's cache lines, if there is a sample 
 
 
 @intrinsic
-def pair_at(typingctx, array, offset):
-    """Elements ``offset`` and ``offset + 1`` of the C-contiguous float32 ``array`` (counted
-    over all of it) as one uint64: one load of 8 bytes, at any alignment."""
+def four_at(typingctx, array, offset):
+    """Elements ``offset`` to ``offset + 3`` of the C-contiguous uint8 ``array`` (counted over
+    all of it) as one uint32: one load of 4 bytes, at any alignment."""
     def codegen(context, builder, signature, args):
         data = context.make_array(signature.args[0])(context, builder, args[0]).data
-        word = ir.IntType(64)
-        return builder.load(builder.bitcast(builder.gep(data, [args[1]]), word.as_pointer()), align=4)
-    return numba.types.uint64(array, offset), codegen
+        word = ir.IntType(32)
+        return builder.load(builder.bitcast(builder.gep(data, [args[1]]), word.as_pointer()), align=1)
+    return numba.types.uint32(array, offset), codegen
+
+
+@intrinsic
+def copy_row(typingctx, target, at, source, start):
+    """``target[at:at + 28] = source[start:start + 28]`` (uint8, C-contiguous, counted over
+    all of each; not overlapping): one copy of 28 bytes, which a loop's index arithmetic
+    slows six times."""
+    def codegen(context, builder, signature, args):
+        to = context.make_array(signature.args[0])(context, builder, args[0]).data
+        come = context.make_array(signature.args[2])(context, builder, args[2]).data
+        cgutils.raw_memcpy(builder, builder.gep(to, [args[1]]), builder.gep(come, [args[3]]),
+                           ir.Constant(ir.IntType(64), SIDE), 1, align=1)
+        return context.get_dummy_value()
+    return numba.types.void(target, at, source, start), codegen
 
 
 @intrinsic
@@ -154,13 +169,15 @@ def scratch():
     """A kernel's per-sample buffers: the grid (x, y: float32 (784,) each); for nearest, the
     source framed (float32 (785,): the sample's pixels, then what lies outside) and each output
     pixel's source pixel (uint32 (784,), 784 meaning outside); for bilinear, the source in a
-    border of zeros (float32 ``BORDERED``, the rows past it zero too), each output pixel's
-    neighbours (uint32 (784,): the north-west one's place in it), their weights and whether
-    each is inside (float32 (4, 784) each), and their values as pairs (uint64 (2, 784))."""
+    border of zeros (uint8 ``BORDERED``, the rows past it zero too) and its rows paired
+    (``paired``), each output pixel's neighbours (uint32 (784,): the north-west one's place in
+    the frame), their weights and whether each is inside (float32 (4, 784) each), and their
+    values (uint32 (784,), a byte each)."""
     pixels = SIDE * SIDE
     return (np.empty(pixels, np.float32), np.empty(pixels, np.float32), np.empty(pixels + 1, np.float32),
-            np.empty(pixels, np.uint32), np.zeros(BORDERED, np.float32), np.empty((4, pixels), np.float32),
-            np.empty((4, pixels), np.float32), np.empty((2, pixels), np.uint64))
+            np.empty(pixels, np.uint32), np.zeros(BORDERED, np.uint8),
+            np.zeros(2 * (BORDERED - WIDE), np.uint8), np.empty((4, pixels), np.float32),
+            np.empty((4, pixels), np.float32), np.empty(pixels, np.uint32))
 
 
 @inline
@@ -222,7 +239,15 @@ def gather(source, framed, where, fill, norm, reciprocal, row):
 
 
 @inline
-def blend(source, bordered, at, weight, inside, near, fill, fused, norm, reciprocal, row):
+def paired(bordered, pairs):
+    """pairs[2k], pairs[2k + 1] = bordered[k], the pixel below it: a pixel's four bilinear
+    neighbours in four bytes in a row (nw, sw, ne, se)."""
+    for k in range(BORDERED - WIDE):
+        pairs[2 * k], pairs[2 * k + 1] = bordered[k], bordered[k + WIDE]
+
+
+@inline
+def blend(source, bordered, pairs, at, weight, inside, near, fill, fused, norm, reciprocal, row):
     """row[p]: the bilinear sum of ``source``'s four neighbours of p (``bilinear_where``'s
     ``at``; 0 outside) weighted by weight[:, p], with torchvision's fill (the sum of the
     weights inside as its mask), rounded to the uint8 it becomes (NaN, of a NaN or infinite
@@ -231,13 +256,14 @@ def blend(source, bordered, at, weight, inside, near, fill, fused, norm, recipro
     zero = np.float32(0.0)
     unit, mean, std = norm[0], norm[1], norm[2]
     for i in range(SIDE):  # the border stays 0
-        for j in range(SIDE):
-            bordered[(i + 1) * WIDE + j + 1] = np.float32(source[i * SIDE + j])
-    for p in range(pixels):  # the gathers alone, a pair of neighbours a load, so what follows vectorises
-        near[0, p], near[1, p] = pair_at(bordered, at[p]), pair_at(bordered, at[p] + WIDE)
-    values = near.view(np.float32)  # (2, 2 * 784): nw, ne, ... then sw, se, ...
+        copy_row(bordered, (i + 1) * WIDE + 1, source, i * SIDE)
+    paired(bordered, pairs)
+    for p in range(pixels):  # the gathers alone, four neighbours a load, so that what follows vectorises
+        near[p] = four_at(pairs, 2 * at[p])
+    values = near.view(np.uint8)  # nw, sw, ne, se of each pixel
     for p in range(pixels):
-        nw, ne, sw, se = values[0, 2 * p], values[0, 2 * p + 1], values[1, 2 * p], values[1, 2 * p + 1]
+        nw, sw = np.float32(values[4 * p]), np.float32(values[4 * p + 1])
+        ne, se = np.float32(values[4 * p + 2]), np.float32(values[4 * p + 3])
         wnw, wne, wsw, wse = weight[0, p], weight[1, p], weight[2, p], weight[3, p]
         inw, ine, isw, ise = inside[0, p], inside[1, p], inside[2, p], inside[3, p]
         if fused:
@@ -255,14 +281,14 @@ def resample(source, gx, gy, fill, mode, norm, reciprocal, buffers, row):
     """row: the uint8 ``source`` (784,) resampled at the grid ``gx``, ``gy`` (in [-1, 1]) as
     grid_sample's ``mode`` (``NEAREST``, ``BILINEAR`` or ``BILINEAR_FMA``) then torchvision
     compute it, ``fill`` outside (a whole number for nearest), normalised."""
-    framed, where, bordered, weight, inside, near = buffers[2:]
+    framed, where, bordered, pairs, weight, inside, near = buffers[2:]
     if mode == NEAREST:
         nearest_where(gx, gy, where)
         gather(source, framed, where, fill, norm, reciprocal, row)
     else:
         fused = mode == BILINEAR_FMA
         bilinear_where(gx, gy, fused, where, weight, inside)
-        blend(source, bordered, where, weight, inside, near, fill, fused, norm, reciprocal, row)
+        blend(source, bordered, pairs, where, weight, inside, near, fill, fused, norm, reciprocal, row)
 
 
 @jit
