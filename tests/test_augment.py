@@ -487,6 +487,30 @@ def test_the_fused_kernels_read_each_sample_where_it_lies(paired_sets, step, mon
             assert torch.equal(x, rx) and torch.equal(y, ry), kw
 
 
+@pytest.mark.parametrize("step", [v1.RandomAffine(20, scale=(0.8, 1.2)),
+                                  v1.RandomAffine(20, interpolation=BILINEAR, fill=9),
+                                  v1.RandomPerspective(0.6, p=0.5), v1.ElasticTransform(30.0, 3.0)], ids=repr)
+def test_the_fused_kernels_give_the_same_bytes_on_any_number_of_threads(real_shards, step):
+    """A kernel's samples are divided among torch's threads: a 1,000-sample group on 1, 2
+    and 3 threads (uneven shares) gives the same bytes, which differ from sample to sample."""
+    if not os.environ.get("CI"):
+        pytest.importorskip("numba")
+    loader = FastMNISTLoader(real_shards, "test", batch_size=1000, seed=4, transform=_v1(step))
+    finish, (images, _) = loader._delivery.finish, loader.source.tensors
+    assert finish.fused is not None
+    idx, threads = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:1000], \
+        torch.get_num_threads()
+    outs = []
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            outs.append(finish.from_source(images, idx, 2, torch.empty(1000, 1, 28, 28)))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    assert len({x.numpy().tobytes() for x in outs[0]}) == 1000
+
+
 def test_the_next_epoch_draws_new_parameters(indexed_shards):
     loader = FastMNISTLoader(indexed_shards, transform=TRANSFORM)
     first, second = (loader.augmentation_params(e, np.arange(100))[0]["angle"] for e in (0, 1))
