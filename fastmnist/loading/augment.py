@@ -501,14 +501,19 @@ class _Perspective(_Geometric):
 
     def fused(self, x: np.ndarray, rows: np.ndarray, indices: np.ndarray, key: np.uint64, norm: np.ndarray,
               reciprocal: bool, out: np.ndarray) -> None:
-        """``kernels.perspective``: the uint8 images ``rows`` of ``x`` ``(N, 28, 28)`` drawn
-        (the coefficients solved by torch, as ``apply`` solves them), resampled and normalised
-        into float32 ``out``, as ``apply`` then the normalisation."""
+        """``kernels.perspective``: the uint8 images ``rows`` of ``x`` ``(N, 28, 28)`` drawn,
+        resampled and normalised into float32 ``out``, as ``apply`` then the normalisation;
+        the coefficients exact where that is certainly gels' solution (``kernels.
+        perspective_coefficients``), else solved by torch as ``apply`` solves them."""
         p = self.params(lambda draws: keyed_uniforms(key, indices, draws))
         applied = p["applied"].numpy()
         coefficients = np.zeros((len(indices), 8), np.float32)
         if applied.any():
-            coefficients[applied] = _perspective_coefficients(p["endpoints"][p["applied"]]).numpy()
+            ends = p["endpoints"].numpy()[applied]
+            solved, certain = kernels.perspective_coefficients(ends)
+            if not certain.all():
+                solved[~certain] = _perspective_coefficients(torch.from_numpy(ends[~certain])).numpy()
+            coefficients[applied] = solved
         kernels.perspective(x, rows, coefficients, applied, _perspective_base("cpu").numpy(),
                             self.kernel_fill, kernels.mode(self.mode), norm, reciprocal, out)
 
@@ -519,17 +524,16 @@ START = [[0, 0], [SIDE - 1, 0], [SIDE - 1, SIDE - 1], [0, SIDE - 1]]
 def _perspective_coefficients(ends: torch.Tensor) -> torch.Tensor:
     """float32 ``(B, 8)``: torchvision's ``_get_perspective_coeffs(START, ends[b])`` for each
     sample's int64 end points ``(B, 4, 2)``."""
-    e = ends.to(torch.float64)
-    s = torch.tensor(START, dtype=torch.float64)
-    a = torch.zeros(len(e), 8, 8, dtype=torch.float64)
-    for i in range(4):
-        x1, y1 = e[:, i, 0], e[:, i, 1]
-        a[:, 2 * i, 0], a[:, 2 * i, 1], a[:, 2 * i, 2] = x1, y1, 1
-        a[:, 2 * i, 6], a[:, 2 * i, 7] = -s[i, 0] * x1, -s[i, 0] * y1
-        a[:, 2 * i + 1, 3], a[:, 2 * i + 1, 4], a[:, 2 * i + 1, 5] = x1, y1, 1
-        a[:, 2 * i + 1, 6], a[:, 2 * i + 1, 7] = -s[i, 1] * x1, -s[i, 1] * y1
-    b = s.reshape(8).expand(len(e), 8)
-    return torch.linalg.lstsq(a, b.unsqueeze(-1), driver="gels").solution.squeeze(-1).to(torch.float32)
+    e = ends.cpu().numpy().astype(np.float64)
+    s = np.array(START, np.float64)
+    x, y = e[:, :, 0], e[:, :, 1]  # (B, 4) each: row 2i of the system for end i's x, 2i + 1 its y
+    a = np.zeros((len(e), 8, 8))
+    a[:, 0::2, 0], a[:, 0::2, 1], a[:, 0::2, 2] = x, y, 1
+    a[:, 1::2, 3], a[:, 1::2, 4], a[:, 1::2, 5] = x, y, 1
+    a[:, 0::2, 6], a[:, 0::2, 7] = -s[:, 0] * x, -s[:, 0] * y
+    a[:, 1::2, 6], a[:, 1::2, 7] = -s[:, 1] * x, -s[:, 1] * y
+    b = torch.from_numpy(s.reshape(8, 1)).expand(len(e), 8, 1)
+    return torch.linalg.lstsq(torch.from_numpy(a), b, driver="gels").solution.squeeze(-1).to(torch.float32)
 
 
 def _perspective_base(device) -> torch.Tensor:

@@ -40,7 +40,8 @@ def _compiled():
     from . import numba_kernels
 
     return {"affine": numba_kernels.affine, "perspective": numba_kernels.perspective,
-            "elastic": numba_kernels.elastic, "shifted": numba_kernels.shifted}
+            "elastic": numba_kernels.elastic, "shifted": numba_kernels.shifted,
+            "perspective_coefficients": numba_kernels.perspective_coefficients}
 
 
 @functools.cache
@@ -90,6 +91,16 @@ def perspective(images: np.ndarray, rows: np.ndarray, coefficients: np.ndarray, 
     ``applied[b]`` (bool), the sample only normalised where not."""
     shared = (base, np.float32(fill), mode, norm, reciprocal)
     return _run("perspective", images, (rows, coefficients, applied), shared, out)
+
+
+def perspective_coefficients(ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """int64 end points ``(B, 4, 2)`` -> float32 ``(B, 8)``, torchvision's perspective
+    coefficients (gels' solution made float32) where bool ``(B,)`` says they are certain: the
+    exact solution, away from any float32 rounding boundary by more than gels' error bound
+    (see ``numba_kernels.perspective_coefficients``); elsewhere undefined."""
+    out, certain = np.empty((len(ends), 8), np.float32), np.empty(len(ends), np.bool_)
+    _compiled()["perspective_coefficients"](np.ascontiguousarray(ends, np.int64), out, certain)
+    return out, certain
 
 
 def elastic(images: np.ndarray, rows: np.ndarray, indices: np.ndarray, key: np.uint64, weights: np.ndarray,
