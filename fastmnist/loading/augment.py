@@ -13,8 +13,8 @@ gets the same augmentation whatever the batch size, world size, worker count, de
 resume point. Parameters follow the distributions torchvision's own ``make_params`` draws
 from. Images are resampled as torchvision's tensor kernels do (the same float32 grid, the
 same rounding), all samples of a batch at once: nearest-neighbour as one gather of source
-pixels, bilinear through ``grid_sample``; a single nearest affine step or crop on the CPU as
-one numba kernel with the normalisation (``kernels.py``), where numba is installed.
+pixels, bilinear through ``grid_sample``; a single geometric step on the CPU as one numba
+kernel with the normalisation (``kernels.py``), where numba is installed.
 """
 
 import functools
