@@ -706,6 +706,21 @@ def test_the_torchvision_comparisons_hold_on_the_default_cpu_kernels(real_shards
     assert "cpu capability: DEFAULT" in done.stdout and " passed" in done.stdout
 
 
+@pytest.mark.parametrize("row", [-1, 10])
+def test_a_row_outside_the_images_is_refused_before_the_kernel_runs(row):
+    """The kernels read without bounds checks, so their entry checks each sample's row."""
+    if not os.environ.get("CI"):
+        pytest.importorskip("numba")
+    images, out = np.zeros((10, 28, 28), np.uint8), np.full((2, 28, 28), 7.0, np.float32)
+    config = np.zeros(17)
+    config[1:3] = 0.0, 10.0
+    with pytest.raises(IndexError, match=f"affine: rows {min(row, 3)}..{max(row, 3)} outside the 10 images"):
+        kernels.affine(images, np.array([3, row]), np.array([0, 1]), np.uint64(1), config,
+                       np.linspace(-13.5, 13.5, 28, dtype=np.float32), 0, kernels.NEAREST,
+                       kernels.norm(MEAN, STD, False), False, out)
+    assert (out == 7.0).all()  # nothing written
+
+
 def test_the_fused_kernels_stay_in_bounds(real_shards, tmp_path):
     """The kernels run without bounds checks; compiled with them (``NUMBA_BOUNDSCHECK=1``, a
     cache of their own), every fused case of the torchvision comparison passes again: no

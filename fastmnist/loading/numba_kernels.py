@@ -1,6 +1,8 @@
 """The numba kernels behind ``kernels.py`` (imported by it on first use; see there for the
 arguments). Each helper is inlined into the kernels, so a kernel is one compiled loop nest."""
 
+import functools
+
 import numba
 import numpy as np
 from llvmlite import ir
@@ -291,52 +293,62 @@ def resample(source, gx, gy, fill, mode, norm, reciprocal, buffers, row):
         blend(source, bordered, pairs, where, weight, inside, near, fill, fused, norm, reciprocal, row)
 
 
-@jit
-def affine(images, rows, indices, key, config, base, fill, mode, norm, reciprocal, out):
-    pixels = SIDE * SIDE
-    flat, flat_out = images.reshape(images.shape[0], pixels), out.reshape(out.shape[0], pixels)
-    buffers = scratch()
-    gx, gy, where = buffers[0], buffers[1], buffers[3]
-    xs, ys = base_grid(base)
-    for b in range(out.shape[0]):
-        fetch_ahead(flat, rows, b + AHEAD)
-        (s00, s10, s20, s01, s11, s21), quarter = matrix(config, mix(key ^ np.uint64(indices[b])))
-        if quarter >= 0 or mode == NEAREST:
-            if quarter >= 0:
-                quarter_turn(where, quarter)
-            else:  # the grid's points rounded as they are computed: one pass (0.61 -> 0.46 us a sample)
-                for p in range(pixels):
-                    x, y = (xs[p] * s00 + ys[p] * s10) + s20, (xs[p] * s01 + ys[p] * s11) + s21
-                    where[p] = nearest_at(x, y)
-            gather(flat[rows[b]], buffers[2], where, fill, norm, reciprocal, flat_out[b])
-            continue
-        for p in range(pixels):  # torchvision's affine grid, with _affine_grid's float32 roundings
-            gx[p] = (xs[p] * s00 + ys[p] * s10) + s20
-            gy[p] = (xs[p] * s01 + ys[p] * s11) + s21
-        resample(flat[rows[b]], gx, gy, fill, mode, norm, reciprocal, buffers, flat_out[b])
+@functools.cache
+def affine_for(mode):
+    """The affine kernel for resampling ``mode`` (a constant in it: only its branch is
+    compiled)."""
+    @jit
+    def affine(images, rows, indices, key, config, base, fill, norm, reciprocal, out):
+        pixels = SIDE * SIDE
+        flat, flat_out = images.reshape(images.shape[0], pixels), out.reshape(out.shape[0], pixels)
+        buffers = scratch()
+        gx, gy, where = buffers[0], buffers[1], buffers[3]
+        xs, ys = base_grid(base)
+        for b in range(out.shape[0]):
+            fetch_ahead(flat, rows, b + AHEAD)
+            (s00, s10, s20, s01, s11, s21), quarter = matrix(config, mix(key ^ np.uint64(indices[b])))
+            if quarter >= 0 or mode == NEAREST:
+                if quarter >= 0:
+                    quarter_turn(where, quarter)
+                else:  # the grid's points rounded as they are computed: one pass (0.61 -> 0.46 us a sample)
+                    for p in range(pixels):
+                        x, y = (xs[p] * s00 + ys[p] * s10) + s20, (xs[p] * s01 + ys[p] * s11) + s21
+                        where[p] = nearest_at(x, y)
+                gather(flat[rows[b]], buffers[2], where, fill, norm, reciprocal, flat_out[b])
+                continue
+            for p in range(pixels):  # torchvision's affine grid, with _affine_grid's float32 roundings
+                gx[p] = (xs[p] * s00 + ys[p] * s10) + s20
+                gy[p] = (xs[p] * s01 + ys[p] * s11) + s21
+            resample(flat[rows[b]], gx, gy, fill, mode, norm, reciprocal, buffers, flat_out[b])
+    return affine
 
 
-@jit
-def perspective(images, rows, coefficients, applied, base, fill, mode, norm, reciprocal, out):
-    pixels = SIDE * SIDE
-    one, half_side = np.float32(1.0), np.float32(SIDE / 2)
-    flat, flat_out = images.reshape(images.shape[0], pixels), out.reshape(out.shape[0], pixels)
-    buffers = scratch()
-    gx, gy = buffers[0], buffers[1]
-    xs, ys = base_grid(base)
-    for b in range(out.shape[0]):
-        fetch_ahead(flat, rows, b + AHEAD)
-        if not applied[b]:
-            normalise_into(flat[rows[b]], flat_out[b], 0, norm[0], norm[1], norm[2], reciprocal)
-            continue
-        c = coefficients[b]
-        ax, bx, cx = c[0] / half_side, c[1] / half_side, c[2] / half_side
-        ay, by, cy = c[3] / half_side, c[4] / half_side, c[5] / half_side
-        for p in range(pixels):  # torchvision's _perspective_grid, its float32 roundings
-            below = (xs[p] * c[6] + ys[p] * c[7]) + one
-            gx[p] = ((xs[p] * ax + ys[p] * bx) + cx) / below - one
-            gy[p] = ((xs[p] * ay + ys[p] * by) + cy) / below - one
-        resample(flat[rows[b]], gx, gy, fill, mode, norm, reciprocal, buffers, flat_out[b])
+@functools.cache
+def perspective_for(mode):
+    """The perspective kernel for resampling ``mode`` (a constant in it: only its branch is
+    compiled)."""
+    @jit
+    def perspective(images, rows, coefficients, applied, base, fill, norm, reciprocal, out):
+        pixels = SIDE * SIDE
+        one, half_side = np.float32(1.0), np.float32(SIDE / 2)
+        flat, flat_out = images.reshape(images.shape[0], pixels), out.reshape(out.shape[0], pixels)
+        buffers = scratch()
+        gx, gy = buffers[0], buffers[1]
+        xs, ys = base_grid(base)
+        for b in range(out.shape[0]):
+            fetch_ahead(flat, rows, b + AHEAD)
+            if not applied[b]:
+                normalise_into(flat[rows[b]], flat_out[b], 0, norm[0], norm[1], norm[2], reciprocal)
+                continue
+            c = coefficients[b]
+            ax, bx, cx = c[0] / half_side, c[1] / half_side, c[2] / half_side
+            ay, by, cy = c[3] / half_side, c[4] / half_side, c[5] / half_side
+            for p in range(pixels):  # torchvision's _perspective_grid, its float32 roundings
+                below = (xs[p] * c[6] + ys[p] * c[7]) + one
+                gx[p] = ((xs[p] * ax + ys[p] * bx) + cx) / below - one
+                gy[p] = ((xs[p] * ay + ys[p] * by) + cy) / below - one
+            resample(flat[rows[b]], gx, gy, fill, mode, norm, reciprocal, buffers, flat_out[b])
+    return perspective
 
 
 @inline
@@ -375,32 +387,38 @@ def transpose(source, target):
             target[i * SIDE + j] = source[j * SIDE + i]
 
 
-@jit
-def elastic(images, rows, indices, key, weights, sizes, alpha, side, fill, mode, norm, reciprocal, out):
-    pixels = SIDE * SIDE
-    one, two, fside = np.float32(1.0), np.float32(2.0), np.float32(SIDE)
-    flat, flat_out = images.reshape(images.shape[0], pixels), out.reshape(out.shape[0], pixels)
-    buffers = scratch()
-    grid, identity = (buffers[0], buffers[1]), base_grid(side)
-    most = SIDE * (SIDE + max(sizes[0], sizes[1]))
-    noise, field, line, padded = (np.empty(pixels, np.float32), np.empty(pixels, np.float32),
-                                  np.empty(most, np.float32), np.empty(most, np.float32))
-    for b in range(out.shape[0]):
-        sample = mix(key ^ np.uint64(indices[b]))
-        for axis in range(2):  # augment._Elastic.params: noise, blurred, scaled; then the grid
-            for j in range(SIDE):  # transposed: noise[j * 28 + i] is pixel (i, j)'s
-                for i in range(SIDE):  # vectorised (a flat loop's index arithmetic is not)
-                    noise[j * SIDE + i] = np.float32(draw(sample, axis * pixels + i * SIDE + j)) * two - one
-            if sizes[axis]:  # along x on the columns, then along y on the rows
-                blur_pass(noise, weights[axis, 0], sizes[axis], padded, line)
-                transpose(line, noise)
-                blur_pass(noise, weights[axis, 1], sizes[axis], padded, field)
-            else:
-                transpose(noise, field)
-            g, base, scale = grid[axis], identity[axis], alpha[axis]
-            for p in range(pixels):
-                g[p] = field[p] * scale / fside + base[p]
-        resample(flat[rows[b]], grid[0], grid[1], fill, mode, norm, reciprocal, buffers, flat_out[b])
+@functools.cache
+def elastic_for(mode):
+    """The elastic kernel for resampling ``mode`` (a constant in it: only its branch is
+    compiled)."""
+    @jit
+    def elastic(images, rows, indices, key, weights, sizes, alpha, side, fill, norm, reciprocal, out):
+        pixels = SIDE * SIDE
+        one, two, fside = np.float32(1.0), np.float32(2.0), np.float32(SIDE)
+        flat, flat_out = images.reshape(images.shape[0], pixels), out.reshape(out.shape[0], pixels)
+        buffers = scratch()
+        grid, identity = (buffers[0], buffers[1]), base_grid(side)
+        most = SIDE * (SIDE + max(sizes[0], sizes[1]))
+        noise, field, line, padded = (np.empty(pixels, np.float32), np.empty(pixels, np.float32),
+                                      np.empty(most, np.float32), np.empty(most, np.float32))
+        for b in range(out.shape[0]):
+            sample = mix(key ^ np.uint64(indices[b]))
+            for axis in range(2):  # augment._Elastic.params: noise, blurred, scaled; then the grid
+                for j in range(SIDE):  # transposed: noise[j * 28 + i] is pixel (i, j)'s
+                    for i in range(SIDE):  # vectorised (a flat loop's index arithmetic is not)
+                        u = np.float32(draw(sample, axis * pixels + i * SIDE + j))
+                        noise[j * SIDE + i] = u * two - one
+                if sizes[axis]:  # along x on the columns, then along y on the rows
+                    blur_pass(noise, weights[axis, 0], sizes[axis], padded, line)
+                    transpose(line, noise)
+                    blur_pass(noise, weights[axis, 1], sizes[axis], padded, field)
+                else:
+                    transpose(noise, field)
+                g, base, scale = grid[axis], identity[axis], alpha[axis]
+                for p in range(pixels):
+                    g[p] = field[p] * scale / fside + base[p]
+            resample(flat[rows[b]], grid[0], grid[1], fill, mode, norm, reciprocal, buffers, flat_out[b])
+    return elastic
 
 
 @jit
