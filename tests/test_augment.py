@@ -20,7 +20,7 @@ from torchvision.transforms.v2 import functional as F
 from fastmnist import FastMNISTError, FastMNISTLoader, convert
 from fastmnist.formats.idx import read_images, read_labels
 from fastmnist.loading import kernels
-from fastmnist.loading.augment import _perspective_coefficients, _perspective_grid, uniforms
+from fastmnist.loading.augment import _perspective_coefficients, _perspective_grid, parse, uniforms
 
 from .conftest import decode_indices, indexed_images, write_split
 
@@ -487,6 +487,34 @@ def test_the_fused_kernels_read_each_sample_where_it_lies(paired_sets, step, mon
             assert torch.equal(x, rx) and torch.equal(y, ry), kw
 
 
+NOISE_STEPS = [v1.RandomAffine(180, translate=(0.3, 0.3), scale=(0.5, 2.0), shear=(-40, 40, -30, 30), fill=9),
+               v1.RandomAffine(180, translate=(0.3, 0.3), scale=(0.5, 2.0), shear=30, interpolation=BILINEAR,
+                               fill=200),
+               v1.RandomRotation(90), v1.RandomRotation((90, 90), interpolation=BILINEAR),
+               v1.RandomCrop(28, padding=(3, 0, 5, 2), fill=17),
+               v1.RandomPerspective(0.8, p=0.7, fill=5),
+               v1.RandomPerspective(0.8, p=0.7, interpolation=NEAREST),
+               v1.ElasticTransform(60.0, 3.0, fill=30), v1.ElasticTransform(60.0, 3.0, interpolation=NEAREST)]
+
+
+@pytest.mark.parametrize("step", NOISE_STEPS, ids=repr)
+def test_the_fused_kernels_equal_the_torch_path_on_noise(step):
+    """Real digits are 0 at their borders; noise is not: 2,048 images of random bytes (every
+    border pixel set) through each fused kernel equal the torch path's output (proven against
+    torchvision above) bit for bit, each step's extremes, both modes, every fill."""
+    if not os.environ.get("CI"):
+        pytest.importorskip("numba")
+    augment = parse(_v1(step), MEAN, STD, seed=3)
+    assert augment.fusable(torch.device("cpu"))
+    noise = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (2048, 1, 28, 28), dtype=torch.uint8, generator=noise)
+    indices, out = torch.arange(2048) * 3, torch.empty(2048, 1, 28, 28)
+    fused = augment.images_normalised(images, 5, indices, kernels.norm(MEAN, STD, False), out)
+    reference = augment.images(images, augment.params(5, indices))
+    reference = ((reference.float() / 255) - torch.tensor(MEAN)) / torch.tensor(STD)
+    assert torch.equal(fused, reference)
+
+
 @pytest.mark.parametrize("step", [v1.RandomAffine(20, scale=(0.8, 1.2)),
                                   v1.RandomAffine(20, interpolation=BILINEAR, fill=9),
                                   v1.RandomPerspective(0.6, p=0.5), v1.ElasticTransform(30.0, 3.0)], ids=repr)
@@ -529,6 +557,27 @@ def test_certain_perspective_coefficients_are_gels(distortion):
     assert np.array_equal(mine[certain], gels)
     assert certain.mean() > {0.1: 0.1, 0.5: 0.6, 1.0: 0.6}[distortion]
     assert not (certain & (mine == 0).any(1)).any()
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+@pytest.mark.parametrize("f", [1.0, 0.1, 3e-20, 2.5e30])
+def test_the_room_to_a_float32_rounding_boundary(f, sign):
+    """The certificate's distance from a float64 to where its float32 rounding changes:
+    just inside each of the two boundaries around a float32 (the one below a power of two
+    nearer), and at the float32 itself."""
+    if not os.environ.get("CI"):
+        pytest.importorskip("numba")
+    from fastmnist.loading.numba_kernels import rounding_room
+
+    single = np.empty(1, np.float32)
+    single32 = np.float32(sign * f)
+    f = float(single32)
+    up, down = np.nextafter(single32, np.float32(np.inf)), np.nextafter(single32, np.float32(-np.inf))
+    above, below = (f + float(up)) / 2, (f + float(down)) / 2
+    step = abs(f) * 2.0 ** -40
+    for x, room in ((above - step, step), (below + step, step), (f, min(above - f, f - below))):
+        assert np.float32(x) == single32
+        assert rounding_room(x, single, single.view(np.int32)) == pytest.approx(room, rel=1e-3)
 
 
 def test_the_next_epoch_draws_new_parameters(indexed_shards):

@@ -514,6 +514,19 @@ def abs_sum(row):
     return total
 
 
+@inline
+def rounding_room(x, single, bits):
+    """How far the float64 ``x`` (not 0) lies from the nearest value whose float32 rounding
+    differs from its own: from the midpoints between its float32 and that float32's two
+    neighbours (``single``: float32 (1,) scratch, ``bits`` its int32 view)."""
+    f = single[0] = np.float32(x)
+    bits[0] += 1  # one neighbour (away from 0), then the other
+    one_side = (np.float64(f) + np.float64(single[0])) / 2
+    bits[0] -= 2
+    other_side = (np.float64(f) + np.float64(single[0])) / 2
+    return min(abs(x - one_side), abs(x - other_side))
+
+
 @jit
 def perspective_coefficients(ends, out, certified):
     """For each sample b's end points ``ends[b]`` (int64 (B, 4, 2)): ``out[b]`` float32 (8,),
@@ -555,13 +568,7 @@ def perspective_coefficients(ends, out, certified):
             continue
         residual = MARGIN * u * (size * largest + (SIDE - 1.0))  # |b| = 27
         for k in range(8):
-            f = single[0] = np.float32(x[k])
-            bits[0] += 1  # its neighbours, one each side (f is not 0: 0 is uncertain)
-            one_side = (np.float64(f) + np.float64(single[0])) / 2
-            bits[0] -= 2
-            other_side = (np.float64(f) + np.float64(single[0])) / 2
-            room = min(abs(x[k] - one_side), abs(x[k] - other_side))  # to the nearest rounding boundary
+            f = out[b, k] = np.float32(x[k])
             error = abs_sum(inverse[k]) * residual + abs(x[k]) * 2 * u  # gels' and the division's
-            if not (np.isfinite(f) and f != 0 and room > error):
+            if not (np.isfinite(f) and f != 0 and rounding_room(x[k], single, bits) > error):
                 certified[b] = False
-            out[b, k] = f
