@@ -257,7 +257,6 @@ class _Geometric:
         fill = torch.tensor(self.fill, dtype=torch.float32, device=x.device)
         return image.sub_(fill).mul_(mask).add_(fill).round_().to(x.dtype)
 
-
     def fusable(self) -> bool:
         """Whether ``fused`` runs here (``kernels.mode`` knows this interpolation's rounding)."""
         return kernels.mode(self.mode) is not None
@@ -450,6 +449,7 @@ class _Crop:
         return self.t
 
     def fusable(self) -> bool:
+        """Always: the crop resamples nothing, so no rounding decides it."""
         return True
 
     def params(self, draw) -> dict:
