@@ -20,7 +20,13 @@ from torchvision.transforms.v2 import functional as F
 from fastmnist import FastMNISTError, FastMNISTLoader, convert
 from fastmnist.formats.idx import read_images, read_labels
 from fastmnist.loading import kernels
-from fastmnist.loading.augment import _perspective_coefficients, _perspective_grid, parse, uniforms
+from fastmnist.loading.augment import (
+    _perspective_coefficients,
+    _perspective_grid,
+    _perspective_system,
+    parse,
+    uniforms,
+)
 
 from .conftest import decode_indices, indexed_images, write_split
 
@@ -548,11 +554,9 @@ def test_certain_perspective_coefficients_are_gels(distortion):
     if not os.environ.get("CI"):
         pytest.importorskip("numba")
     rng = np.random.default_rng(int(distortion * 10))
-    bound = int(distortion * 14) + 1
-    low, high = rng.integers(0, bound, (30_000, 8)), rng.integers(28 - bound, 28, (30_000, 8))
-    ends = np.stack([low[:, 0], low[:, 1], high[:, 2], low[:, 3], high[:, 4], high[:, 5], low[:, 6],
-                     high[:, 7]], 1).reshape(-1, 4, 2)
-    mine, certain = kernels.perspective_coefficients(ends)
+    (step,) = parse(_v2(v2.RandomPerspective(distortion, p=1.0)), MEAN, STD, seed=0).geometric
+    ends = step.params(lambda draws: rng.random((30_000, draws)))["endpoints"].numpy()
+    mine, certain = kernels.perspective_coefficients(ends, _perspective_system(ends))
     gels = _perspective_coefficients(torch.from_numpy(ends[certain])).numpy()
     assert np.array_equal(mine[certain], gels)
     assert certain.mean() > {0.1: 0.1, 0.5: 0.6, 1.0: 0.6}[distortion]

@@ -510,9 +510,10 @@ class _Perspective(_Geometric):
         coefficients = np.zeros((len(indices), 8), np.float32)
         if applied.any():
             ends = p["endpoints"].numpy()[applied]
-            solved, certain = kernels.perspective_coefficients(ends)
+            systems = _perspective_system(ends)
+            solved, certain = kernels.perspective_coefficients(ends, systems)
             if not certain.all():
-                solved[~certain] = _perspective_coefficients(torch.from_numpy(ends[~certain])).numpy()
+                solved[~certain] = _gels(systems[~certain]).numpy()
             coefficients[applied] = solved
         kernels.perspective(x, rows, coefficients, applied, _perspective_base("cpu").numpy(),
                             self.kernel_fill, kernels.mode(self.mode), norm, reciprocal, out)
@@ -524,16 +525,28 @@ START = [[0, 0], [SIDE - 1, 0], [SIDE - 1, SIDE - 1], [0, SIDE - 1]]
 def _perspective_coefficients(ends: torch.Tensor) -> torch.Tensor:
     """float32 ``(B, 8)``: torchvision's ``_get_perspective_coeffs(START, ends[b])`` for each
     sample's int64 end points ``(B, 4, 2)``."""
-    e = ends.cpu().numpy().astype(np.float64)
-    s = np.array(START, np.float64)
+    return _gels(_perspective_system(ends.cpu().numpy()))
+
+
+def _perspective_system(ends: np.ndarray) -> np.ndarray:
+    """float64 ``(B, 8, 8)``: the matrix of ``_get_perspective_coeffs``' least squares for
+    each sample's end points ``(B, 4, 2)`` (its right-hand side is ``START``, flattened)."""
+    e, s = ends.astype(np.float64), np.array(START, np.float64)
     x, y = e[:, :, 0], e[:, :, 1]  # (B, 4) each: row 2i of the system for end i's x, 2i + 1 its y
     a = np.zeros((len(e), 8, 8))
     a[:, 0::2, 0], a[:, 0::2, 1], a[:, 0::2, 2] = x, y, 1
     a[:, 1::2, 3], a[:, 1::2, 4], a[:, 1::2, 5] = x, y, 1
     a[:, 0::2, 6], a[:, 0::2, 7] = -s[:, 0] * x, -s[:, 0] * y
     a[:, 1::2, 6], a[:, 1::2, 7] = -s[:, 1] * x, -s[:, 1] * y
-    b = torch.from_numpy(s.reshape(8, 1)).expand(len(e), 8, 1)
-    return torch.linalg.lstsq(torch.from_numpy(a), b, driver="gels").solution.squeeze(-1).to(torch.float32)
+    return a
+
+
+def _gels(systems: np.ndarray) -> torch.Tensor:
+    """float32 ``(B, 8)``: the ``systems`` ``(B, 8, 8)`` (``_perspective_system``) solved as
+    torchvision solves them (torch's least squares, gels), made float32."""
+    b = torch.from_numpy(np.array(START, np.float64).reshape(8, 1)).expand(len(systems), 8, 1)
+    solution = torch.linalg.lstsq(torch.from_numpy(systems), b, driver="gels").solution
+    return solution.squeeze(-1).to(torch.float32)
 
 
 def _perspective_base(device) -> torch.Tensor:

@@ -93,13 +93,14 @@ def perspective(images: np.ndarray, rows: np.ndarray, coefficients: np.ndarray, 
     return _run(_compiled("perspective", mode), images, (rows, coefficients, applied), shared, out)
 
 
-def perspective_coefficients(ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """int64 end points ``(B, 4, 2)`` -> float32 ``(B, 8)``, torchvision's perspective
+def perspective_coefficients(ends: np.ndarray, systems: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """int64 end points ``(B, 4, 2)`` and the float64 systems ``(B, 8, 8)`` gels solves for
+    them (``augment._perspective_system``) -> float32 ``(B, 8)``, torchvision's perspective
     coefficients (gels' solution made float32) where bool ``(B,)`` says they are certain: the
     exact solution, away from any float32 rounding boundary by more than gels' error bound
     (see ``numba_kernels.perspective_coefficients``); elsewhere undefined."""
     out, certain = np.empty((len(ends), 8), np.float32), np.empty(len(ends), np.bool_)
-    _compiled("perspective_coefficients")(np.ascontiguousarray(ends, np.int64), out, certain)
+    _compiled("perspective_coefficients")(np.ascontiguousarray(ends, np.int64), systems, out, certain)
     return out, certain
 
 

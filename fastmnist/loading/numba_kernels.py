@@ -453,7 +453,6 @@ def shifted(images, rows, indices, key, config, fill, norm, reciprocal, out):
 
 
 MARGIN = 64  # gels' error bound, in multiples of the backward error of one rounding (see below)
-START_X, START_Y = (0.0, SIDE - 1.0, SIDE - 1.0, 0.0), (0.0, 0.0, SIDE - 1.0, SIDE - 1.0)  # augment.START
 
 
 @inline
@@ -528,10 +527,12 @@ def rounding_room(x, single, bits):
 
 
 @jit
-def perspective_coefficients(ends, out, certified):
-    """For each sample b's end points ``ends[b]`` (int64 (B, 4, 2)): ``out[b]`` float32 (8,),
-    torchvision's perspective coefficients (LAPACK gels' float64 least-squares solution made
-    float32), and ``certified[b]``: whether they are gels' for certain. They are the exact
+def perspective_coefficients(ends, systems, out, certified):
+    """For each sample b's end points ``ends[b]`` (int64 (B, 4, 2)) and the system gels
+    solves for them, ``systems[b]`` (float64 (8, 8), ``augment._perspective_system``):
+    ``out[b]`` float32 (8,), torchvision's perspective coefficients (LAPACK gels' float64
+    least-squares solution made float32), and ``certified[b]``: whether they are gels' for
+    certain. They are the exact
     solution (integer arithmetic, one division) made float32, certain where no float32
     rounding boundary lies within gels' error of it: that error is at most sum over j of
     |A^-1[k, j]| |r_j|, r = A x - b its residual, bounded as QR's backward error bounds it
@@ -539,7 +540,7 @@ def perspective_coefficients(ends, out, certified):
     under a third of one rounding's bound). Uncertain: singular or ill-conditioned systems,
     and coefficients exactly 0, which gels leaves a few roundings off 0."""
     u = 2.0 ** -53
-    a, work, single = np.zeros((8, 8)), np.empty((8, 16)), np.empty(1, np.float32)
+    work, single = np.empty((8, 16)), np.empty(1, np.float32)
     inverse, bits = work[:, 8:], single.view(np.int32)
     cross, adjugate = np.empty((3, 3), np.int64), np.empty((3, 3), np.int64)
     scale, h, x = np.empty(3, np.int64), np.empty(9, np.int64), np.empty(8)
@@ -550,11 +551,7 @@ def perspective_coefficients(ends, out, certified):
             continue
         for k in range(8):
             x[k] = np.float64(h[k]) / np.float64(h[8])
-        for i in range(4):  # the system gels solves (zero elsewhere)
-            px, py, sx, sy = np.float64(ends[b, i, 0]), np.float64(ends[b, i, 1]), START_X[i], START_Y[i]
-            a[2 * i, 0], a[2 * i, 1], a[2 * i, 2], a[2 * i, 6], a[2 * i, 7] = px, py, 1.0, -sx * px, -sx * py
-            a[2 * i + 1, 3], a[2 * i + 1, 4], a[2 * i + 1, 5] = px, py, 1.0
-            a[2 * i + 1, 6], a[2 * i + 1, 7] = -sy * px, -sy * py
+        a = systems[b]
         if not invert(a, work):
             certified[b] = False
             continue
