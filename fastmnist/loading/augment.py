@@ -595,6 +595,17 @@ class _Elastic(_Geometric):
         shift = p["displacement"].to(x.device)
         return self.resample(x, shift[..., 0] + side[None, None, :], shift[..., 1] + side[None, :, None])
 
+    @functools.cached_property
+    def _taps(self) -> tuple[np.ndarray, np.ndarray]:
+        """``kernels.elastic``'s blur: float32 weights ``(2, 2, K)`` (x field then y field; x
+        pass then y pass, as ``_blur`` makes them) and int64 sizes ``(2,)``; made once."""
+        sizes = np.array([self._size(0), self._size(1)], np.int64)
+        weights = np.zeros((2, 2, max(1, *sizes)), np.float32)
+        for axis in np.flatnonzero(sizes):
+            for dim in (0, 1):
+                weights[axis, dim, :sizes[axis]] = _gaussian(sizes[axis], self.sigma[dim]).numpy()
+        return weights, sizes
+
     def fusable(self) -> bool:
         """``_Geometric.fusable``, and each blur within the reflect padding torch allows (less
         than the image's side each way; torch refuses more, and the torch path says so)."""
@@ -605,11 +616,7 @@ class _Elastic(_Geometric):
         """``kernels.elastic``: the uint8 images ``rows`` of ``x`` ``(N, 28, 28)`` with their
         displacement fields drawn, resampled and normalised into float32 ``out``, as ``apply``
         then the normalisation."""
-        sizes = np.array([self._size(0), self._size(1)], np.int64)
-        weights = np.zeros((2, 2, max(1, *sizes)), np.float32)
-        for axis in np.flatnonzero(sizes):
-            for dim in (0, 1):
-                weights[axis, dim, :sizes[axis]] = _gaussian(sizes[axis], self.sigma[dim]).numpy()
+        weights, sizes = self._taps
         kernels.elastic(x, rows, indices, key, weights, sizes, np.array(self.alpha, np.float32),
                         _elastic_side("cpu").numpy(), self.kernel_fill, kernels.mode(self.mode), norm,
                         reciprocal, out)
